@@ -1,0 +1,258 @@
+"""The book-keeping engine: one backward pass turns into per-sample clipped gradient sums.
+
+Data path, top to bottom:
+
+1. **hooks**: a forward pre-hook on every module that owns parameters swaps each trainable one for a
+   ``ParamTap`` (``fastdp.tap``); layer handlers run the op through an autograd function that
+   computes input gradients only.
+2. **norms**: in backward each use hands a compact per-sample gradient (``fastdp.grad_sample``) to
+   ``submit``, which takes its per-sample squared norm at once.
+3. **clip factors**: when the backward pass ends (an autograd callback), ``finalize`` adds the
+   norms over parameters (cross terms for parameters used more than once) and asks the clipping
+   rule for factors ``c_i``.
+4. **accumulation**: each use forms ``sum_i c_i G_i`` in one pass (for Linear: the weight-gradient
+   GEMM of non-private training on clip-scaled output gradients) into ``summed``.
+
+Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOptimizer``).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, List, Optional
+
+import torch
+from torch import nn
+
+import fastdp.layers  # noqa: F401  (registers the layer handlers)
+from fastdp.clipping import ClipRule
+from fastdp.grad_sample import PerSampleGrad, per_sample_dot
+from fastdp.kernels._common import upcast
+from fastdp.tap import ParamTap, TapContext, UnsupportedLayerError
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+# Modules whose forward flattens a [B, T, d] input to [B*T, d] rows in sample order before a matmul.
+SAMPLE_MAJOR_FLATTENERS = {"transformers.pytorch_utils.Conv1D"}
+
+
+class BatchSizeError(RuntimeError):
+    """Layers of one backward saw different leading (batch) dims."""
+
+
+class NonFiniteNormError(FloatingPointError):
+    """A per-sample gradient norm is NaN or infinite (policy: always an error, never a silent skip)."""
+
+
+def _qualname(cls) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _leading_dim(args, kwargs) -> Optional[int]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap):
+            return a.shape[0] if a.dim() > 0 else None
+    return None
+
+
+class GradSampleEngine:
+    """Attach to ``module``; after each backward, ``summed[p]`` holds ``sum_i c_i g_i`` for every trainable p.
+
+    Args:
+        module: the model. Sample dim is dim 0 of every layer input.
+        clip_rule: turns per-sample squared norms into clip factors (``fastdp.clipping``).
+        loss_reduction: "mean" if the loss averages over the batch (per-sample gradients are then
+            ``B`` times the per-sample output gradients), "sum" otherwise.
+    """
+
+    def __init__(self, module: nn.Module, clip_rule: ClipRule, *, loss_reduction: str = "mean"):
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        self.module = module
+        self.clip_rule = clip_rule
+        self.loss_reduction = loss_reduction
+        self.summed: Dict[nn.Parameter, torch.Tensor] = {}
+        self.num_samples = 0
+        self.num_backward = 0
+        self.last_norms: Optional[torch.Tensor] = None  # [B] flat per-sample norms of the last backward
+        self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
+        self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
+        self._ready: List[PerSampleGrad] = []
+        self._callback_queued = False
+        self._pending: Dict[nn.Parameter, int] = defaultdict(int)
+        self._swapped: Dict[nn.Module, list] = defaultdict(list)
+        self._handles = []
+        self._guarded = set()
+        # every handler's autograd function takes this scalar, so ops join the graph without the parameters
+        self.anchor = torch.zeros((), requires_grad=True)
+        self._module_names = {m: n for n, m in module.named_modules()}
+        names = defaultdict(list)
+        for n, p in module.named_parameters(remove_duplicate=False):
+            names[p].append(n)
+        self.param_names = {p: " = ".join(ns) for p, ns in names.items()}
+        self._attach()
+
+    # ------------------------------------------------------------------ hooks
+    def _attach(self):
+        for name, m in self.module.named_modules():  # validate everything before touching the model
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                _check_batchnorm(name, m)
+        for name, m in self.module.named_modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                self._handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: _check_batchnorm(n, mod)))
+            if any(p is not None for p in m._parameters.values()):
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+                self._handles.append(m.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        for p in self.param_names:
+            if p.requires_grad:
+                self._guard(p)
+
+    def _guard(self, p: nn.Parameter) -> None:
+        """Raise if autograd ever accumulates into p.grad: a use the engine did not see."""
+        name = self.param_names[p]
+        self._handles.append(p.register_post_accumulate_grad_hook(
+            lambda p, name=name: _untracked_use(name) if p.grad is not None else None))
+        self._guarded.add(p)
+
+    def detach(self) -> None:
+        """Remove every hook; the module is a plain PyTorch module again."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _pre_hook(self, module, args, kwargs):
+        if not torch.is_grad_enabled():
+            return
+        params = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
+        if not params:
+            return
+        owner_type = type(module)
+        ctx = TapContext(self, self._module_names.get(module, type(module).__name__), owner_type.__name__,
+                         _leading_dim(args, kwargs),
+                         rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
+        for n, p in params:
+            if p not in self._guarded:  # unfrozen after attach
+                self._guard(p)
+            module._parameters[n] = ParamTap(p, p, None, ctx, n)
+        self._swapped[module].append(params)
+
+    def _post_hook(self, module, args, kwargs, output):
+        stack = self._swapped.get(module)
+        if stack:
+            for n, p in stack.pop():
+                module._parameters[n] = p
+
+    # --------------------------------------------------------------- backward
+    def note_use(self, param: nn.Parameter) -> None:
+        """A layer op took ``param`` in forward: one more per-sample gradient to come in backward."""
+        self._pending[param] += 1
+
+    def submit(self, grad: PerSampleGrad) -> None:
+        """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            self._callback_queued = True
+        grad.sq_self = grad.sq_norm()
+        self._pending[grad.param] -= 1
+        self._ready.append(grad)
+
+    def _finalize(self) -> None:
+        self._callback_queued = False
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        if self.stale_grad_check:
+            raise RuntimeError("backward() after optimizer.step() without optimizer.zero_grad(): the previous "
+                               "step's noisy gradients are still in .grad. Call zero_grad() before the next backward.")
+        batch = self._batch_size(ready)
+        by_param: Dict[nn.Parameter, List[PerSampleGrad]] = defaultdict(list)
+        for g in ready:
+            by_param[g.param].append(g)
+        red = float(batch) if self.loss_reduction == "mean" else 1.0
+        sq = {p: self._param_sq_norm(uses) * (red * red) for p, uses in by_param.items()}
+        for p in self._trainable():  # trainable but unused in this forward: zero gradient, still noised
+            if p not in sq:
+                sq[p] = torch.zeros(batch, dtype=_first(sq).dtype, device=p.device)
+        self._check_finite(sq)
+        factors = self.clip_rule.factors(sq)
+        for p, uses in by_param.items():
+            c = factors[p] * red
+            total = None
+            for g in uses:
+                s = g.clipped_sum(c)
+                total = upcast(s) if total is None else total + upcast(s)
+                g.release()
+            self._add(p, total)
+        self.last_factors = factors
+        self.last_norms = _sum(sq.values()).sqrt()
+        self.num_samples += batch
+        self.num_backward += 1
+
+    def _batch_size(self, ready: Iterable[PerSampleGrad]) -> int:
+        sizes = {}
+        for g in ready:
+            sizes.setdefault(g.batch_size, g.owner)
+        if len(sizes) > 1:
+            desc = ", ".join(f"{b} (module '{o}')" for b, o in sizes.items())
+            raise BatchSizeError(f"layers saw different batch sizes in one backward: {desc}. The sample dim must "
+                                 "be dim 0 of every layer input (broadcast inputs shared by the batch must be "
+                                 "expanded to the batch size)")
+        return next(iter(sizes))
+
+    @staticmethod
+    def _param_sq_norm(uses: List[PerSampleGrad]) -> torch.Tensor:
+        total = _sum(g.sq_self for g in uses)
+        for i in range(len(uses)):
+            for j in range(i + 1, len(uses)):
+                total = total + 2.0 * per_sample_dot(uses[i], uses[j])
+        return total.clamp(min=0.0)  # cross terms may round a zero norm slightly negative
+
+    def _check_finite(self, sq) -> None:
+        for p, v in sq.items():
+            if not torch.isfinite(v).all():
+                idx = (~torch.isfinite(v)).nonzero().flatten().tolist()
+                raise NonFiniteNormError(
+                    f"non-finite per-sample gradient norm for parameter '{self.param_names.get(p, '?')}' at samples "
+                    f"{idx[:10]} of the batch. Check the loss and inputs (with fp16, the loss scale).")
+
+    def _add(self, p: nn.Parameter, g: torch.Tensor) -> None:
+        if p in self.summed:
+            self.summed[p] += g
+        else:
+            self.summed[p] = g
+
+    def _trainable(self):
+        return [p for p in self.param_names if p.requires_grad]
+
+    def reset(self) -> None:
+        """Forget accumulated sums (after a step, or on zero_grad)."""
+        self.summed = {}
+        self.num_samples = 0
+        self.num_backward = 0
+
+
+def _first(d):
+    return next(iter(d.values()))
+
+
+def _sum(tensors):
+    it = iter(tensors)
+    total = next(it)
+    for t in it:
+        total = total + t
+    return total
+
+
+def _check_batchnorm(name, m):
+    trainable = any(p is not None and p.requires_grad for p in m._parameters.values())
+    if m.training or trainable:
+        raise UnsupportedLayerError(
+            f"module '{name}' ({type(m).__name__}) is BatchNorm in training mode or with trainable affine "
+            "parameters: it mixes samples through batch statistics, which breaks per-sample clipping. Replace it "
+            "with nn.GroupNorm (opacus.validators.ModuleValidator.fix does this), or freeze it and call .eval() on it.")
+
+
+def _untracked_use(name):
+    raise UnsupportedLayerError(
+        f"parameter '{name}' received a gradient through an operation the DP engine did not see: it was used "
+        "outside the forward of the module that owns it (e.g. `x @ other_module.weight` in a parent module). "
+        "Use it through the owning module, or tie it to a module that calls it.")

@@ -1,0 +1,318 @@
+"""Per-sample gradients, kept implicit.
+
+One ``PerSampleGrad`` stands for the gradient of one use of one parameter (a layer call in one
+forward) for every sample of the batch, in whatever compact form that layer allows:
+
+* ``LinearGrad``: ``G_i = dY_i^T X_i`` from the layer input and output gradient (Linear, Conv1D,
+  matmul); its norm is a ghost norm or a direct per-sample norm, whichever costs fewer FLOPs.
+* ``ConvGrad``: a convolution, i.e. a Linear over unfolded patches, summed by the conv backward.
+* ``EmbeddingGrad``: rows of dY scattered to the looked-up indices.
+* ``DenseGrad``: an explicit [B, *param.shape] tensor (biases, norm layers, generic parameters).
+
+Each knows its per-sample squared norm (``sq_norm``), how to materialise itself (the exact fallback
+for any pair without a closed form), and its clipped sum ``sum_i c_i G_i`` (``clipped_sum``). Inner
+products between two uses of one parameter (tied weights) dispatch on the pair of types through
+``register_dot``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastdp.kernels import (
+    clip_accumulate_ref,
+    direct_dot_ref,
+    direct_norm_ref,
+    embedding_accumulate_ref,
+    embedding_dot_ref,
+    embedding_linear_dot_ref,
+    embedding_norm_ref,
+    ghost_dot_ref,
+    ghost_norm_ref,
+)
+from fastdp.kernels._common import acc_dtype, as_btd, batch_chunks, upcast
+
+
+def prefer_ghost(T: int, p: int, d: int) -> bool:
+    """True when the ghost norm costs fewer FLOPs than direct per-sample tiles.
+
+    Ghost: 2 T^2 (p + d) per sample; direct: 2 T p d per sample.
+    """
+    return T * (p + d) < p * d
+
+
+class NormRule:
+    """Which per-sample norm a Linear-like use takes: ``"auto"`` (cheaper by FLOPs), ``"ghost"`` or ``"direct"``.
+
+    Tests force each method to check both against the same reference.
+    """
+
+    mode: str = "auto"
+
+    @classmethod
+    def use_ghost(cls, T: int, p: int, d: int) -> bool:
+        if cls.mode == "ghost":
+            return True
+        if cls.mode == "direct":
+            return False
+        return prefer_ghost(T, p, d)
+
+
+class PerSampleGrad:
+    """Per-sample gradient of one use of ``param``; ``batch_size`` samples; fp32 norms."""
+
+    def __init__(self, param: torch.nn.Parameter, owner: str):
+        self.param = param
+        self.owner = owner
+        self.batch_size: Optional[int] = None
+        self.sq_self: Optional[torch.Tensor] = None
+
+    def sq_norm(self) -> torch.Tensor:
+        """[B] fp32 squared norms of this use's per-sample gradients."""
+        raise NotImplementedError
+
+    def materialize(self) -> torch.Tensor:
+        """[B, *param.shape] fp32 per-sample gradients (exact fallback; memory B * numel)."""
+        raise NotImplementedError
+
+    def clipped_sum(self, scale: torch.Tensor) -> torch.Tensor:
+        """``sum_i scale_i G_i`` with the shape of ``param``. ``scale``: [B] fp32."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Drop the saved activations once the clipped sum is formed."""
+
+
+class DenseGrad(PerSampleGrad):
+    """Explicit per-sample gradients ``g`` [B, *param.shape] (fp32)."""
+
+    def __init__(self, param, owner, g: torch.Tensor):
+        super().__init__(param, owner)
+        self.g = upcast(g)
+        self.batch_size = g.shape[0]
+
+    def sq_norm(self):
+        return self.g.flatten(1).pow(2).sum(1)
+
+    def materialize(self):
+        return self.g
+
+    def clipped_sum(self, scale):
+        return torch.tensordot(upcast(scale), self.g, dims=1)
+
+    def release(self):
+        self.g = None
+
+
+class LinearGrad(PerSampleGrad):
+    """``G_i = dY_i^T X_i`` [p, d] (``transposed``: ``X_i^T dY_i`` [d, p], as in HF Conv1D / ``x @ W``).
+
+    x: [B, T, d] layer input (in the compute dtype); dy: [B, T, p] output gradient.
+    """
+
+    def __init__(self, param, owner, transposed: bool = False):
+        super().__init__(param, owner)
+        self.transposed = transposed
+        self.x = None
+        self.dy = None
+
+    def set(self, x: torch.Tensor, dy: torch.Tensor) -> None:
+        self.x = as_btd(x)
+        self.dy = as_btd(dy).to(self.x.dtype)
+        self.batch_size = x.shape[0]
+
+    @property
+    def dims(self):
+        return self.x.shape[1], self.dy.shape[-1], self.x.shape[-1]
+
+    def sq_norm(self):
+        T, p, d = self.dims
+        if NormRule.use_ghost(T, p, d):
+            return ghost_norm_ref(self.x, self.dy)
+        return direct_norm_ref(self.x, self.dy)
+
+    def materialize(self):
+        g = torch.einsum("btp,btd->bpd", upcast(self.dy), upcast(self.x))
+        return g.transpose(1, 2) if self.transposed else g
+
+    def clipped_sum(self, scale):
+        g = clip_accumulate_ref(self.x, self.dy, scale)
+        return g.t() if self.transposed else g
+
+    def release(self):
+        self.x = self.dy = None
+
+
+class EmbeddingGrad(PerSampleGrad):
+    """Embedding gradient: idx [B, T], dy [B, T, d] (padding rows zeroed), table of ``num_embeddings`` rows."""
+
+    def __init__(self, param, owner, num_embeddings: int, padding_idx: Optional[int]):
+        super().__init__(param, owner)
+        self.num_embeddings = num_embeddings
+        self.padding_idx = padding_idx
+        self.idx = None
+        self.dy = None
+
+    def set(self, idx: torch.Tensor, dy: torch.Tensor) -> None:
+        idx = idx.flatten(1)
+        dy = dy.reshape(idx.shape[0], idx.shape[1], dy.shape[-1])
+        if self.padding_idx is not None:
+            dy = dy.masked_fill((idx == self.padding_idx).unsqueeze(-1), 0)
+        self.idx, self.dy = idx, dy
+        self.batch_size = idx.shape[0]
+
+    def sq_norm(self):
+        return embedding_norm_ref(self.idx, self.dy)
+
+    def materialize(self):
+        B, T, d = self.dy.shape
+        V = self.num_embeddings
+        out = torch.zeros(B * V, d, dtype=acc_dtype(self.dy), device=self.dy.device)
+        offs = (torch.arange(B, device=self.idx.device) * V).view(-1, 1)
+        out.index_add_(0, (self.idx + offs).reshape(-1), upcast(self.dy).reshape(-1, d))
+        return out.view(B, V, d)
+
+    def clipped_sum(self, scale):
+        return embedding_accumulate_ref(self.idx, self.dy, scale, self.num_embeddings)
+
+    def release(self):
+        self.idx = self.dy = None
+
+
+class ConvGrad(PerSampleGrad):
+    """Convolution weight gradient (1-D or 2-D): a Linear over unfolded patches.
+
+    x: [B, C_in, *spatial] (compute dtype); dy: [B, C_out, *spatial_out]; weight: the weight value;
+    stride, padding (symmetric ints), dilation: per spatial dim.
+    """
+
+    def __init__(self, param, owner, weight: torch.Tensor, stride, padding, dilation, groups: int):
+        super().__init__(param, owner)
+        self.weight_shape = tuple(weight.shape)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
+        self.groups = groups
+        self.x = None
+        self.dy = None
+
+    def set(self, x, dy):
+        self.x, self.dy = x, dy.to(x.dtype)
+        self.batch_size = x.shape[0]
+
+    def _as_2d(self):
+        if len(self.weight_shape) == 3:  # conv1d as a conv2d of height 1
+            return (self.x.unsqueeze(2), self.dy.unsqueeze(2), self.weight_shape[:2] + (1,) + self.weight_shape[2:],
+                    (1,) + self.stride, (0,) + self.padding, (1,) + self.dilation)
+        return self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation
+
+    def _unfolded(self):
+        """Yield (batch slice, X [b*g, L, C_in/g*k], dY [b*g, L, C_out/g]) in bounded-memory chunks."""
+        x, dy, wshape, stride, padding, dilation = self._as_2d()
+        B, g = x.shape[0], self.groups
+        c_out, cg, kh, kw = wshape
+        L = dy.shape[2] * dy.shape[3]
+        for sl in batch_chunks(B, cg * g * kh * kw * L + c_out * L):
+            b = sl.stop - sl.start
+            xu = F.unfold(x[sl], (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [b, C_in*k, L]
+            xu = xu.view(b * g, cg * kh * kw, L).transpose(1, 2)
+            du = dy[sl].reshape(b * g, c_out // g, L).transpose(1, 2)
+            yield sl, xu, du
+
+    def sq_norm(self):
+        B, g = self.x.shape[0], self.groups
+        out = torch.empty(B, dtype=acc_dtype(self.x), device=self.x.device)
+        for sl, xu, du in self._unfolded():
+            T, p, d = xu.shape[1], du.shape[2], xu.shape[2]
+            f = ghost_norm_ref if NormRule.use_ghost(T, p, d) else direct_norm_ref
+            out[sl] = f(xu, du).view(-1, g).sum(1)
+        return out
+
+    def materialize(self):
+        parts = []
+        for sl, xu, du in self._unfolded():
+            gi = torch.einsum("nlp,nld->npd", upcast(du), upcast(xu))  # [b*g, C_out/g, C_in/g*k]
+            parts.append(gi.reshape(sl.stop - sl.start, *self.weight_shape))
+        return torch.cat(parts) if parts else torch.zeros(0, *self.weight_shape, device=self.x.device)
+
+    def clipped_sum(self, scale):
+        scaled = (upcast(self.dy) * upcast(scale).view(-1, *([1] * (self.dy.dim() - 1)))).to(self.x.dtype)
+        weight = torch.empty(self.weight_shape, dtype=self.x.dtype, device=self.x.device)
+        return torch.ops.aten.convolution_backward(
+            scaled, self.x, weight, None, list(self.stride), list(self.padding), list(self.dilation),
+            False, [0] * len(self.stride), self.groups, [False, True, False])[1]
+
+    def release(self):
+        self.x = self.dy = None
+
+
+class TransformedGrad(DenseGrad):
+    """Per-sample gradient of ``param`` when the layer saw ``fn(param)`` instead of ``param``.
+
+    The layer's per-sample gradients [B, *fn(param).shape] are pulled back through ``fn`` one sample
+    at a time (``vmap`` of ``vjp``): exact for any differentiable ``fn`` (reshape, slice, scaling...).
+    """
+
+    def __init__(self, inner: PerSampleGrad, fn: Callable[[torch.Tensor], torch.Tensor]):
+        g = inner.materialize()
+        inner.release()
+        super().__init__(inner.param, inner.owner, pull_back(fn, inner.param, g))
+
+
+def pull_back(fn: Callable, param: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample vector-Jacobian products ``g_i^T d fn(param) / d param``: [B, *out] -> [B, *param.shape] fp32."""
+    if g.shape[0] == 0:
+        return g.new_zeros((0, *param.shape), dtype=acc_dtype(g))
+    primal = param.detach()
+    _, vjp_fn = torch.func.vjp(fn, primal)
+    out_dtype = fn(primal).dtype
+    return upcast(torch.func.vmap(lambda gi: vjp_fn(gi.to(out_dtype))[0])(g))
+
+
+_DOT: dict = {}
+
+
+def register_dot(type_a: type, type_b: type):
+    """Register a closed-form per-sample inner product for a pair of gradient types (either order)."""
+
+    def deco(fn):
+        _DOT[(type_a, type_b)] = fn
+        if type_a is not type_b:
+            _DOT[(type_b, type_a)] = lambda a, b: fn(b, a)
+        return fn
+
+    return deco
+
+
+def per_sample_dot(a: PerSampleGrad, b: PerSampleGrad) -> torch.Tensor:
+    """[B] fp32 per-sample ``<G_a,i, G_b,i>`` (closed form when registered, else materialised)."""
+    fn = _DOT.get((type(a), type(b)))
+    if fn is not None:
+        out = fn(a, b)
+        if out is not None:
+            return out
+    return (a.materialize().flatten(1) * b.materialize().flatten(1)).sum(1)
+
+
+@register_dot(LinearGrad, LinearGrad)
+def _linear_linear(a: LinearGrad, b: LinearGrad):
+    if a.transposed != b.transposed:
+        return None
+    T = max(a.x.shape[1], b.x.shape[1])
+    _, p, d = a.dims
+    f = ghost_dot_ref if NormRule.use_ghost(T, p, d) else direct_dot_ref
+    if a.x.dtype != b.x.dtype:
+        return f(upcast(a.x), upcast(a.dy), upcast(b.x), upcast(b.dy))
+    return f(a.x, a.dy, b.x, b.dy)
+
+
+@register_dot(EmbeddingGrad, EmbeddingGrad)
+def _embedding_embedding(a: EmbeddingGrad, b: EmbeddingGrad):
+    return embedding_dot_ref(a.idx, a.dy, b.idx, b.dy.to(a.dy.dtype))
+
+
+@register_dot(EmbeddingGrad, LinearGrad)
+def _embedding_linear(a: EmbeddingGrad, b: LinearGrad):
+    if b.transposed:
+        return None
+    return embedding_linear_dot_ref(a.idx, a.dy, b.x, b.dy)

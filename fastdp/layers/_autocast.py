@@ -1,0 +1,53 @@
+"""Shared helpers for layer handlers: autocast casting and the supported-layer table."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from fastdp.tap import ParamTap, UnsupportedLayerError, unwrap
+
+# (module, functional op, per-sample norm) -- the README's table is generated from the same facts.
+SUPPORTED_LAYERS = [
+    ("nn.Linear (any leading dims)", "F.linear", "ghost or direct, cheaper by FLOPs"),
+    ("transformers Conv1D", "torch.addmm / matmul", "ghost or direct"),
+    ("nn.Conv1d, nn.Conv2d (stride, padding incl. 'same', dilation, groups, padding modes)", "F.conv1d/2d", "unfolded ghost or direct"),
+    ("nn.Embedding (padding_idx)", "F.embedding", "ghost through index equality"),
+    ("nn.LayerNorm, nn.GroupNorm, nn.RMSNorm", "F.layer_norm/group_norm/rms_norm", "exact per-sample (O(B C))"),
+    ("tied weights (Embedding + LM head, any repeated use)", "any of the above", "exact cross terms"),
+    ("parameters used directly (cls_token, pos_embed, scales)", "elementwise broadcasting, expand", "exact per-sample"),
+]
+
+
+def compute_operands(device_type: str, *tensors: Optional[torch.Tensor]):
+    """Cast floating operands as autocast would for a matmul-class op; returns (tensors, compute dtype or None)."""
+    if torch.is_autocast_enabled(device_type):
+        dt = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors), dt
+    return tensors, None
+
+
+def taps_of(*args) -> Sequence[Optional[ParamTap]]:
+    return [a if isinstance(a, ParamTap) else None for a in args]
+
+
+def anchor_of(*taps: Optional[ParamTap]) -> torch.Tensor:
+    """The engine's anchor: a grad-requiring scalar every handler's autograd function takes as input.
+
+    It puts the op in the graph even when no data input requires grad (first layer), while the
+    parameters themselves never appear in the graph: autograd cannot accumulate into their .grad.
+    """
+    return next(t for t in taps if t is not None)._fdp_ctx.engine.anchor
+
+
+def plain_input(x, op: str, taps) -> torch.Tensor:
+    """The data operand of a layer op must not itself be a parameter tap."""
+    if isinstance(x, ParamTap):
+        owner = next((t for t in taps if t is not None), x)
+        raise UnsupportedLayerError(f"{op} with a trainable parameter as its data input ({x.label}) is not supported "
+                                    f"(while handling {owner.label})")
+    return x
+
+
+def values(*args):
+    return tuple(unwrap(a) for a in args)

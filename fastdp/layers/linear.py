@@ -1,0 +1,104 @@
+"""Linear-like layers: ``F.linear`` (nn.Linear), ``x @ W`` / ``torch.addmm`` (HF Conv1D).
+
+Forward computes the layer output as non-private training does (autocast included). Backward
+computes only the input gradient ``dY W``; the weight's per-sample gradient is recorded as a
+``LinearGrad`` (input, output gradient) and the bias's as explicit per-sample sums of ``dY``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastdp.grad_sample import DenseGrad, LinearGrad
+from fastdp.kernels._common import as_btd, upcast
+from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
+
+from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
+
+
+class _LinearFn(torch.autograd.Function):
+    """y = x W^T + b (``transposed``: y = x W + b). ``batch``: samples in x's leading dim (rows mode: B*k rows)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, anchor, wtap, btap, transposed, batch):
+        (xc, wc, bc), _ = compute_operands(x.device.type, x, w, b)
+        with torch.autocast(x.device.type, enabled=False):
+            y = F.linear(xc, wc.t() if transposed else wc, bc)
+        ctx.save_for_backward(xc if wtap is not None else None, wc)
+        ctx.wtap, ctx.btap, ctx.transposed, ctx.batch, ctx.x_dtype = wtap, btap, transposed, batch, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        xc, wc = ctx.saved_tensors
+        dy = dy.to(wc.dtype)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = (dy @ (wc.t() if ctx.transposed else wc)).to(ctx.x_dtype)
+        dyb = as_btd(dy, ctx.batch)
+        if ctx.wtap is not None:
+            g = LinearGrad(ctx.wtap._fdp_param, ctx.wtap._fdp_ctx.owner, transposed=ctx.transposed)
+            g.set(as_btd(xc, ctx.batch), dyb)
+            ctx.wtap.finish(g)
+        if ctx.btap is not None:
+            ctx.btap.finish(DenseGrad(ctx.btap._fdp_param, ctx.btap._fdp_ctx.owner, upcast(dyb).sum(1)))
+        return gx, None, None, None, None, None, None, None
+
+
+def _batch_of(x: torch.Tensor, taps) -> int | None:
+    """Samples in x's leading dim; a 2-D input of B*k rows is accepted only from known sample-major flatteners."""
+    ctx = next(t for t in taps if t is not None)._fdp_ctx
+    B = ctx.batch_size
+    if x.dim() < 2:
+        raise UnsupportedLayerError(f"input of shape {tuple(x.shape)} has no batch dim (module '{ctx.owner}')")
+    if B is None or x.shape[0] == B:
+        return None
+    if x.dim() == 2 and ctx.rows_sample_major and B > 0 and x.shape[0] % B == 0:
+        return B
+    raise UnsupportedLayerError(
+        f"module '{ctx.owner}' ({ctx.owner_type}) was called with batch size {B} but its linear op sees "
+        f"{x.shape[0]} rows; per-sample gradients need the sample dim to stay leading")
+
+
+def _apply(x, w, b, transposed: bool, op: str):
+    wtap, btap = taps_of(w, b)
+    if wtap is None and btap is None:
+        raise AssertionError("linear handler called without a parameter tap")
+    x = plain_input(x, op, (wtap, btap))
+    batch = _batch_of(x, (wtap, btap))
+    xv, wv, bv = values(x, w, b)
+    for t in (wtap, btap):
+        if t is not None:
+            t.announce()
+    return _LinearFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, transposed, batch)
+
+
+@register_op(F.linear)
+def linear(input, weight, bias=None):
+    return _apply(input, weight, bias, transposed=False, op="F.linear")
+
+
+def _right_operand(op, a, b):
+    if isinstance(a, ParamTap) or not isinstance(b, ParamTap) or b.dim() != 2:
+        tap = a if isinstance(a, ParamTap) else b
+        raise UnsupportedLayerError(f"{op} is supported for 'x @ W' with a 2-D trainable W on the right "
+                                    f"(got shapes {tuple(a.shape)} @ {tuple(b.shape)}, {tap.label})")
+
+
+@register_op(torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+def matmul(input, other):
+    _right_operand("matmul", input, other)
+    return _apply(input, other, None, transposed=True, op="matmul")
+
+
+@register_op(torch.Tensor.__rmatmul__)
+def rmatmul(self, other):
+    return matmul(other, self)
+
+
+@register_op(torch.addmm, torch.Tensor.addmm)
+def addmm(input, mat1, mat2, *, beta=1, alpha=1):
+    if beta != 1 or alpha != 1:
+        raise UnsupportedLayerError("torch.addmm with beta/alpha != 1 on a trainable parameter is not supported")
+    _right_operand("addmm", mat1, mat2)
+    return _apply(mat1, mat2, input, transposed=True, op="addmm")

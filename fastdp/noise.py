@@ -1,0 +1,47 @@
+"""Gaussian noise for the privatised gradient sum.
+
+Default: ``torch.normal`` from an explicit ``torch.Generator`` (reproducible from its seed).
+``secure=True``: uniforms from the operating system's CSPRNG (``os.urandom``) turned into normals by
+Box-Muller in float64 on the CPU, then moved to the device. It resists seed recovery and the
+low-precision sampling attacks, and costs about 16 bytes of OS entropy and some host work per
+coordinate (measured figure in benchmarks/NOTES.md).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from fastdp.kernels._common import acc_dtype
+
+
+def secure_standard_normal(numel: int) -> torch.Tensor:
+    """``numel`` float64 standard normals from ``os.urandom`` (Box-Muller)."""
+    n = (numel + 1) // 2
+    raw = np.frombuffer(os.urandom(16 * n), dtype=np.uint64).reshape(2, n)
+    # 53-bit uniforms in (0, 1]: never exactly 0, so the log is finite
+    u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) * (1.0 / 9007199254740992.0)
+    r = np.sqrt(-2.0 * np.log(u[0]))
+    theta = 2.0 * np.pi * u[1]
+    z = np.concatenate([r * np.cos(theta), r * np.sin(theta)])[:numel]
+    return torch.from_numpy(z)
+
+
+def gaussian_noise(like: torch.Tensor, std: float, *, generator: Optional[torch.Generator] = None,
+                   secure: bool = False) -> torch.Tensor:
+    """N(0, std^2) noise with the shape and device of ``like``, in fp32 (fp64 if ``like`` is fp64).
+
+    Args:
+        like: tensor whose shape and device the noise takes.
+        std: standard deviation (>= 0); 0 gives zeros.
+        generator: torch.Generator on ``like``'s device (ignored when ``secure``).
+        secure: draw from the OS CSPRNG instead of a seeded generator.
+    """
+    if std == 0:
+        return torch.zeros(like.shape, dtype=acc_dtype(like), device=like.device)
+    if secure:
+        z = secure_standard_normal(like.numel()).reshape(like.shape)
+        return (z * std).to(device=like.device, dtype=acc_dtype(like))
+    return torch.normal(0.0, float(std), like.shape, generator=generator, device=like.device, dtype=acc_dtype(like))

@@ -1,0 +1,262 @@
+"""``DPOptimizer``: wraps any torch optimizer; the user's training loop stays as it is.
+
+After ``step()`` the wrapped optimizer sees, for every trainable parameter,
+
+    p.grad = (sum_i c_i g_i + N(0, sigma^2 S^2 I)) / expected_batch_size
+
+(Opacus' convention), where ``sum_i c_i g_i`` comes from the book-keeping engine and ``S`` is the
+clipping rule's sensitivity (``max_grad_norm`` for flat and automatic clipping). Methods that change
+one stage override it: ``pre_step``, ``clipped_sums``, ``add_noise``, ``scale_grad``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from fastdp.accounting import epsilon_of, get_noise_multiplier, make_accountant
+from fastdp.clipping import make_clip_rule
+from fastdp.engine import GradSampleEngine
+from fastdp.kernels._common import acc_dtype
+from fastdp.noise import gaussian_noise
+
+STATE_VERSION = 1
+
+
+class DPOptimizer(torch.optim.Optimizer):
+    """Differentially private wrapper of ``optimizer`` for ``model`` (flat clipping by default).
+
+    Args:
+        model: the module being trained. Hooks are attached to it; ``detach()`` removes them.
+        optimizer: any ``torch.optim.Optimizer`` over (a subset of) the model's trainable parameters.
+        noise_multiplier: sigma. Or leave None and give ``target_epsilon``, ``target_delta`` and
+            ``epochs`` (or ``steps``) to calibrate it with the chosen accountant.
+        max_grad_norm: clipping threshold R (a list/dict of one per trainable parameter for
+            ``clipping="per_layer"``).
+        expected_batch_size: the expected (Poisson) batch size; the noisy sum is divided by it.
+        sample_size: dataset size; ``sample_rate = expected_batch_size / sample_size``.
+        loss_reduction: "mean" or "sum", how the loss reduces over the batch.
+        accountant: "prv" (default) or "rdp".
+        generator: ``torch.Generator`` for the noise (reproducible runs).
+        secure_mode: draw noise from the OS CSPRNG (``fastdp.noise``); excludes ``generator``.
+        clipping: "flat" (default), "automatic" (``R / (||g|| + gamma)``) or "per_layer".
+        gamma: automatic clipping's stabiliser.
+        sample_rate: Poisson sampling rate, when it is not exactly ``expected_batch_size / sample_size``
+            (``make_private`` passes its loader's rate).
+
+    Examples:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+        ...                   max_grad_norm=1.0, expected_batch_size=8, sample_size=800,
+        ...                   generator=torch.Generator().manual_seed(0))
+        >>> loss = model(torch.randn(8, 4)).pow(2).mean()
+        >>> loss.backward(); opt.step(); opt.zero_grad()
+        >>> 0 < opt.epsilon(delta=1e-5) < 1
+        True
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
+                 noise_multiplier: Optional[float] = None, max_grad_norm: Union[float, Sequence[float], dict] = 1.0,
+                 expected_batch_size: int, sample_size: int,
+                 target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
+                 epochs: Optional[float] = None, steps: Optional[int] = None,
+                 loss_reduction: str = "mean", accountant: str = "prv",
+                 generator: Optional[torch.Generator] = None, secure_mode: bool = False,
+                 clipping: str = "flat", gamma: float = 0.01, sample_rate: Optional[float] = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, DPOptimizer):
+            raise TypeError("optimizer is already a DPOptimizer")
+        if not (isinstance(expected_batch_size, int) and expected_batch_size > 0):
+            raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
+        if not (isinstance(sample_size, int) and sample_size >= expected_batch_size):
+            raise ValueError(f"sample_size must be an int >= expected_batch_size, got {sample_size!r}")
+        if secure_mode and generator is not None:
+            raise ValueError("secure_mode draws noise from the OS CSPRNG; do not pass a generator with it")
+        self.original_optimizer = optimizer
+        self.model = model
+        self.expected_batch_size = expected_batch_size
+        self.sample_size = sample_size
+        self.sample_rate = expected_batch_size / sample_size if sample_rate is None else float(sample_rate)
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        self.accountant_name = accountant
+        self.accountant = make_accountant(accountant)
+        self.generator = generator
+        self.secure_mode = secure_mode
+        self.noise_multiplier = self._resolve_sigma(noise_multiplier, target_epsilon, target_delta, epochs, steps)
+        self.target_delta = target_delta
+        named = _trainable_named(model)
+        self._check_params(named)
+        self.clip_rule = make_clip_rule(clipping, max_grad_norm, named, gamma)
+        self.clipping = clipping
+        self.max_grad_norm = max_grad_norm
+        self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction)
+        self.steps_taken = 0
+
+    # torch.optim.Optimizer interface, shared with the wrapped optimizer
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
+
+    def __repr__(self):
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier:.4g}, clip={self.clip_rule!r}, "
+                f"expected_batch_size={self.expected_batch_size}, sample_rate={self.sample_rate:.4g}, "
+                f"accountant={self.accountant_name!r}, wrapping {type(self.original_optimizer).__name__})")
+
+    # ------------------------------------------------------------------ setup
+    def _resolve_sigma(self, sigma, target_epsilon, target_delta, epochs, steps) -> float:
+        if sigma is not None:
+            if target_epsilon is not None:
+                raise ValueError("give noise_multiplier or target_epsilon, not both")
+            if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+                raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma!r}")
+            if sigma == 0:
+                warnings.warn("noise_multiplier=0: gradients are clipped but not noised; this run is NOT "
+                              "differentially private (epsilon is infinite)", UserWarning, stacklevel=3)
+            return float(sigma)
+        if target_epsilon is None or target_delta is None:
+            raise ValueError("give noise_multiplier, or target_epsilon with target_delta and epochs (or steps)")
+        return get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                    sample_rate=self.sample_rate, epochs=epochs, steps=steps,
+                                    accountant=self.accountant_name)
+
+    def _check_params(self, named):
+        trainable = {p for _, p in named}
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in trainable:
+                    raise ValueError("the optimizer holds a trainable parameter that is not in the model "
+                                     f"(shape {tuple(p.shape)}): its gradient would not be privatised")
+        if self.generator is not None:
+            devices = {p.device.type for p in trainable}
+            if devices and self.generator.device.type not in devices:
+                raise ValueError(f"generator is on {self.generator.device} but the parameters are on {devices}")
+
+    # ------------------------------------------------------------------- step
+    def pre_step(self) -> bool:
+        """Checks before privatising; returns False to skip the step."""
+        if self.engine.num_backward == 0:
+            raise RuntimeError("optimizer.step() without a backward pass since the last step. With Poisson "
+                               "sampling, run forward/backward on the (possibly empty) batch first.")
+        return True
+
+    def clipped_sums(self) -> Dict[nn.Parameter, torch.Tensor]:
+        """``sum_i c_i g_i`` per trainable parameter (fp32; zeros for parameters no sample touched)."""
+        sums = self.engine.summed
+        return {p: sums[p] if p in sums else torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
+                for p in self.engine._trainable()}
+
+    def noise_std(self) -> float:
+        """Standard deviation of the noise added to the clipped sum: sigma * sensitivity."""
+        return self.noise_multiplier * self.clip_rule.sensitivity
+
+    def add_noise(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+        std = self.noise_std()
+        for p, g in grads.items():
+            g += gaussian_noise(g, std, generator=self.generator, secure=self.secure_mode)
+
+    def scale_grad(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+        for g in grads.values():
+            g /= self.expected_batch_size
+
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self.pre_step():
+            return loss
+        grads = self.clipped_sums()
+        self.add_noise(grads)
+        self.scale_grad(grads)
+        for p, g in grads.items():
+            p.grad = g.to(p.dtype)
+        self.engine.reset()
+        self.engine.stale_grad_check = True
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_taken += 1
+        self.original_optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.original_optimizer.zero_grad(set_to_none=set_to_none)
+        for p in self.engine.param_names:  # parameters outside the optimizer were given a .grad too
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        self.engine.reset()
+        self.engine.stale_grad_check = False
+
+    def detach(self) -> torch.optim.Optimizer:
+        """Remove the engine's hooks; returns the wrapped optimizer."""
+        self.engine.detach()
+        return self.original_optimizer
+
+    # ------------------------------------------------------------- accounting
+    def epsilon(self, delta: Optional[float] = None) -> float:
+        """Epsilon spent so far at ``delta`` (default: the ``target_delta`` given at construction)."""
+        delta = self.target_delta if delta is None else delta
+        if delta is None:
+            raise ValueError("epsilon() needs a delta")
+        return epsilon_of(self.accountant, delta)
+
+    # --------------------------------------------------------------- state
+    def state_dict(self):
+        """The wrapped optimizer's state plus the privacy state (accountant history, steps, noise RNG)."""
+        return {
+            "optimizer": self.original_optimizer.state_dict(),
+            "fastdp": {
+                "version": STATE_VERSION,
+                "accountant": self.accountant_name,
+                "accountant_state": self.accountant.state_dict(),
+                "steps_taken": self.steps_taken,
+                "noise_multiplier": self.noise_multiplier,
+                "sample_rate": self.sample_rate,
+                "generator_state": self.generator.get_state() if self.generator is not None else None,
+            },
+        }
+
+    def load_state_dict(self, state_dict):
+        if "fastdp" not in state_dict:
+            raise ValueError("not a DPOptimizer state dict (no 'fastdp' entry): loading a plain optimizer state "
+                             "would lose the privacy accounting history")
+        st = state_dict["fastdp"]
+        if st["version"] != STATE_VERSION:
+            raise ValueError(f"unsupported DPOptimizer state version {st['version']}")
+        if st["accountant"] != self.accountant_name:
+            raise ValueError(f"state was accounted with {st['accountant']!r}, this optimizer uses "
+                             f"{self.accountant_name!r}")
+        self.original_optimizer.load_state_dict(state_dict["optimizer"])
+        self.accountant.load_state_dict(st["accountant_state"])
+        self.steps_taken = st["steps_taken"]
+        if self.generator is not None and st["generator_state"] is not None:
+            self.generator.set_state(st["generator_state"])
+
+
+def _trainable_named(model: nn.Module):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -1,0 +1,57 @@
+"""``make_private``: Opacus' ``PrivacyEngine.make_private`` names, returning fastdp objects.
+
+The model is returned as is (hooks attached, no wrapper class), the optimizer as a
+``DPOptimizer``, and the data loader as opacus' Poisson-sampling ``DPDataLoader``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fastdp.optimizer import DPOptimizer
+
+
+def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                 max_grad_norm: Union[float, Sequence[float], dict], noise_multiplier: Optional[float] = None,
+                 target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
+                 epochs: Optional[float] = None, loss_reduction: str = "mean", poisson_sampling: bool = True,
+                 clipping: str = "flat", accountant: str = "prv", noise_generator: Optional[torch.Generator] = None,
+                 secure_mode: bool = False, sample_generator: Optional[torch.Generator] = None, **kwargs):
+    """Make ``module``, ``optimizer`` and ``data_loader`` differentially private.
+
+    Returns:
+        ``(module, optimizer, data_loader)``: the same module with hooks attached, a ``DPOptimizer``
+        and a Poisson-sampling loader with expected batch size ``data_loader.batch_size``.
+
+    ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs`` must be given.
+    Extra keyword arguments go to ``DPOptimizer`` (e.g. ``gamma`` for automatic clipping).
+    """
+    if not isinstance(data_loader, DataLoader):
+        raise TypeError("data_loader must be a torch DataLoader")
+    sample_size = len(data_loader.dataset)
+    batch_size = data_loader.batch_size or getattr(data_loader.batch_sampler, "batch_size", None)
+    if batch_size is None:
+        raise ValueError("cannot infer the batch size from data_loader; give it a batch_size")
+    if poisson_sampling:
+        dp_loader = DPDataLoader.from_data_loader(data_loader, generator=sample_generator)
+        sample_rate = dp_loader.sample_rate
+    else:
+        warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling, so the reported epsilon "
+                      "is not a proven guarantee for fixed-size shuffled batches", UserWarning, stacklevel=2)
+        dp_loader = data_loader
+        sample_rate = 1 / len(data_loader)
+    expected_batch_size = max(1, int(round(sample_rate * sample_size)))
+    if target_epsilon is not None and epochs is None:
+        raise ValueError("target_epsilon needs epochs")
+    dp_opt = DPOptimizer(
+        module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=expected_batch_size, sample_size=sample_size, target_epsilon=target_epsilon,
+        target_delta=target_delta, steps=int(epochs * len(data_loader)) if target_epsilon is not None else None,
+        loss_reduction=loss_reduction, accountant=accountant, generator=noise_generator, secure_mode=secure_mode,
+        clipping=clipping, sample_rate=sample_rate, **kwargs)
+    return module, dp_opt, dp_loader

@@ -1,0 +1,27 @@
+"""fastdp.kernels: one op per file, each with its PyTorch reference.
+
+Every op file holds the reference implementation the engine runs on the CPU (and on any
+device until a Triton kernel is dispatched for it) and which the parity tests compare against.
+This package is installed as ``fastdp.kernels``; never import it as a top-level ``kernels``.
+"""
+from .clip_accumulate import clip_accumulate_ref
+from .direct_norm import direct_dot_ref, direct_norm_ref
+from .embedding_norm import (
+    embedding_accumulate_ref,
+    embedding_dot_ref,
+    embedding_linear_dot_ref,
+    embedding_norm_ref,
+)
+from .ghost_norm import ghost_dot_ref, ghost_norm_ref
+
+__all__ = [
+    "clip_accumulate_ref",
+    "direct_dot_ref",
+    "direct_norm_ref",
+    "embedding_accumulate_ref",
+    "embedding_dot_ref",
+    "embedding_linear_dot_ref",
+    "embedding_norm_ref",
+    "ghost_dot_ref",
+    "ghost_norm_ref",
+]

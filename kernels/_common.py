@@ -1,0 +1,54 @@
+"""Helpers shared by the kernel references: fp32 batched products and batch chunking."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+# Largest temporary (elements) a reference materialises at once; batches are chunked to fit.
+CHUNK_ELEMENTS = 1 << 26
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """Accumulation dtype for ``t``: fp64 stays fp64, everything else accumulates in fp32."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in its accumulation dtype (fp32, or fp64 for fp64 inputs)."""
+    return t.to(acc_dtype(t))
+
+
+def bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for [B, m, k] x [B, k, n] with an fp32 (fp64 for fp64 inputs) result and accumulation.
+
+    bf16/fp16 inputs keep tensor-core speed on CUDA (``out_dtype``); elsewhere they are upcast.
+    """
+    if a.dtype in _LOW_PRECISION and a.is_cuda and a.dtype == b.dtype:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.bmm(upcast(a), upcast(b))
+
+
+def batch_chunks(batch: int, elements_per_sample: int):
+    """Yield slices of ``range(batch)`` whose temporaries stay under CHUNK_ELEMENTS."""
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_sample))
+    for start in range(0, batch, step):
+        yield slice(start, min(batch, start + step))
+
+
+def as_btd(t: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
+    """View ``[B, *, d]`` as ``[B, T, d]`` (T = product of the middle dims, 1 for 2-D; empty batches too).
+
+    ``batch``: samples in the leading dim when it holds ``batch * k`` sample-major rows.
+    """
+    if t.dim() < 2:
+        raise ValueError(f"expected a tensor with a batch dim and a feature dim, got shape {tuple(t.shape)}")
+    rows = math.prod(t.shape[:-1])
+    B = t.shape[0] if batch is None else batch
+    return t.reshape(B, rows // B if B else 0, t.shape[-1])

@@ -1,0 +1,49 @@
+"""Independent references for the tests: explicit per-sample gradients by torch.func on a hook-free copy."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+
+def per_sample_grads(model, loss_fn, *batch):
+    """{name: [B, *shape]} gradients of each sample's own loss (loss_fn on a batch of one), float64 if model is."""
+    clean = copy.deepcopy(model)
+    params = {n: p.detach() for n, p in clean.named_parameters() if p.requires_grad}
+    buffers = {n: b for n, b in clean.named_buffers()}
+    frozen = {n: p.detach() for n, p in clean.named_parameters() if not p.requires_grad}
+
+    def one(p, *sample):
+        sample = [s.unsqueeze(0) for s in sample]
+        out = functional_call(clean, {**p, **frozen, **buffers}, (sample[0],))
+        return loss_fn(out, *sample[1:])
+
+    return vmap(grad(one), in_dims=(None,) + (0,) * len(batch), randomness="same")(params, *batch)
+
+
+def clipped_sum_reference(model, loss_fn, *batch, max_grad_norm, clipping="flat", gamma=0.01):
+    """({name: sum_i c_i g_i}, [B] flat norms) with Opacus' clip factor min(1, R / (||g|| + 1e-6))."""
+    g = per_sample_grads(model, loss_fn, *batch)
+    flat = torch.cat([v.flatten(1) for v in g.values()], 1)
+    norms = flat.norm(dim=1)
+    if clipping == "flat":
+        c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    elif clipping == "automatic":
+        c = max_grad_norm / (norms + gamma)
+    else:
+        raise ValueError(clipping)
+    return {n: torch.einsum("b,b...->...", c, v) for n, v in g.items()}, norms
+
+
+def assert_close(actual, expected, rtol, atol, name=""):
+    """Verbose comparison: where the values differ and any NaN/inf mismatch."""
+    actual, expected = actual.double(), expected.double()
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all() == torch.isfinite(expected).all(), f"{name}: NaN/inf mismatch"
+    err = (actual - expected).abs()
+    tol = atol + rtol * expected.abs()
+    if not (err <= tol).all():
+        i = torch.argmax(err - tol)
+        raise AssertionError(f"{name}: max |diff| {err.max().item():.3e} (rel {(err.max() / expected.abs().max().clamp(min=1e-30)).item():.3e}) "
+                             f"at flat index {i.item()}: actual {actual.flatten()[i].item():.6e} expected {expected.flatten()[i].item():.6e}")

@@ -1,0 +1,260 @@
+"""DPOptimizer: the update rule, privacy invariants (clip bound, noise scale), errors, checkpoints."""
+import copy
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastdp
+from fastdp.models import MLP, SmallCNN
+from helpers import assert_close, clipped_sum_reference, per_sample_grads
+
+
+def ce(out, y):
+    return F.cross_entropy(out, y)
+
+
+def make(model, sigma=1.0, R=1.0, B=8, n=800, **kw):
+    return fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
+                              max_grad_norm=R, expected_batch_size=B, sample_size=n, **kw)
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+def test_sigma0_sgd_step_moves_by_minus_mean_clipped_gradient():
+    torch.manual_seed(3)
+    m = MLP(6, 3, hidden=(5,)).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randint(0, 3, (10,))
+    ref, _ = clipped_sum_reference(m, ce, x, y, max_grad_norm=0.1)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = make(m, sigma=0.0, R=0.1, B=16, n=160)  # expected batch 16, actual 10: divide by 16
+    ce(m(x), y).backward()
+    opt.step()
+    for n, p in m.named_parameters():
+        assert_close(p.detach() - before[n], -ref[n] / 16, 1e-10, 1e-14, n)
+
+
+def test_noise_has_the_stated_scale():
+    """Zero gradients: p.grad is pure noise with std sigma * R / B (chi-square bound, fixed seed)."""
+    m = nn.Linear(400, 250, bias=False)
+    sigma, R, B = 1.3, 0.7, 16
+    opt = make(m, sigma=sigma, R=R, B=B, n=1600, generator=torch.Generator().manual_seed(0))
+    (0.0 * m(torch.randn(B, 400)).sum()).backward()
+    opt.step()
+    g = m.weight.grad.flatten().double()
+    n, std = g.numel(), sigma * R / B
+    assert abs(g.mean().item()) < 5 * std / math.sqrt(n)
+    # sample variance / std^2 ~ chi2(n)/n: 5 standard errors is sqrt(2/n) * 5
+    assert abs(g.var().item() / std**2 - 1) < 5 * math.sqrt(2 / n)
+    # independence: neighbouring coordinates uncorrelated
+    assert abs(torch.corrcoef(torch.stack([g[:-1], g[1:]]))[0, 1].item()) < 5 / math.sqrt(n)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 6), d=st.integers(1, 7), h=st.integers(1, 6), T=st.integers(1, 4),
+       R=st.floats(1e-3, 10.0), scale=st.floats(0.01, 100.0), seed=st.integers(0, 2**16))
+def test_every_sample_contribution_is_at_most_R(B, d, h, T, R, scale, seed):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(d, h), nn.Tanh(), nn.LayerNorm(h), nn.Linear(h, 2)).double()
+    x = scale * torch.randn(B, T, d, dtype=torch.float64)
+
+    def loss(out, *_):
+        return out.pow(2).sum() / out.shape[0]
+
+    g = per_sample_grads(m, loss, x)
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(R))
+    loss(m(x)).backward()
+    eng.detach()
+    c = next(iter(eng.last_factors.values()))
+    norms = torch.cat([v.flatten(1) for v in g.values()], 1).norm(dim=1)
+    assert ((c * norms) <= R).all(), (c * norms).max()
+    assert ((c <= 1) & (c >= 0)).all()
+
+
+def test_per_layer_clipping_bounds_each_parameter_and_noise_uses_total_sensitivity():
+    m = MLP(5, 3, hidden=(4,)).double()
+    named = [(n, p) for n, p in m.named_parameters()]
+    R = [0.05, 0.02, 0.03, 0.01]
+    x, y = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 3, (9,))
+    g = per_sample_grads(m, ce, x, y)
+    opt = make(m, sigma=2.0, R=R, B=9, n=90, clipping="per_layer")
+    assert math.isclose(opt.noise_std(), 2.0 * math.sqrt(sum(r * r for r in R)))
+    ce(m(x), y).backward()
+    for (n, p), r in zip(named, R):
+        c = (r / (g[n].flatten(1).norm(dim=1) + 1e-6)).clamp(max=1)
+        assert_close(opt.engine.summed[p], torch.einsum("b,b...->...", c, g[n]), 1e-10, 1e-14, n)
+        assert ((opt.engine.last_factors[p] * g[n].flatten(1).norm(dim=1)) <= r).all()
+    with pytest.raises(ValueError, match="one max_grad_norm per trainable parameter"):
+        make(MLP(5, 3), clipping="per_layer", R=1.0)
+
+
+def test_backward_after_step_without_zero_grad_raises():
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    m(torch.randn(8, 3)).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        m(torch.randn(8, 3)).sum().backward()
+    opt.zero_grad()
+    m(torch.randn(8, 3)).sum().backward()
+    opt.step()
+
+
+def test_step_without_backward_raises():
+    opt = make(nn.Linear(3, 2))
+    with pytest.raises(RuntimeError, match="without a backward"):
+        opt.step()
+
+
+def test_gradient_accumulation_over_micro_batches_equals_one_batch():
+    torch.manual_seed(0)
+    m1 = MLP(6, 3, hidden=(5,)).double()
+    m2 = copy.deepcopy(m1)
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    o1, o2 = make(m1, sigma=0.5, R=0.1, B=12, generator=torch.Generator().manual_seed(5)), \
+        make(m2, sigma=0.5, R=0.1, B=12, generator=torch.Generator().manual_seed(5))
+    o1.engine.loss_reduction = "sum"
+    F.cross_entropy(m1(x), y, reduction="sum").backward()  # sum reduction is the same per-sample loss
+    for sl in (slice(0, 5), slice(5, 12)):
+        ce(m2(x[sl]), y[sl]).backward()
+    o1.step(), o2.step()
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert_close(a.detach(), b.detach(), 1e-10, 1e-12)
+
+
+def test_empty_poisson_batch_steps_with_noise_only():
+    m = nn.Linear(3, 2)
+    opt = make(m, sigma=1.0, R=1.0, B=8, generator=torch.Generator().manual_seed(0))
+    ce(m(torch.randn(0, 3)), torch.zeros(0, dtype=torch.long)).backward()
+    opt.step()
+    assert m.weight.grad.abs().sum() > 0 and opt.steps_taken == 1
+
+
+def test_seeded_noise_is_reproducible():
+    def run(seed):
+        torch.manual_seed(0)
+        m = nn.Linear(4, 3)
+        opt = make(m, generator=torch.Generator().manual_seed(seed))
+        m(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        return m.weight.detach().clone()
+
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+def test_secure_mode_noise():
+    m = nn.Linear(300, 200, bias=False)
+    opt = make(m, sigma=1.0, R=1.0, B=1, n=100, secure_mode=True)
+    (0.0 * m(torch.randn(1, 300)).sum()).backward()
+    opt.step()
+    g = m.weight.grad.flatten().double()
+    assert abs(g.std().item() - 1.0) < 5 * math.sqrt(1 / (2 * g.numel()))
+    with pytest.raises(ValueError, match="generator"):
+        make(nn.Linear(2, 2), secure_mode=True, generator=torch.Generator())
+
+
+def test_lr_scheduler_and_closure_work():
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(8, 3)
+
+    def closure():
+        opt.zero_grad()
+        loss = m(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    assert opt.step(closure) is not None
+    sched.step()
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_bad_arguments_are_clear_errors():
+    m = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="give noise_multiplier"):
+        fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=1), max_grad_norm=1.0, expected_batch_size=4,
+                           sample_size=40)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make(m, R=-1.0)
+    with pytest.raises(ValueError, match="not in the model"):
+        fastdp.DPOptimizer(m, torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=1), noise_multiplier=1.0,
+                           expected_batch_size=4, sample_size=40)
+    with pytest.raises(ValueError, match="accountant"):
+        make(m, accountant="gdp")
+
+
+def test_target_epsilon_calibration():
+    m = nn.Linear(3, 2)
+    opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=1), target_epsilon=2.0, target_delta=1e-5,
+                             epochs=3, max_grad_norm=1.0, expected_batch_size=50, sample_size=1000)
+    steps = int(3 / opt.sample_rate)
+    eps = fastdp.get_epsilon(noise_multiplier=opt.noise_multiplier, sample_rate=opt.sample_rate, steps=steps,
+                             delta=1e-5)
+    assert 1.9 < eps <= 2.0
+
+
+CHECKPOINT_SCRIPT = r"""
+import sys, torch, fastdp
+torch.manual_seed(0)
+m = torch.nn.Linear(4, 2)
+opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=1.1, max_grad_norm=1.0,
+                         expected_batch_size=16, sample_size=1000, generator=torch.Generator().manual_seed(0))
+mode, path = sys.argv[1], sys.argv[2]
+if mode == "resume":
+    ck = torch.load(path, weights_only=False)
+    m.load_state_dict(ck["model"]); opt.load_state_dict(ck["opt"])
+for _ in range(10 if mode != "full" else 20):
+    m(torch.randn(16, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()
+if mode == "first":
+    torch.save({"model": m.state_dict(), "opt": opt.state_dict()}, path)
+print(repr(opt.epsilon(1e-5)), opt.steps_taken)
+"""
+
+
+def test_checkpoint_resume_in_a_fresh_process_keeps_the_true_epsilon(tmp_path):
+    script, path = tmp_path / "ck.py", tmp_path / "ck.pt"
+    script.write_text(CHECKPOINT_SCRIPT)
+
+    def run(mode):
+        out = subprocess.run([sys.executable, str(script), mode, str(path)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        eps, steps = out.stdout.split()
+        return float(eps), int(steps)
+
+    first, resumed, full = run("first"), run("resume"), run("full")
+    assert first[1] == 10 and resumed[1] == 20 == full[1]
+    assert resumed[0] == pytest.approx(full[0], rel=1e-9) and resumed[0] > first[0]
+
+
+def test_loading_a_plain_optimizer_state_is_refused():
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    with pytest.raises(ValueError, match="accounting history"):
+        opt.load_state_dict(torch.optim.SGD(m.parameters(), lr=1).state_dict())
+
+
+def test_make_private_poisson_loader_and_training():
+    from opacus.data_loader import DPDataLoader
+    torch.manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(200, 1, 8, 8), torch.randint(0, 3, (200,)))
+    model = SmallCNN(1, 3, width=8, image_size=8)
+    model, opt, loader = fastdp.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5),
+        data_loader=torch.utils.data.DataLoader(ds, batch_size=20), target_epsilon=3.0, target_delta=1e-5,
+        epochs=2, max_grad_norm=1.0, sample_generator=torch.Generator().manual_seed(0))
+    assert isinstance(loader, DPDataLoader) and isinstance(opt, fastdp.DPOptimizer)
+    assert opt.sample_rate == pytest.approx(0.1) and opt.expected_batch_size == 20
+    for _ in range(2):
+        for x, y in loader:
+            ce(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    assert opt.steps_taken == 2 * len(loader)
+    assert 2.8 < opt.epsilon(1e-5) <= 3.0
