@@ -6,7 +6,7 @@ sample's scaled gradient has L2 norm at most ``sensitivity`` (the noise is calib
 from __future__ import annotations
 
 import math
-from typing import Dict, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import torch
 
@@ -20,7 +20,9 @@ class ClipRule:
     per_param = False
     sensitivity: float
 
-    def factors(self, sq_norms: Dict[torch.nn.Parameter, torch.Tensor]) -> Dict[torch.nn.Parameter, torch.Tensor]:
+    def factors(self, sq_norms: Dict[torch.nn.Parameter, torch.Tensor],
+                total: Optional[torch.Tensor] = None) -> Dict[torch.nn.Parameter, torch.Tensor]:
+        """Clip factors [B] per parameter; ``total``: the flat squared norms if already summed."""
         raise NotImplementedError
 
 
@@ -40,8 +42,8 @@ class FlatClip(ClipRule):
         _check_norm(max_grad_norm)
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
 
-    def factors(self, sq_norms):
-        norm = total_sq_norm(sq_norms).sqrt()
+    def factors(self, sq_norms, total=None):
+        norm = (total_sq_norm(sq_norms) if total is None else total).sqrt()
         c = (self.max_grad_norm / (norm + _MARGIN)).clamp(max=1.0)
         return {p: c for p in sq_norms}
 
@@ -59,8 +61,8 @@ class AutomaticClip(ClipRule):
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
         self.gamma = float(gamma)
 
-    def factors(self, sq_norms):
-        c = self.max_grad_norm / (total_sq_norm(sq_norms).sqrt() + self.gamma)
+    def factors(self, sq_norms, total=None):
+        c = self.max_grad_norm / ((total_sq_norm(sq_norms) if total is None else total).sqrt() + self.gamma)
         return {p: c for p in sq_norms}
 
     def __repr__(self):
@@ -81,7 +83,7 @@ class PerLayerClip(ClipRule):
         self.thresholds = dict(thresholds)
         self.sensitivity = math.sqrt(sum(r * r for r in self.thresholds.values()))
 
-    def factors(self, sq_norms):
+    def factors(self, sq_norms, total=None):
         out = {}
         for p, sq in sq_norms.items():
             if p not in self.thresholds:

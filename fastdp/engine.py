@@ -25,8 +25,8 @@ from torch import nn
 
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
+from fastdp.grad_buffer import GradBuffer
 from fastdp.grad_sample import PerSampleGrad, per_sample_dot
-from fastdp.kernels._common import upcast
 from fastdp.tap import ParamTap, TapContext, UnsupportedLayerError
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -70,7 +70,8 @@ class GradSampleEngine:
         self.module = module
         self.clip_rule = clip_rule
         self.loss_reduction = loss_reduction
-        self.summed: Dict[nn.Parameter, torch.Tensor] = {}
+        self.buffer: Optional[GradBuffer] = None
+        self._dirty = False  # the buffer holds sums not yet taken by a step
         self.num_samples = 0
         self.num_backward = 0
         self.last_norms: Optional[torch.Tensor] = None  # [B] flat per-sample norms of the last backward
@@ -168,24 +169,44 @@ class GradSampleEngine:
         for g in ready:
             by_param[g.param].append(g)
         red = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = {p: self._param_sq_norm(uses) * (red * red) for p, uses in by_param.items()}
-        for p in self._trainable():  # trainable but unused in this forward: zero gradient, still noised
-            if p not in sq:
-                sq[p] = torch.zeros(batch, dtype=_first(sq).dtype, device=p.device)
-        self._check_finite(sq)
-        factors = self.clip_rule.factors(sq)
+        sq = {p: self._param_sq_norm(uses) for p, uses in by_param.items()}
+        total = _sum(sq.values())
+        if red != 1.0:  # per-sample gradients are B times the gradients of the mean loss
+            total = total * (red * red)
+            if self.clip_rule.per_param:
+                sq = {p: v * (red * red) for p, v in sq.items()}
+        self._check_finite(total, sq)
+        factors = self.clip_rule.factors(sq, total)
+        buf = self._buffer()
         for p, uses in by_param.items():
-            c = factors[p] * red
-            total = None
+            c = factors[p] * red if red != 1.0 else factors[p]
+            out = buf.view(p)
             for g in uses:
-                s = g.clipped_sum(c)
-                total = upcast(s) if total is None else total + upcast(s)
+                g.clipped_sum(c, out)
                 g.release()
-            self._add(p, total)
         self.last_factors = factors
-        self.last_norms = _sum(sq.values()).sqrt()
+        self.last_norms = total.sqrt()
         self.num_samples += batch
         self.num_backward += 1
+        self._dirty = True
+
+    def _buffer(self) -> GradBuffer:
+        """The accumulation buffer over the currently trainable parameters (rebuilt if that set changed)."""
+        params = self._trainable()
+        if self.buffer is None or not self.buffer.matches(params):
+            if self._dirty:
+                raise RuntimeError("the set of trainable parameters changed between backward passes of one step")
+            self.buffer = GradBuffer(params)
+        elif not self._dirty:
+            self.buffer.zero_()
+        return self.buffer
+
+    @property
+    def summed(self) -> Dict[nn.Parameter, torch.Tensor]:
+        """``sum_i c_i g_i`` per parameter touched since the last reset (views into the flat buffer)."""
+        if self.buffer is None or not self._dirty:
+            return {}
+        return {p: self.buffer.views[p] for p in self.buffer.touched}
 
     def _batch_size(self, ready: Iterable[PerSampleGrad]) -> int:
         sizes = {}
@@ -200,38 +221,32 @@ class GradSampleEngine:
 
     @staticmethod
     def _param_sq_norm(uses: List[PerSampleGrad]) -> torch.Tensor:
+        if len(uses) == 1:
+            return uses[0].sq_self
         total = _sum(g.sq_self for g in uses)
         for i in range(len(uses)):
             for j in range(i + 1, len(uses)):
                 total = total + 2.0 * per_sample_dot(uses[i], uses[j])
         return total.clamp(min=0.0)  # cross terms may round a zero norm slightly negative
 
-    def _check_finite(self, sq) -> None:
-        for p, v in sq.items():
-            if not torch.isfinite(v).all():
-                idx = (~torch.isfinite(v)).nonzero().flatten().tolist()
-                raise NonFiniteNormError(
-                    f"non-finite per-sample gradient norm for parameter '{self.param_names.get(p, '?')}' at samples "
-                    f"{idx[:10]} of the batch. Check the loss and inputs (with fp16, the loss scale).")
+    def _check_finite(self, total: torch.Tensor, sq) -> None:
+        """Raise on a NaN/inf per-sample norm (one reduction; the per-parameter search only on failure)."""
+        if bool(torch.isfinite(total).all()):
+            return
+        p, v = next((p, v) for p, v in sq.items() if not bool(torch.isfinite(v).all()))
+        idx = (~torch.isfinite(v)).nonzero().flatten().tolist()
+        raise NonFiniteNormError(
+            f"non-finite per-sample gradient norm for parameter '{self.param_names.get(p, '?')}' at samples "
+            f"{idx[:10]} of the batch. Check the loss and inputs (with fp16, the loss scale).")
 
-    def _add(self, p: nn.Parameter, g: torch.Tensor) -> None:
-        if p in self.summed:
-            self.summed[p] += g
-        else:
-            self.summed[p] = g
-
-    def _trainable(self):
+    def _trainable(self) -> List[nn.Parameter]:
         return [p for p in self.param_names if p.requires_grad]
 
     def reset(self) -> None:
-        """Forget accumulated sums (after a step, or on zero_grad)."""
-        self.summed = {}
+        """Forget accumulated sums (after a step, or on zero_grad); the buffer is zeroed lazily."""
+        self._dirty = False
         self.num_samples = 0
         self.num_backward = 0
-
-
-def _first(d):
-    return next(iter(d.values()))
 
 
 def _sum(tensors):

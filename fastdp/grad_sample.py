@@ -32,7 +32,7 @@ from fastdp.kernels import (
     ghost_dot_ref,
     ghost_norm_ref,
 )
-from fastdp.kernels._common import acc_dtype, as_btd, batch_chunks, upcast
+from fastdp.kernels._common import acc_dtype, as_btd, batch_chunks, cast, upcast
 
 
 def prefer_ghost(T: int, p: int, d: int) -> bool:
@@ -77,8 +77,8 @@ class PerSampleGrad:
         """[B, *param.shape] fp32 per-sample gradients (exact fallback; memory B * numel)."""
         raise NotImplementedError
 
-    def clipped_sum(self, scale: torch.Tensor) -> torch.Tensor:
-        """``sum_i scale_i G_i`` with the shape of ``param``. ``scale``: [B] fp32."""
+    def clipped_sum(self, scale: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Add ``sum_i scale_i G_i`` (shape of ``param``) into ``out``. ``scale``: [B] fp32."""
         raise NotImplementedError
 
     def release(self) -> None:
@@ -99,8 +99,12 @@ class DenseGrad(PerSampleGrad):
     def materialize(self):
         return self.g
 
-    def clipped_sum(self, scale):
-        return torch.tensordot(upcast(scale), self.g, dims=1)
+    def clipped_sum(self, scale, out):
+        g = self.g.flatten(1)
+        if out.dtype == g.dtype and out.is_contiguous():
+            out.view(-1).addmv_(g.t(), scale.to(g.dtype))
+            return out
+        return out.add_(torch.mv(g.t(), scale.to(g.dtype)).view(out.shape))
 
     def release(self):
         self.g = None
@@ -120,7 +124,7 @@ class LinearGrad(PerSampleGrad):
 
     def set(self, x: torch.Tensor, dy: torch.Tensor) -> None:
         self.x = as_btd(x)
-        self.dy = as_btd(dy).to(self.x.dtype)
+        self.dy = cast(as_btd(dy), self.x.dtype)
         self.batch_size = x.shape[0]
 
     @property
@@ -137,9 +141,8 @@ class LinearGrad(PerSampleGrad):
         g = torch.einsum("btp,btd->bpd", upcast(self.dy), upcast(self.x))
         return g.transpose(1, 2) if self.transposed else g
 
-    def clipped_sum(self, scale):
-        g = clip_accumulate_ref(self.x, self.dy, scale)
-        return g.t() if self.transposed else g
+    def clipped_sum(self, scale, out):
+        return clip_accumulate_ref(self.x, self.dy, scale, out.t() if self.transposed else out)
 
     def release(self):
         self.x = self.dy = None
@@ -174,8 +177,8 @@ class EmbeddingGrad(PerSampleGrad):
         out.index_add_(0, (self.idx + offs).reshape(-1), upcast(self.dy).reshape(-1, d))
         return out.view(B, V, d)
 
-    def clipped_sum(self, scale):
-        return embedding_accumulate_ref(self.idx, self.dy, scale, self.num_embeddings)
+    def clipped_sum(self, scale, out):
+        return embedding_accumulate_ref(self.idx, self.dy, scale, self.num_embeddings, out)
 
     def release(self):
         self.idx = self.dy = None
@@ -197,7 +200,7 @@ class ConvGrad(PerSampleGrad):
         self.dy = None
 
     def set(self, x, dy):
-        self.x, self.dy = x, dy.to(x.dtype)
+        self.x, self.dy = x, cast(dy, x.dtype)
         self.batch_size = x.shape[0]
 
     def _as_2d(self):
@@ -235,12 +238,12 @@ class ConvGrad(PerSampleGrad):
             parts.append(gi.reshape(sl.stop - sl.start, *self.weight_shape))
         return torch.cat(parts) if parts else torch.zeros(0, *self.weight_shape, device=self.x.device)
 
-    def clipped_sum(self, scale):
+    def clipped_sum(self, scale, out):
         scaled = (upcast(self.dy) * upcast(scale).view(-1, *([1] * (self.dy.dim() - 1)))).to(self.x.dtype)
         weight = torch.empty(self.weight_shape, dtype=self.x.dtype, device=self.x.device)
-        return torch.ops.aten.convolution_backward(
+        return out.add_(torch.ops.aten.convolution_backward(
             scaled, self.x, weight, None, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0] * len(self.stride), self.groups, [False, True, False])[1]
+            False, [0] * len(self.stride), self.groups, [False, True, False])[1])
 
     def release(self):
         self.x = self.dy = None

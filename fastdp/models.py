@@ -72,9 +72,13 @@ class TinyTransformer(nn.Module):
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
         self.head.weight = self.tok.weight  # tied
+        # GPT-2's init: with N(0, 1) embeddings the tied head's logits saturate the softmax (denormal gradients)
+        nn.init.normal_(self.tok.weight, std=0.02)
+        nn.init.normal_(self.pos.weight, std=0.02)
 
     def forward(self, idx):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        pos = torch.arange(idx.shape[1], device=idx.device).expand(idx.shape[0], -1)
+        x = self.tok(idx) + self.pos(pos)
         for b in self.blocks:
             x = b(x)
         return self.head(self.ln(x))

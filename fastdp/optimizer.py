@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -20,7 +20,7 @@ from torch import nn
 from fastdp.accounting import epsilon_of, get_noise_multiplier, make_accountant
 from fastdp.clipping import make_clip_rule
 from fastdp.engine import GradSampleEngine
-from fastdp.kernels._common import acc_dtype
+from fastdp.grad_buffer import GradBuffer
 from fastdp.noise import gaussian_noise
 
 STATE_VERSION = 1
@@ -164,24 +164,23 @@ class DPOptimizer(torch.optim.Optimizer):
                                "sampling, run forward/backward on the (possibly empty) batch first.")
         return True
 
-    def clipped_sums(self) -> Dict[nn.Parameter, torch.Tensor]:
-        """``sum_i c_i g_i`` per trainable parameter (fp32; zeros for parameters no sample touched)."""
-        sums = self.engine.summed
-        return {p: sums[p] if p in sums else torch.zeros(p.shape, dtype=acc_dtype(p), device=p.device)
-                for p in self.engine._trainable()}
+    def clipped_sums(self) -> GradBuffer:
+        """The flat buffer holding ``sum_i c_i g_i`` for every trainable parameter (zeros where untouched)."""
+        return self.engine.buffer
 
     def noise_std(self) -> float:
         """Standard deviation of the noise added to the clipped sum: sigma * sensitivity."""
         return self.noise_multiplier * self.clip_rule.sensitivity
 
-    def add_noise(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
+    def add_noise(self, grads: GradBuffer) -> None:
+        """Add N(0, noise_std^2) to every coordinate of every trainable parameter (one draw per buffer)."""
         std = self.noise_std()
-        for p, g in grads.items():
-            g += gaussian_noise(g, std, generator=self.generator, secure=self.secure_mode)
+        for flat in grads.flats:
+            flat += gaussian_noise(flat, std, generator=self.generator, secure=self.secure_mode)
 
-    def scale_grad(self, grads: Dict[nn.Parameter, torch.Tensor]) -> None:
-        for g in grads.values():
-            g /= self.expected_batch_size
+    def scale_grad(self, grads: GradBuffer) -> None:
+        for flat in grads.flats:
+            flat /= self.expected_batch_size
 
     def step(self, closure=None):
         loss = None
@@ -193,8 +192,8 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = self.clipped_sums()
         self.add_noise(grads)
         self.scale_grad(grads)
-        for p, g in grads.items():
-            p.grad = g.to(p.dtype)
+        for p, g in grads.views.items():
+            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.engine.reset()
         self.engine.stale_grad_check = True
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)

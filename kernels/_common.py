@@ -19,7 +19,15 @@ def acc_dtype(t: torch.Tensor) -> torch.dtype:
 
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """``t`` in its accumulation dtype (fp32, or fp64 for fp64 inputs)."""
-    return t.to(acc_dtype(t))
+    return t if t.dtype in _ACC else t.float()
+
+
+_ACC = (torch.float32, torch.float64)
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the dispatcher round trip when it is already that dtype (hot paths)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -47,6 +55,8 @@ def as_btd(t: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
 
     ``batch``: samples in the leading dim when it holds ``batch * k`` sample-major rows.
     """
+    if t.dim() == 3 and batch is None:
+        return t
     if t.dim() < 2:
         raise ValueError(f"expected a tensor with a batch dim and a feature dim, got shape {tuple(t.shape)}")
     rows = math.prod(t.shape[:-1])

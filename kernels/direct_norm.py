@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc
 
 
 def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -28,6 +28,8 @@ def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """
     x, dy = as_btd(x), as_btd(dy)
     B, p, d = x.shape[0], dy.shape[-1], x.shape[-1]
+    if B * p * d <= CHUNK_ELEMENTS:
+        return bmm_acc(dy.transpose(1, 2), x).pow(2).sum(dim=(1, 2))
     out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
     for sl in batch_chunks(B, p * d):
         g = bmm_acc(dy[sl].transpose(1, 2), x[sl])

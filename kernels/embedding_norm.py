@@ -14,6 +14,8 @@ product of the head input with the embedding-output gradient.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ._common import acc_dtype, batch_chunks, bmm_acc, upcast
@@ -74,17 +76,19 @@ def embedding_linear_dot_ref(idx: torch.Tensor, dy_emb: torch.Tensor, x_lin: tor
     return out
 
 
-def embedding_accumulate_ref(idx: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, num_embeddings: int) -> torch.Tensor:
+def embedding_accumulate_ref(idx: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, num_embeddings: int,
+                             out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``sum_i scale_i G_emb,i`` as a dense [V, d] tensor (index-add of scaled rows).
 
     Args:
         idx: [B, T] indices. dy: [B, T, d]. scale: [B] fp32. num_embeddings: V.
+        out: optional [V, d] tensor to accumulate into.
 
     Returns:
-        [V, d] fp32.
+        ``out`` if given, else a new [V, d] fp32 (fp64 for fp64 inputs) tensor.
     """
     d = dy.shape[-1]
-    out = torch.zeros(num_embeddings, d, dtype=acc_dtype(dy), device=dy.device)
-    rows = (upcast(dy) * upcast(scale).view(-1, 1, 1)).reshape(-1, d)
-    out.index_add_(0, idx.reshape(-1), rows)
-    return out
+    if out is None:
+        out = torch.zeros(num_embeddings, d, dtype=acc_dtype(dy), device=dy.device)
+    rows = (upcast(dy) * upcast(scale).view(-1, 1, 1)).reshape(-1, d).to(out.dtype)
+    return out.index_add_(0, idx.reshape(-1), rows)

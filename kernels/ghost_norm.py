@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
 
 
 def ghost_dot_ref(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,9 @@ def ghost_dot_ref(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b
     """
     x_a, dy_a, x_b, dy_b = as_btd(x_a), as_btd(dy_a), as_btd(x_b), as_btd(dy_b)
     B, Ta, Tb = x_a.shape[0], x_a.shape[1], x_b.shape[1]
+    if 2 * B * Ta * Tb <= CHUNK_ELEMENTS:  # one chunk: no slicing
+        gx = bmm_acc(x_a, x_b.transpose(1, 2))
+        return (gx * bmm_acc(dy_a, dy_b.transpose(1, 2))).sum(dim=(1, 2))
     out = torch.empty(B, dtype=acc_dtype(x_a), device=x_a.device)
     for sl in batch_chunks(B, 2 * Ta * Tb):
         gx = bmm_acc(x_a[sl], x_b[sl].transpose(1, 2))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdp.grad_sample import ConvGrad, DenseGrad
-from fastdp.kernels._common import upcast
+from fastdp.kernels._common import cast, upcast
 from fastdp.tap import register_op
 
 from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
@@ -54,13 +54,13 @@ class _ConvFn(torch.autograd.Function):
     def backward(ctx, dy):
         xc, wc = ctx.saved_tensors
         wtap, btap, stride, padding, dilation, groups, x_dtype = ctx.args
-        dy = dy.to(wc.dtype)
+        dy = cast(dy, wc.dtype)
         n = wc.dim() - 2
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = torch.ops.aten.convolution_backward(
+            gx = cast(torch.ops.aten.convolution_backward(
                 dy, xc, wc, None, list(stride), list(padding), list(dilation), False, [0] * n, groups,
-                [True, False, False])[0].to(x_dtype)
+                [True, False, False])[0], x_dtype)
         if wtap is not None:
             g = ConvGrad(wtap._fdp_param, wtap._fdp_ctx.owner, wc, stride, padding, dilation, groups)
             g.set(xc, dy)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdp.grad_sample import DenseGrad, LinearGrad
-from fastdp.kernels._common import as_btd, upcast
+from fastdp.kernels._common import as_btd, cast, upcast
 from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
 from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
@@ -31,10 +31,10 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         xc, wc = ctx.saved_tensors
-        dy = dy.to(wc.dtype)
+        dy = cast(dy, wc.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = (dy @ (wc.t() if ctx.transposed else wc)).to(ctx.x_dtype)
+            gx = cast(dy @ (wc.t() if ctx.transposed else wc), ctx.x_dtype)
         dyb = as_btd(dy, ctx.batch)
         if ctx.wtap is not None:
             g = LinearGrad(ctx.wtap._fdp_param, ctx.wtap._fdp_ctx.owner, transposed=ctx.transposed)

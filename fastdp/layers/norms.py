@@ -1,129 +1,140 @@
 """Normalisation layers: ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``.
 
 Their affine parameters act elementwise, so per-sample gradients are cheap to form explicitly
-([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias. Backward computes the input
-gradient in fp32 from ``x_hat`` and never forms the batch-summed parameter gradients. BatchNorm
-mixes samples through batch statistics and is refused with a pointer to GroupNorm.
+([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias. Forward and the input
+gradient use PyTorch's native kernels (LayerNorm, GroupNorm) with the dtype autocast would pick;
+the batch-summed parameter gradients are never formed. BatchNorm mixes samples through batch
+statistics and is refused with a pointer to GroupNorm.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
 
 from fastdp.grad_sample import DenseGrad
-from fastdp.kernels._common import upcast
-from fastdp.tap import UnsupportedLayerError, register_op
+from fastdp.kernels._common import cast, upcast
+from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
 from ._autocast import anchor_of, plain_input, taps_of, values
 
 
-def _normalized(kind, x, arg, eps):
-    """(x_hat [B, ...] fp32, rstd broadcastable, reduce dims) for the layer's own statistics."""
-    xf = upcast(x)
-    if kind == "group":
-        xg = xf.reshape(x.shape[0], arg, -1)
-        mu = xg.mean(-1, keepdim=True)
-        rstd = torch.rsqrt(xg.var(-1, unbiased=False, keepdim=True) + eps)
-        return ((xg - mu) * rstd).reshape_as(xf), rstd
-    dims = tuple(range(x.dim() - len(arg), x.dim()))
-    if kind == "layer":
-        mu = xf.mean(dims, keepdim=True)
-        rstd = torch.rsqrt(xf.var(dims, unbiased=False, keepdim=True) + eps)
-        return (xf - mu) * rstd, rstd
-    if eps is None:
-        eps = torch.finfo(x.dtype).eps
-    rstd = torch.rsqrt(xf.pow(2).mean(dims, keepdim=True) + eps)
-    return xf * rstd, rstd
+@functools.lru_cache(maxsize=None)
+def _op_dtype(kind: str, device_type: str, autocast_dtype, x_dtype: torch.dtype, w_dtype) -> torch.dtype:
+    """The dtype the functional op computes in under the current autocast state (probed once, cached)."""
+    x = torch.ones(1, 2, 2, dtype=x_dtype, device=device_type)
+    w = torch.ones(2, dtype=w_dtype, device=device_type) if w_dtype is not None else None
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+        if kind == "layer":
+            return F.layer_norm(x, (2,), w, None).dtype
+        if kind == "group":
+            return F.group_norm(x, 1, w, None).dtype
+        return F.rms_norm(x, (2,), w).dtype
 
 
-def _input_grad(kind, x_hat, rstd, g, arg):
-    """d loss / d x for g = dY * weight (fp32)."""
-    if kind == "group":
-        B = g.shape[0]
-        gg, xh = g.reshape(B, arg, -1), x_hat.reshape(B, arg, -1)
-        out = rstd * (gg - gg.mean(-1, keepdim=True) - xh * (gg * xh).mean(-1, keepdim=True))
-        return out.reshape_as(g)
-    dims = tuple(range(g.dim() - len(arg), g.dim()))
-    proj = x_hat * (g * x_hat).mean(dims, keepdim=True)
-    if kind == "layer":
-        return rstd * (g - g.mean(dims, keepdim=True) - proj)
-    return rstd * (g - proj)
+def _compute_dtype(kind, x, w):
+    dev = x.device.type
+    ac = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return _op_dtype(kind, dev, ac, x.dtype, w.dtype if w is not None else None)
 
 
-def _param_view(kind, w, x):
-    """Weight [C] (group) or [*normalized_shape] broadcast against x."""
-    if kind == "group":
-        return w.reshape(1, -1, *([1] * (x.dim() - 2)))
-    return w
+def _group_shape(x, groups):
+    N, C = x.shape[0], x.shape[1]
+    return N, C, math.prod(x.shape[2:]), groups
 
 
-def _per_sample(kind, t, arg):
+def _per_sample(kind, t, nshape):
     """Sum [B, ...] over every dim the parameter is shared across -> [B, *param.shape]."""
     if kind == "group":
         return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
-    keep = len(arg)
-    dims = tuple(range(1, t.dim() - keep))
+    dims = tuple(range(1, t.dim() - len(nshape)))
     return t.sum(dim=dims) if dims else t
 
 
 class _NormFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w, b, anchor, wtap, btap, kind, arg, eps, op):
-        y = op(x, arg, w, b, eps) if kind != "rms" else op(x, arg, w, eps)
-        ctx.save_for_backward(x, w)
-        ctx.args = (wtap, btap, kind, arg, eps)
+    def forward(ctx, x, w, b, anchor, wtap, btap, kind, arg, eps):
+        dt = _compute_dtype(kind, x, w)
+        xc, wc, bc = (cast(t, dt) if t is not None else None for t in (x, w, b))
+        with torch.autocast(x.device.type, enabled=False):
+            if kind == "layer":
+                y, mean, rstd = torch.native_layer_norm(xc, arg, wc, bc, eps)
+            elif kind == "group":
+                y, mean, rstd = torch.native_group_norm(xc, wc, bc, *_group_shape(xc, arg), eps)
+            else:
+                y = F.rms_norm(xc, arg, wc, eps)
+                mean = None
+                dims = tuple(range(x.dim() - len(arg), x.dim()))
+                e = torch.finfo(xc.dtype).eps if eps is None else eps
+                rstd = torch.rsqrt(upcast(xc).pow(2).mean(dims, keepdim=True) + e)
+        ctx.save_for_backward(xc, wc, bc, mean, rstd)
+        ctx.args = (wtap, btap, kind, arg, x.dtype)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        wtap, btap, kind, arg, eps = ctx.args
-        x_hat, rstd = _normalized(kind, x, arg, eps)
-        dyf = upcast(dy)
+        xc, wc, bc, mean, rstd = ctx.saved_tensors
+        wtap, btap, kind, arg, x_dtype = ctx.args
+        dy = cast(dy, xc.dtype)
         gx = None
+        if kind == "group":
+            xg = upcast(xc).reshape(xc.shape[0], arg, -1)
+            x_hat = ((xg - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(xc.shape)
+        elif kind == "layer":
+            x_hat = (upcast(xc) - mean) * rstd
+        else:
+            x_hat = upcast(xc) * rstd
         if ctx.needs_input_grad[0]:
-            g = dyf * _param_view(kind, upcast(w), x) if w is not None else dyf
-            gx = _input_grad(kind, x_hat, rstd, g, arg).to(x.dtype)
+            if kind == "layer":
+                gx = torch.ops.aten.native_layer_norm_backward(dy, xc, arg, mean, rstd, wc, bc, [True, False, False])[0]
+            elif kind == "group":
+                gx = torch.ops.aten.native_group_norm_backward(dy, xc, mean, rstd, wc, *_group_shape(xc, arg),
+                                                               [True, False, False])[0]
+            else:  # rms: rstd * (g - x_hat * mean(g * x_hat)) with g = dY * w
+                dims = tuple(range(xc.dim() - len(arg), xc.dim()))
+                g = upcast(dy) * upcast(wc) if wc is not None else upcast(dy)
+                gx = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
+            gx = cast(gx, x_dtype)
         if wtap is not None:
-            wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, _per_sample(kind, dyf * x_hat, arg)))
+            wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, _per_sample(kind, upcast(dy) * x_hat, arg)))
         if btap is not None:
-            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, _per_sample(kind, dyf, arg)))
-        return (gx,) + (None,) * 9
+            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, _per_sample(kind, upcast(dy), arg)))
+        return (gx,) + (None,) * 8
 
 
-def _norm(kind, op, x, arg, w, b, eps):
+def _norm(kind, op_name, x, arg, w, b, eps):
     wtap, btap = taps_of(w, b)
-    x = plain_input(x, op.__name__, (wtap, btap))
-    if kind == "group" and x.dim() < 2:
-        raise UnsupportedLayerError("group_norm needs a [B, C, ...] input")
+    x = plain_input(x, op_name, (wtap, btap))
+    if kind == "group" and (x.dim() < 2 or x.shape[1] % arg):
+        raise UnsupportedLayerError(f"group_norm needs a [B, C, ...] input with C divisible by {arg}")
     if kind != "group":
         arg = tuple(arg) if isinstance(arg, (tuple, list, torch.Size)) else (arg,)
     xv, wv, bv = values(x, w, b)
     for t in (wtap, btap):
         if t is not None:
             t.announce()
-    return _NormFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, kind, arg, eps, op)
+    return _NormFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, kind, arg, eps)
 
 
 @register_op(F.layer_norm)
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
-    return _norm("layer", F.layer_norm, input, normalized_shape, weight, bias, eps)
+    return _norm("layer", "layer_norm", input, normalized_shape, weight, bias, eps)
 
 
 @register_op(F.group_norm)
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
-    return _norm("group", F.group_norm, input, num_groups, weight, bias, eps)
+    return _norm("group", "group_norm", input, num_groups, weight, bias, eps)
 
 
 @register_op(F.rms_norm)
 def rms_norm(input, normalized_shape, weight=None, eps=None):
-    return _norm("rms", F.rms_norm, input, normalized_shape, weight, None, eps)
+    return _norm("rms", "rms_norm", input, normalized_shape, weight, None, eps)
 
 
 @register_op(F.batch_norm, torch.batch_norm, F.instance_norm, torch.instance_norm)
 def _refuse_batch_norm(*args, **kwargs):
-    from fastdp.tap import ParamTap
-
     tap = next(a for a in list(args) + list(kwargs.values()) if isinstance(a, ParamTap))
     raise UnsupportedLayerError(
         f"{tap.label}: BatchNorm/InstanceNorm parameters are not supported under DP (BatchNorm mixes samples "

@@ -1,0 +1,128 @@
+"""CPU step time of a small transformer LM: non-private vs fastdp vs Opacus, timed in one run.
+
+Workload (issue: fastdp core): d=128, T=64, B=32, 3 blocks, 4 heads, vocab 256, tied embeddings.
+A step is forward + backward + optimizer step + zero_grad on a fixed synthetic batch.
+
+    python -m benchmarks.cpu_transformer_step [--steps 20] [--threads 2] [--out benchmarks/results/cpu_transformer_step.json]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import platform
+import statistics
+import time
+import traceback
+
+import torch
+
+import fastdp
+from fastdp.models import TinyTransformer, lm_loss
+
+
+def make_variants(model, B, n):
+    def nonprivate():
+        m = copy.deepcopy(model)
+        return m, torch.optim.SGD(m.parameters(), lr=0.01)
+
+    def fastdp_flat():
+        m = copy.deepcopy(model)
+        opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.01), noise_multiplier=1.0, max_grad_norm=1.0,
+                                 expected_batch_size=B, sample_size=n, generator=torch.Generator().manual_seed(0))
+        return m, opt
+
+    def opacus(mode):
+        def build():
+            from opacus import PrivacyEngine
+            m = copy.deepcopy(model)
+            pe = PrivacyEngine()
+            ds = torch.utils.data.TensorDataset(torch.zeros(n, 1))
+            dl = torch.utils.data.DataLoader(ds, batch_size=B)
+            out = pe.make_private(module=m, optimizer=torch.optim.SGD(m.parameters(), lr=0.01), data_loader=dl,
+                                  noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode=mode,
+                                  criterion=torch.nn.CrossEntropyLoss(), poisson_sampling=False)
+            return out[0], out[1], (out[2] if mode == "ghost" else None)
+        return build
+
+    return {"nonprivate": nonprivate, "fastdp": fastdp_flat, "opacus_hooks": opacus("hooks"),
+            "opacus_ghost": opacus("ghost")}
+
+
+def time_variant(build, idx, tgt, steps, warmup):
+    built = build()
+    m, opt = built[0], built[1]
+    crit = built[2] if len(built) > 2 else None
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        logits = m(idx)
+        if crit is not None:  # opacus ghost: its criterion wrapper runs both backward passes
+            loss = crit(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        else:
+            loss = lm_loss(logits, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seq", type=int, default=64)
+    ap.add_argument("--variants", default="nonprivate,fastdp,opacus_hooks,opacus_ghost")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = TinyTransformer(vocab=256, d=128, layers=3, heads=4, max_len=args.seq)
+    idx = torch.randint(0, 256, (args.batch, args.seq))
+    tgt = torch.randint(0, 256, (args.batch, args.seq))
+    variants = make_variants(model, args.batch, 50_000)
+    rows = []
+    order = args.variants.split(",")
+    # interleave rounds so drift of the machine hits every variant alike
+    samples = {v: [] for v in order}
+    errors = {}
+    for _ in range(2):
+        for v in order:
+            if v in errors:
+                continue
+            try:
+                samples[v] += time_variant(variants[v], idx, tgt, args.steps // 2, args.warmup)
+            except Exception as err:  # a failure is a row, never a dropped row
+                errors[v] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+                traceback.print_exc()
+    base = statistics.median(samples["nonprivate"]) if samples.get("nonprivate") else None
+    for v in order:
+        if v in errors:
+            rows.append({"variant": v, "error": errors[v]})
+            continue
+        med = statistics.median(samples[v])
+        rows.append({"variant": v, "median_ms": 1e3 * med, "p20_ms": 1e3 * sorted(samples[v])[len(samples[v]) // 5],
+                     "p80_ms": 1e3 * sorted(samples[v])[4 * len(samples[v]) // 5],
+                     "ratio_to_nonprivate": med / base if base else None, "steps": len(samples[v])})
+    result = {"workload": f"TinyTransformer d=128 T={args.seq} B={args.batch} 3 blocks vocab=256 tied, fp32",
+              "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
+              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "rows": rows}
+    print(f"{'variant':<14} {'median ms':>10} {'x nonprivate':>13}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<14} ERROR {r['error']}")
+        else:
+            print(f"{r['variant']:<14} {r['median_ms']:>10.1f} {r['ratio_to_nonprivate']:>13.3f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()
