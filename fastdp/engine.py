@@ -81,6 +81,8 @@ class GradSampleEngine:
         self._callback_queued = False
         self._pending: Dict[nn.Parameter, int] = defaultdict(int)
         self._swapped: Dict[nn.Module, list] = defaultdict(list)
+        self._contexts: Dict[nn.Module, TapContext] = {}
+        self._taps: Dict[tuple, ParamTap] = {}
         self._handles = []
         self._guarded = set()
         # every handler's autograd function takes this scalar, so ops join the graph without the parameters
@@ -123,18 +125,40 @@ class GradSampleEngine:
     def _pre_hook(self, module, args, kwargs):
         if not torch.is_grad_enabled():
             return
-        params = [(n, p) for n, p in module._parameters.items() if p is not None and p.requires_grad]
-        if not params:
-            return
-        owner_type = type(module)
-        ctx = TapContext(self, self._module_names.get(module, type(module).__name__), owner_type.__name__,
-                         _leading_dim(args, kwargs),
-                         rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
-        for n, p in params:
+        swapped = None
+        for n, p in module._parameters.items():
+            if p is None or not p.requires_grad or isinstance(p, ParamTap):
+                continue
+            if swapped is None:
+                swapped = []
+                ctx = self._context(module)
+                ctx.batch_size = _leading_dim(args, kwargs)
+            module._parameters[n] = self._tap(p, ctx, n)
+            swapped.append((n, p))
+        if swapped:
+            self._swapped[module].append(swapped)
+
+    def _context(self, module) -> TapContext:
+        """The module's tap context (made once; its batch size is updated on every call)."""
+        ctx = self._contexts.get(module)
+        if ctx is None:
+            owner_type = type(module)
+            ctx = TapContext(self, self._module_names.get(module, owner_type.__name__), owner_type.__name__, None,
+                             rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
+            self._contexts[module] = ctx
+        return ctx
+
+    def _tap(self, p: nn.Parameter, ctx: TapContext, name: str) -> ParamTap:
+        """The parameter's tap, reused across calls while it still aliases the parameter's storage."""
+        key = (p, ctx.owner)
+        tap = self._taps.get(key)
+        v = tap._fdp_value if tap is not None else None
+        if v is None or v.data_ptr() != p.data_ptr() or v.dtype != p.dtype or v.shape != p.shape or v.device != p.device:
             if p not in self._guarded:  # unfrozen after attach
                 self._guard(p)
-            module._parameters[n] = ParamTap(p, p, None, ctx, n)
-        self._swapped[module].append(params)
+            tap = ParamTap(p, p, None, ctx, name)
+            self._taps[key] = tap
+        return tap
 
     def _post_hook(self, module, args, kwargs, output):
         stack = self._swapped.get(module)
@@ -178,8 +202,13 @@ class GradSampleEngine:
         self._check_finite(total, sq)
         factors = self.clip_rule.factors(sq, total)
         buf = self._buffer()
+        scaled = {}  # flat rules share one factor tensor across parameters: scale it once
         for p, uses in by_param.items():
-            c = factors[p] * red if red != 1.0 else factors[p]
+            c = factors[p]
+            if red != 1.0:
+                if id(c) not in scaled:
+                    scaled[id(c)] = c * red
+                c = scaled[id(c)]
             out = buf.view(p)
             for g in uses:
                 g.clipped_sum(c, out)

@@ -19,7 +19,7 @@ While a module's forward runs, each of its trainable parameters is replaced (in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -42,7 +42,6 @@ class TapContext:
     owner_type: str
     batch_size: Optional[int]
     rows_sample_major: bool = False  # a 2-D input of B*k rows is k rows per sample, in sample order
-    extra: dict = field(default_factory=dict)
 
 
 class ParamTap(torch.Tensor):

@@ -10,6 +10,7 @@ import torch
 CHUNK_ELEMENTS = 1 << 26
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_ACC = (torch.float32, torch.float64)
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -22,8 +23,6 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in _ACC else t.float()
 
 
-_ACC = (torch.float32, torch.float64)
-
 
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the dispatcher round trip when it is already that dtype (hot paths)."""
@@ -33,14 +32,22 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def bmm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for [B, m, k] x [B, k, n] with an fp32 (fp64 for fp64 inputs) result and accumulation.
 
-    bf16/fp16 inputs keep tensor-core speed on CUDA (``out_dtype``); elsewhere they are upcast.
+    bf16/fp16 inputs keep tensor-core speed on CUDA (``out_dtype``, probed once); elsewhere they are upcast.
     """
-    if a.dtype in _LOW_PRECISION and a.is_cuda and a.dtype == b.dtype:
+    global _BMM_OUT_DTYPE
+    if a.dtype in _ACC and b.dtype == a.dtype:
+        return torch.bmm(a, b)
+    if a.dtype in _LOW_PRECISION and a.is_cuda and a.dtype == b.dtype and _BMM_OUT_DTYPE is not False:
         try:
-            return torch.bmm(a, b, out_dtype=torch.float32)
+            out = torch.bmm(a, b, out_dtype=torch.float32)
+            _BMM_OUT_DTYPE = True
+            return out
         except (TypeError, RuntimeError, NotImplementedError):
-            pass
+            _BMM_OUT_DTYPE = False
     return torch.bmm(upcast(a), upcast(b))
+
+
+_BMM_OUT_DTYPE = None  # whether torch.bmm(..., out_dtype=fp32) works here (unknown until first tried)
 
 
 def batch_chunks(batch: int, elements_per_sample: int):

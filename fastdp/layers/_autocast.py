@@ -24,7 +24,7 @@ def compute_operands(device_type: str, *tensors: Optional[torch.Tensor]):
     if torch.is_autocast_enabled(device_type):
         dt = torch.get_autocast_dtype(device_type)
         return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors), dt
-    return tensors, None
+    return tensors, None  # not autocasting: operands as they are
 
 
 def taps_of(*args) -> Sequence[Optional[ParamTap]]:

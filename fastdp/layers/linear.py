@@ -17,32 +17,40 @@ from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
 
 
 class _LinearFn(torch.autograd.Function):
-    """y = x W^T + b (``transposed``: y = x W + b). ``batch``: samples in x's leading dim (rows mode: B*k rows)."""
+    """y = x W^T + b (``transposed``: y = x W + b). meta: (weight tap, bias tap, transposed, batch).
+
+    ``batch``: samples in x's leading dim when it holds B*k sample-major rows, else None.
+    """
 
     @staticmethod
-    def forward(ctx, x, w, b, anchor, wtap, btap, transposed, batch):
-        (xc, wc, bc), _ = compute_operands(x.device.type, x, w, b)
-        with torch.autocast(x.device.type, enabled=False):
+    def forward(ctx, x, w, b, anchor, meta):
+        wtap, btap, transposed, batch = meta
+        (xc, wc, bc), dt = compute_operands(x.device.type, x, w, b)
+        if dt is None:
             y = F.linear(xc, wc.t() if transposed else wc, bc)
+        else:
+            with torch.autocast(x.device.type, enabled=False):
+                y = F.linear(xc, wc.t() if transposed else wc, bc)
         ctx.save_for_backward(xc if wtap is not None else None, wc)
-        ctx.wtap, ctx.btap, ctx.transposed, ctx.batch, ctx.x_dtype = wtap, btap, transposed, batch, x.dtype
+        ctx.meta, ctx.x_dtype = meta, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
         xc, wc = ctx.saved_tensors
+        wtap, btap, transposed, batch = ctx.meta
         dy = cast(dy, wc.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
-            gx = cast(dy @ (wc.t() if ctx.transposed else wc), ctx.x_dtype)
-        dyb = as_btd(dy, ctx.batch)
-        if ctx.wtap is not None:
-            g = LinearGrad(ctx.wtap._fdp_param, ctx.wtap._fdp_ctx.owner, transposed=ctx.transposed)
-            g.set(as_btd(xc, ctx.batch), dyb)
-            ctx.wtap.finish(g)
-        if ctx.btap is not None:
-            ctx.btap.finish(DenseGrad(ctx.btap._fdp_param, ctx.btap._fdp_ctx.owner, upcast(dyb).sum(1)))
-        return gx, None, None, None, None, None, None, None
+            gx = cast(dy @ (wc.t() if transposed else wc), ctx.x_dtype)
+        dyb = as_btd(dy, batch)
+        if wtap is not None:
+            g = LinearGrad(wtap._fdp_param, wtap._fdp_ctx.owner, transposed=transposed)
+            g.set(as_btd(xc, batch), dyb)
+            wtap.finish(g)
+        if btap is not None:
+            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, upcast(dyb).sum(1)))
+        return gx, None, None, None, None
 
 
 def _batch_of(x: torch.Tensor, taps) -> int | None:
@@ -70,7 +78,7 @@ def _apply(x, w, b, transposed: bool, op: str):
     for t in (wtap, btap):
         if t is not None:
             t.announce()
-    return _LinearFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, transposed, batch)
+    return _LinearFn.apply(xv, wv, bv, anchor_of(wtap, btap), (wtap, btap, transposed, batch))
 
 
 @register_op(F.linear)
