@@ -27,16 +27,12 @@ import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
 from fastdp.grad_buffer import GradBuffer
 from fastdp.grad_sample import PerSampleGrad, per_sample_dot
-from fastdp.tap import ParamTap, TapContext, UnsupportedLayerError
+from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerError
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
 # Modules whose forward flattens a [B, T, d] input to [B*T, d] rows in sample order before a matmul.
 SAMPLE_MAJOR_FLATTENERS = {"transformers.pytorch_utils.Conv1D"}
-
-
-class BatchSizeError(RuntimeError):
-    """Layers of one backward saw different leading (batch) dims."""
 
 
 class NonFiniteNormError(FloatingPointError):
@@ -79,8 +75,8 @@ class GradSampleEngine:
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self._ready: List[PerSampleGrad] = []
         self._callback_queued = False
-        self._pending: Dict[nn.Parameter, int] = defaultdict(int)
-        self._swapped: Dict[nn.Module, list] = defaultdict(list)
+        self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
+        self._swapped: Optional[list] = None
         self._contexts: Dict[nn.Module, TapContext] = {}
         self._taps: Dict[tuple, ParamTap] = {}
         self._handles = []
@@ -102,16 +98,17 @@ class GradSampleEngine:
         for name, m in self.module.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 self._handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: _check_batchnorm(n, mod)))
-            if any(p is not None for p in m._parameters.values()):
-                self._handles.append(m.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        # (module, name) of every parameter slot, in module order: swapped for taps around the root forward
+        self._slots = [(m, n) for m in self._module_names for n, p in m._parameters.items() if p is not None]
+        self._handles.append(self.module.register_forward_pre_hook(self._swap_in, with_kwargs=True))
+        self._handles.append(self.module.register_forward_hook(self._swap_out, with_kwargs=True, always_call=True))
         for p in self.param_names:
             if p.requires_grad:
                 self._guard(p)
 
     def _guard(self, p: nn.Parameter) -> None:
         """Raise if autograd ever accumulates into p.grad: a use the engine did not see."""
-        name = self.param_names[p]
+        name = self.param_names.setdefault(p, "<parameter added after attach>")
         self._handles.append(p.register_post_accumulate_grad_hook(
             lambda p, name=name: _untracked_use(name) if p.grad is not None else None))
         self._guarded.add(p)
@@ -122,62 +119,50 @@ class GradSampleEngine:
             h.remove()
         self._handles.clear()
 
-    def _pre_hook(self, module, args, kwargs):
-        if not torch.is_grad_enabled():
+    def _swap_in(self, module, args, kwargs):
+        """Root pre-hook: every trainable parameter slot of the model holds its tap during the forward."""
+        if not torch.is_grad_enabled() or self._swapped is not None:
             return
-        swapped = None
-        for n, p in module._parameters.items():
+        self.batch_size = _leading_dim(args, kwargs)
+        swapped = []
+        for m, n in self._slots:
+            p = m._parameters[n]
             if p is None or not p.requires_grad or isinstance(p, ParamTap):
                 continue
-            if swapped is None:
-                swapped = []
-                ctx = self._context(module)
-                ctx.batch_size = _leading_dim(args, kwargs)
-            module._parameters[n] = self._tap(p, ctx, n)
-            swapped.append((n, p))
-        if swapped:
-            self._swapped[module].append(swapped)
+            m._parameters[n] = self._tap(p, m, n)
+            swapped.append((m, n, p))
+        self._swapped = swapped
 
-    def _context(self, module) -> TapContext:
-        """The module's tap context (made once; its batch size is updated on every call)."""
-        ctx = self._contexts.get(module)
-        if ctx is None:
-            owner_type = type(module)
-            ctx = TapContext(self, self._module_names.get(module, owner_type.__name__), owner_type.__name__, None,
-                             rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
-            self._contexts[module] = ctx
-        return ctx
+    def _swap_out(self, module, args, kwargs, output):
+        swapped, self._swapped = self._swapped, None
+        for m, n, p in swapped or ():
+            m._parameters[n] = p
 
-    def _tap(self, p: nn.Parameter, ctx: TapContext, name: str) -> ParamTap:
-        """The parameter's tap, reused across calls while it still aliases the parameter's storage."""
-        key = (p, ctx.owner)
+    def _tap(self, p: nn.Parameter, module: nn.Module, name: str) -> ParamTap:
+        """The parameter's tap in ``module``, reused across calls while it still aliases the parameter's storage."""
+        key = (id(p), id(module))
         tap = self._taps.get(key)
         v = tap._fdp_value if tap is not None else None
         if v is None or v.data_ptr() != p.data_ptr() or v.dtype != p.dtype or v.shape != p.shape or v.device != p.device:
-            if p not in self._guarded:  # unfrozen after attach
+            if p not in self._guarded:  # unfrozen or replaced after attach
                 self._guard(p)
+            ctx = self._contexts.get(module)
+            if ctx is None:
+                owner_type = type(module)
+                ctx = TapContext(self, self._module_names.get(module, owner_type.__name__), owner_type.__name__,
+                                 rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
+                self._contexts[module] = ctx
             tap = ParamTap(p, p, None, ctx, name)
             self._taps[key] = tap
         return tap
 
-    def _post_hook(self, module, args, kwargs, output):
-        stack = self._swapped.get(module)
-        if stack:
-            for n, p in stack.pop():
-                module._parameters[n] = p
-
     # --------------------------------------------------------------- backward
-    def note_use(self, param: nn.Parameter) -> None:
-        """A layer op took ``param`` in forward: one more per-sample gradient to come in backward."""
-        self._pending[param] += 1
-
     def submit(self, grad: PerSampleGrad) -> None:
         """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
         if not self._callback_queued:
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = True
         grad.sq_self = grad.sq_norm()
-        self._pending[grad.param] -= 1
         self._ready.append(grad)
 
     def _finalize(self) -> None:
@@ -298,5 +283,6 @@ def _check_batchnorm(name, m):
 def _untracked_use(name):
     raise UnsupportedLayerError(
         f"parameter '{name}' received a gradient through an operation the DP engine did not see: it was used "
-        "outside the forward of the module that owns it (e.g. `x @ other_module.weight` in a parent module). "
-        "Use it through the owning module, or tie it to a module that calls it.")
+        "outside the forward of the model the engine is attached to (e.g. a submodule called directly, or a "
+        "parameter added to the model after the DP optimizer was built). Run the training forward through the "
+        "model given to fastdp.")

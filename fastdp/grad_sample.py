@@ -16,13 +16,15 @@ products between two uses of one parameter (tied weights) dispatch on the pair o
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastdp.kernels import (
     clip_accumulate_ref,
+    conv_norm_ref,
+    conv_per_sample_grad_ref,
     direct_dot_ref,
     direct_norm_ref,
     embedding_accumulate_ref,
@@ -32,7 +34,7 @@ from fastdp.kernels import (
     ghost_dot_ref,
     ghost_norm_ref,
 )
-from fastdp.kernels._common import acc_dtype, as_btd, batch_chunks, cast, upcast
+from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
 
 
 def prefer_ghost(T: int, p: int, d: int) -> bool:
@@ -203,40 +205,17 @@ class ConvGrad(PerSampleGrad):
         self.x, self.dy = x, cast(dy, x.dtype)
         self.batch_size = x.shape[0]
 
-    def _as_2d(self):
-        if len(self.weight_shape) == 3:  # conv1d as a conv2d of height 1
-            return (self.x.unsqueeze(2), self.dy.unsqueeze(2), self.weight_shape[:2] + (1,) + self.weight_shape[2:],
-                    (1,) + self.stride, (0,) + self.padding, (1,) + self.dilation)
-        return self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation
-
-    def _unfolded(self):
-        """Yield (batch slice, X [b*g, L, C_in/g*k], dY [b*g, L, C_out/g]) in bounded-memory chunks."""
-        x, dy, wshape, stride, padding, dilation = self._as_2d()
-        B, g = x.shape[0], self.groups
-        c_out, cg, kh, kw = wshape
-        L = dy.shape[2] * dy.shape[3]
-        for sl in batch_chunks(B, cg * g * kh * kw * L + c_out * L):
-            b = sl.stop - sl.start
-            xu = F.unfold(x[sl], (kh, kw), dilation=dilation, padding=padding, stride=stride)  # [b, C_in*k, L]
-            xu = xu.view(b * g, cg * kh * kw, L).transpose(1, 2)
-            du = dy[sl].reshape(b * g, c_out // g, L).transpose(1, 2)
-            yield sl, xu, du
-
     def sq_norm(self):
-        B, g = self.x.shape[0], self.groups
-        out = torch.empty(B, dtype=acc_dtype(self.x), device=self.x.device)
-        for sl, xu, du in self._unfolded():
-            T, p, d = xu.shape[1], du.shape[2], xu.shape[2]
-            f = ghost_norm_ref if NormRule.use_ghost(T, p, d) else direct_norm_ref
-            out[sl] = f(xu, du).view(-1, g).sum(1)
-        return out
+        c_out, cg = self.weight_shape[:2]
+        k = math.prod(self.weight_shape[2:])
+        L = math.prod(self.dy.shape[2:])
+        ghost = NormRule.use_ghost(L, c_out // self.groups, cg * k)
+        return conv_norm_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation,
+                             self.groups, ghost)
 
     def materialize(self):
-        parts = []
-        for sl, xu, du in self._unfolded():
-            gi = torch.einsum("nlp,nld->npd", upcast(du), upcast(xu))  # [b*g, C_out/g, C_in/g*k]
-            parts.append(gi.reshape(sl.stop - sl.start, *self.weight_shape))
-        return torch.cat(parts) if parts else torch.zeros(0, *self.weight_shape, device=self.x.device)
+        return upcast(conv_per_sample_grad_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding,
+                                               self.dilation, self.groups))
 
     def clipped_sum(self, scale, out):
         scaled = (upcast(self.dy) * upcast(scale).view(-1, *([1] * (self.dy.dim() - 1)))).to(self.x.dtype)

@@ -19,7 +19,6 @@ While a module's forward runs, each of its trainable parameters is replaced (in
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -33,15 +32,26 @@ class UnsupportedLayerError(RuntimeError):
     """A trainable parameter is used in a way the engine cannot clip exactly."""
 
 
-@dataclass
-class TapContext:
-    """Where a tap was made: the engine, the owning module's name and type, the batch size it saw."""
+class BatchSizeError(RuntimeError):
+    """A layer's leading dim is not the batch size of the model input (or layers disagree)."""
 
-    engine: Any
-    owner: str
-    owner_type: str
-    batch_size: Optional[int]
-    rows_sample_major: bool = False  # a 2-D input of B*k rows is k rows per sample, in sample order
+
+class TapContext:
+    """Where a tap lives: the engine, the owning module's name and type (for errors), its flags.
+
+    ``rows_sample_major``: the module flattens [B, T, d] to [B*T, d] rows in sample order (HF Conv1D).
+    ``batch_size``: the leading dim of the model input in the current forward.
+    """
+
+    __slots__ = ("engine", "owner", "owner_type", "rows_sample_major")
+
+    def __init__(self, engine: Any, owner: str, owner_type: str, rows_sample_major: bool = False):
+        self.engine, self.owner, self.owner_type = engine, owner, owner_type
+        self.rows_sample_major = rows_sample_major
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        return self.engine.batch_size
 
 
 class ParamTap(torch.Tensor):
@@ -65,10 +75,6 @@ class ParamTap(torch.Tensor):
     def label(self) -> str:
         ctx = self._fdp_ctx
         return f"parameter '{ctx.owner + '.' if ctx.owner else ''}{self._fdp_name}' of module '{ctx.owner or '<root>'}' ({ctx.owner_type})"
-
-    def announce(self) -> None:
-        """Tell the engine a layer op took this parameter (one more per-sample gradient to come)."""
-        self._fdp_ctx.engine.note_use(self._fdp_param)
 
     def finish(self, grad: PerSampleGrad) -> None:
         """Hand a completed per-sample gradient to the engine (called from backward)."""
@@ -235,7 +241,6 @@ def per_sample_broadcast(tap: ParamTap, out_shape) -> torch.Tensor:
         raise UnsupportedLayerError(
             f"{tap.label} (shape {tuple(tap._fdp_value.shape)}) is aligned with the batch dim of shape "
             f"{tuple(out_shape)}: each sample would use a different slice of it, which is not supported")
-    ctx.engine.note_use(tap._fdp_param)
     return _BatchBroadcastFn.apply(ctx.engine.anchor, tap._fdp_value, out_shape, tap)
 
 

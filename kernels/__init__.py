@@ -5,6 +5,7 @@ device until a Triton kernel is dispatched for it) and which the parity tests co
 This package is installed as ``fastdp.kernels``; never import it as a top-level ``kernels``.
 """
 from .clip_accumulate import clip_accumulate_ref
+from .conv_norm import conv_norm_ref, conv_per_sample_grad_ref, unfold_patches
 from .direct_norm import direct_dot_ref, direct_norm_ref
 from .embedding_norm import (
     embedding_accumulate_ref,
@@ -16,6 +17,8 @@ from .ghost_norm import ghost_dot_ref, ghost_norm_ref
 
 __all__ = [
     "clip_accumulate_ref",
+    "conv_norm_ref",
+    "conv_per_sample_grad_ref",
     "direct_dot_ref",
     "direct_norm_ref",
     "embedding_accumulate_ref",
@@ -24,4 +27,5 @@ __all__ = [
     "embedding_norm_ref",
     "ghost_dot_ref",
     "ghost_norm_ref",
+    "unfold_patches",
 ]

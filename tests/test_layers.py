@@ -261,11 +261,16 @@ class ParentUsesChildWeight(nn.Module):
         return h @ self.emb.weight.t()  # the weight used outside its owner's forward
 
 
-def test_use_outside_owner_forward_is_an_error():
+def test_parent_using_a_child_weight_is_exact():
+    """Every parameter slot is tapped for the whole model forward, so `h @ self.emb.weight.t()` is tracked."""
+    check(ParentUsesChildWeight(), torch.randint(0, 7, (3, 5)))
+
+
+def test_calling_a_submodule_outside_the_model_forward_is_an_error():
     m = ParentUsesChildWeight()
     eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1.0))
     with pytest.raises(fastdp.UnsupportedLayerError, match="outside the forward"):
-        m(torch.randint(0, 7, (2, 3))).sum().backward()
+        m.emb(torch.randint(0, 7, (2, 3))).sum().backward()
     eng.detach()
 
 
@@ -280,7 +285,7 @@ def test_mismatched_batch_dims_are_an_error():
 
     m = Bad()
     eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1.0))
-    with pytest.raises(fastdp.BatchSizeError, match="different batch sizes"):
+    with pytest.raises(fastdp.BatchSizeError, match="batch size"):
         m(torch.randn(4, 3)).backward()
     eng.detach()
 

@@ -77,9 +77,6 @@ def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     n = wv.dim() - 2
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     xv, padding = _explicit_padding(xv, wv, padding, stride, dilation)
-    for t in (wtap, btap):
-        if t is not None:
-            t.announce()
     return _ConvFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, stride, padding, dilation, groups)
 
 

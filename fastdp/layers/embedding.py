@@ -54,7 +54,6 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     w = tap._fdp_value
     if padding_idx is not None and padding_idx < 0:
         padding_idx += w.shape[0]
-    tap.announce()
     state = {"done": False}
     out = _EmbeddingFn.apply(input, w, tap._fdp_ctx.engine.anchor, tap, padding_idx, state)
     if input.dim() == 1 or input.shape[0] == 1:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastdp.grad_sample import DenseGrad, LinearGrad
 from fastdp.kernels._common import as_btd, cast, upcast
-from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
+from fastdp.tap import BatchSizeError, ParamTap, UnsupportedLayerError, register_op
 
 from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
 
@@ -63,9 +63,9 @@ def _batch_of(x: torch.Tensor, taps) -> int | None:
         return None
     if x.dim() == 2 and ctx.rows_sample_major and B > 0 and x.shape[0] % B == 0:
         return B
-    raise UnsupportedLayerError(
-        f"module '{ctx.owner}' ({ctx.owner_type}) was called with batch size {B} but its linear op sees "
-        f"{x.shape[0]} rows; per-sample gradients need the sample dim to stay leading")
+    raise BatchSizeError(
+        f"module '{ctx.owner}' ({ctx.owner_type}): the model input has batch size {B} but this linear op sees "
+        f"{x.shape[0]} rows; per-sample gradients need the sample dim to stay leading in every layer input")
 
 
 def _apply(x, w, b, transposed: bool, op: str):
@@ -75,9 +75,6 @@ def _apply(x, w, b, transposed: bool, op: str):
     x = plain_input(x, op, (wtap, btap))
     batch = _batch_of(x, (wtap, btap))
     xv, wv, bv = values(x, w, b)
-    for t in (wtap, btap):
-        if t is not None:
-            t.announce()
     return _LinearFn.apply(xv, wv, bv, anchor_of(wtap, btap), (wtap, btap, transposed, batch))
 
 

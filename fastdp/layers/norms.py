@@ -112,9 +112,6 @@ def _norm(kind, op_name, x, arg, w, b, eps):
     if kind != "group":
         arg = tuple(arg) if isinstance(arg, (tuple, list, torch.Size)) else (arg,)
     xv, wv, bv = values(x, w, b)
-    for t in (wtap, btap):
-        if t is not None:
-            t.announce()
     return _NormFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, kind, arg, eps)
 
 

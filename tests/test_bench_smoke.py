@@ -1,0 +1,44 @@
+"""Smoke run of the GPU step benchmark on the CPU with tiny models (the CI signal for benchmarks/gpu_step.py)."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+# the repo's benchmarks/ package; opacus 1.6's wheel installs an unrelated top-level `benchmarks` package
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if not (getattr(sys.modules.get("benchmarks"), "__file__", None) or ROOT).startswith(ROOT):
+    del sys.modules["benchmarks"]
+from benchmarks import gpu_step  # noqa: E402
+
+
+def test_gpu_step_cpu_tiny(tmp_path):
+    threads = torch.get_num_threads()
+    try:  # one thread: on a loaded 2-core CI box, 2 OpenMP threads made these tiny steps up to 100x slower
+        result = gpu_step.main(["--device", "cpu", "--tiny", "--steps", "2", "--warmup", "1", "--workloads", "gpt2,wrn",
+                                "--threads", "1", "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    json_path, md_path = result["paths"]
+    assert os.path.dirname(json_path) == str(tmp_path) and os.path.exists(md_path)
+    with open(json_path) as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    rows = saved["rows"]
+    for workload in ("gpt2", "wrn"):
+        mine = [r for r in rows if r["workload"] == workload]
+        assert {(r["dtype"], r["variant"]) for r in mine} == {(d, v) for d in ("fp32", "bf16") for v in ("nonprivate", "fastdp")}
+        for r in mine:
+            assert r["status"] == "ok", (workload, r["dtype"], r["variant"], r.get("error"), r.get("traceback"))
+            assert r["median_ms"] > 0 and r["p20_ms"] > 0 and r["p80_ms"] >= r["p20_ms"] and r["steps"] == 2
+            assert r["peak_mem_bytes"] is None  # no CUDA memory stats on the CPU
+            assert r["time_ratio"] > 0
+            assert 1.0 < r["floor_ratio"] < 1.34
+        assert 1.0 < saved["floor"][workload]["floor_ratio"] < 1.34
+        # same initial weights and batch: the first loss does not depend on the variant
+        for dtype in ("fp32", "bf16"):
+            np_row, dp_row = (next(r for r in mine if r["dtype"] == dtype and r["variant"] == v) for v in ("nonprivate", "fastdp"))
+            assert dp_row["loss_first"] == pytest.approx(np_row["loss_first"], rel=1e-5)
