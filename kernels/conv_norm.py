@@ -3,9 +3,11 @@
 A convolution is a Linear over unfolded patches: with ``X_i`` [L, C_in/g * k] (L output positions)
 and ``dY_i`` [L, C_out/g] per group, sample i's weight gradient is ``dY_i^T X_i``. Two ways to its norm:
 
-* direct: all per-sample weight gradients at once from one grouped weight-gradient convolution with
-  the batch folded into the groups (``[1, B*C_in, ...]`` input, ``B*g`` groups): no im2col buffer,
-  O(B * numel(W)) memory, chunked over the batch;
+* direct: per-sample weight gradients, reduced to norms. On the CPU from one grouped weight-gradient
+  convolution with the batch folded into the groups (``[1, B*C_in, ...]`` input, ``B*g`` groups; no
+  im2col buffer). On CUDA cuDNN runs that grouped convolution 10-20x slower than the plain weight
+  gradient at WRN shapes in fp32 (benchmarks/NOTES.md), so there the patches are gathered by one
+  strided copy and multiplied by a batched GEMM. Both chunk over the batch;
 * ghost: ``sum_{l,l'} (X X^T)[l,l'] (dY dY^T)[l,l']`` from patches gathered by one strided copy
   (``as_strided``; ``F.unfold`` on CUDA launches one kernel per sample).
 
@@ -14,12 +16,14 @@ kernels) forms the tiles in registers with an implicit im2col.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ._common import acc_dtype, batch_chunks, upcast
+from .direct_norm import direct_norm_ref
 from .ghost_norm import ghost_norm_ref
 
 
@@ -61,17 +65,20 @@ def conv_per_sample_grad_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Se
 
 
 def conv_norm_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
-                  groups: int, ghost: bool) -> torch.Tensor:
+                  groups: int, ghost: bool, direct_impl: Optional[str] = None) -> torch.Tensor:
     """Per-sample squared Frobenius norms [B] (fp32; fp64 for fp64) of a conv's weight gradient.
 
     ``ghost``: use the ghost norm over unfolded patches instead of explicit per-sample gradients.
+    ``direct_impl``: "grouped" or "unfold" for the direct norm (default: "unfold" on CUDA, else "grouped").
     """
     B = x.shape[0]
     out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
-    if not ghost:
-        numel = 1
-        for s in weight_shape:
-            numel *= s
+    if direct_impl is None:
+        direct_impl = "unfold" if x.is_cuda else "grouped"
+    if direct_impl not in ("unfold", "grouped"):
+        raise ValueError(f"direct_impl must be 'unfold' or 'grouped', got {direct_impl!r}")
+    if not ghost and direct_impl == "grouped":
+        numel = math.prod(weight_shape)
         for sl in batch_chunks(B, numel):
             g = conv_per_sample_grad_ref(x[sl], dy[sl], weight_shape, stride, padding, dilation, groups)
             out[sl] = upcast(g).flatten(1).pow(2).sum(1)
@@ -82,9 +89,11 @@ def conv_norm_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int]
         stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
     c_out, cg, kh, kw = weight_shape
     L = dy.shape[2] * dy.shape[3]
-    for sl in batch_chunks(B, (cg * groups * kh * kw + c_out) * L + 2 * groups * L * L):
+    per_sample = (cg * groups * kh * kw + c_out) * L + (2 * groups * L * L if ghost else c_out * cg * kh * kw)
+    for sl in batch_chunks(B, per_sample):
         b = sl.stop - sl.start
         xu = unfold_patches(x[sl], (kh, kw), stride, padding, dilation).view(b * groups, cg * kh * kw, L)
         du = dy[sl].reshape(b * groups, c_out // groups, L)
-        out[sl] = ghost_norm_ref(xu.transpose(1, 2), du.transpose(1, 2)).view(b, groups).sum(1)
+        norm = ghost_norm_ref if ghost else direct_norm_ref
+        out[sl] = norm(xu.transpose(1, 2), du.transpose(1, 2)).view(b, groups).sum(1)
     return out

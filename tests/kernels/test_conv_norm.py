@@ -1,0 +1,55 @@
+"""Conv norm references: every implementation against explicit per-sample gradients from torch.func."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import grad, vmap
+
+from fastdp.kernels import conv_norm_ref, conv_per_sample_grad_ref, unfold_patches
+
+CASES = [  # (C_in, C_out, spatial, kernel, stride, padding, dilation, groups)
+    (3, 5, (9, 8), (3, 2), (2, 1), (1, 0), (1, 2), 1),
+    (4, 6, (7, 7), (3, 3), (1, 1), (1, 1), (1, 1), 2),
+    (4, 4, (11,), (3,), (2,), (2,), (2,), 4),
+    (2, 3, (1, 1), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+]
+
+
+def explicit(x, dy, w_shape, stride, padding, dilation, groups):
+    conv = F.conv2d if len(w_shape) == 4 else F.conv1d
+    w = torch.randn(w_shape, dtype=x.dtype)
+
+    def f(w, xi, dyi):
+        return (conv(xi[None], w, None, stride, padding, dilation, groups) * dyi[None]).sum()
+
+    return vmap(grad(f), in_dims=(None, 0, 0))(w, x, dy)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("method", [("direct", "grouped"), ("direct", "unfold"), ("ghost", None)], ids=str)
+def test_conv_norm_matches_explicit_per_sample_gradients(case, method):
+    cin, cout, sp, k, s, p, d, g = case
+    x = torch.randn(5, cin, *sp, dtype=torch.float64)
+    out_sp = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d)]
+    dy = torch.randn(5, cout, *out_sp, dtype=torch.float64)
+    ws = (cout, cin // g, *k)
+    ref = explicit(x, dy, ws, s, p, d, g)
+    assert torch.allclose(conv_per_sample_grad_ref(x, dy, ws, s, p, d, g), ref, rtol=1e-10, atol=1e-12)
+    got = conv_norm_ref(x, dy, ws, s, p, d, g, ghost=method[0] == "ghost", direct_impl=method[1])
+    assert torch.allclose(got, ref.flatten(1).pow(2).sum(1), rtol=1e-10)
+
+
+def test_conv_norm_fp32_and_bf16_tolerances():
+    x, dy = torch.randn(4, 6, 10, 10), torch.randn(4, 8, 10, 10)
+    ws = (8, 6, 3, 3)
+    ref = explicit(x.double(), dy.double(), ws, (1, 1), (1, 1), (1, 1), 1).flatten(1).pow(2).sum(1)
+    for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        for ghost, impl in ((False, "grouped"), (False, "unfold"), (True, None)):
+            got = conv_norm_ref(x.to(dt), dy.to(dt), ws, (1, 1), (1, 1), (1, 1), 1, ghost, impl)
+            assert got.dtype == torch.float32
+            assert ((got.double() - ref).abs() / ref).max() < tol, (dt, ghost, impl)
+
+
+def test_unfold_patches_matches_F_unfold():
+    x = torch.randn(3, 4, 9, 7)
+    for k, s, p, d in [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 2), (2, 1))]:
+        assert torch.equal(unfold_patches(x, k, s, p, d), F.unfold(x, k, dilation=d, padding=p, stride=s))
