@@ -74,7 +74,7 @@ class GradSampleEngine:
         self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self._ready: List[PerSampleGrad] = []
-        self._callback_queued = False
+        self._callback_queued = None  # graph task id of the backward pass whose callback is queued
         self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
         self._swapped: Optional[list] = None
         self._contexts: Dict[nn.Module, TapContext] = {}
@@ -159,15 +159,18 @@ class GradSampleEngine:
     # --------------------------------------------------------------- backward
     def submit(self, grad: PerSampleGrad) -> None:
         """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
-        if not self._callback_queued:
+        task = torch._C._current_graph_task_id()
+        if self._callback_queued != task:
+            # first use of this backward pass (a failed earlier pass may have left stale state: drop it)
+            self._ready = []
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            self._callback_queued = True
+            self._callback_queued = task
         grad.sq_self = grad.sq_norm()
         self._ready.append(grad)
 
     def _finalize(self) -> None:
-        self._callback_queued = False
-        ready, self._ready = self._ready, []
+        self._callback_queued = None
+        ready, self._ready = self._ready, []  # taken before anything can raise: the next pass starts clean
         if not ready:
             return
         if self.stale_grad_check:

@@ -80,7 +80,7 @@ class _NormFn(torch.autograd.Function):
         dy = cast(dy, xc.dtype)
         gx = None
         if kind == "group":
-            xg = upcast(xc).reshape(xc.shape[0], arg, -1)
+            xg = upcast(xc).reshape(xc.shape[0], arg, math.prod(xc.shape[1:]) // arg)
             x_hat = ((xg - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(xc.shape)
         elif kind == "layer":
             x_hat = (upcast(xc) - mean) * rstd
