@@ -19,6 +19,20 @@ def test_every_public_name_imports():
         assert callable(getattr(k, name)), name
 
 
+def test_readme_layer_table_matches_the_code():
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    for layer, op, norm in fastdp.SUPPORTED_LAYERS:
+        assert f"| {layer} | {op} | {norm} |" in readme, layer
+
+
+def test_ci_runs_the_readme_commands():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "extract main" in ci and "extract test" in ci
+    for tag in ("main", "test"):
+        assert f"<!-- ci:{tag} -->" in readme and f"<!-- /ci:{tag} -->" in readme
+
+
 def test_kernels_are_the_fastdp_subpackage():
     import fastdp.kernels
     assert fastdp.kernels.__name__ == "fastdp.kernels"

@@ -7,15 +7,18 @@ import torch
 
 from fastdp.tap import ParamTap, UnsupportedLayerError, unwrap
 
-# (module, functional op, per-sample norm) -- the README's table is generated from the same facts.
+# (layer, intercepted op, per-sample norm): the README's table has exactly these rows (tested).
 SUPPORTED_LAYERS = [
-    ("nn.Linear (any leading dims)", "F.linear", "ghost or direct, cheaper by FLOPs"),
-    ("transformers Conv1D", "torch.addmm / matmul", "ghost or direct"),
-    ("nn.Conv1d, nn.Conv2d (stride, padding incl. 'same', dilation, groups, padding modes)", "F.conv1d/2d", "unfolded ghost or direct"),
-    ("nn.Embedding (padding_idx)", "F.embedding", "ghost through index equality"),
-    ("nn.LayerNorm, nn.GroupNorm, nn.RMSNorm", "F.layer_norm/group_norm/rms_norm", "exact per-sample (O(B C))"),
-    ("tied weights (Embedding + LM head, any repeated use)", "any of the above", "exact cross terms"),
-    ("parameters used directly (cls_token, pos_embed, scales)", "elementwise broadcasting, expand", "exact per-sample"),
+    ("nn.Linear (any leading dims)", "`F.linear`", "ghost or direct, cheaper by FLOPs"),
+    ("transformers Conv1D", "`torch.addmm` / `x @ W`", "ghost or direct"),
+    ("nn.Conv1d, nn.Conv2d (stride, padding incl. 'same', dilation, groups, padding modes)", "`F.conv1d/2d`",
+     "direct (per-sample tiles) or ghost over patches"),
+    ("nn.Embedding (padding_idx)", "`F.embedding`", "ghost through index equality"),
+    ("nn.LayerNorm, nn.GroupNorm, nn.RMSNorm (and subclasses, e.g. timm's)", "`F.layer_norm/group_norm/rms_norm`",
+     "exact per-sample, O(B·C)"),
+    ("tied weights (Embedding + LM head, any repeated use of a parameter)", "any of the above", "exact cross terms"),
+    ("parameters used directly (`cls_token`, `pos_embed`, scales)", "elementwise broadcasting, `expand`",
+     "exact per-sample"),
 ]
 
 
