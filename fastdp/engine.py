@@ -2,16 +2,16 @@
 
 Data path, top to bottom:
 
-1. **hooks**: a forward pre-hook on every module that owns parameters swaps each trainable one for a
-   ``ParamTap`` (``fastdp.tap``); layer handlers run the op through an autograd function that
-   computes input gradients only.
+1. **hooks**: a forward pre-hook on the model swaps every trainable parameter slot for a ``ParamTap``
+   (``fastdp.tap``) for the duration of the forward; layer handlers run each op through an autograd
+   function that computes input gradients only.
 2. **norms**: in backward each use hands a compact per-sample gradient (``fastdp.grad_sample``) to
    ``submit``, which takes its per-sample squared norm at once.
 3. **clip factors**: when the backward pass ends (an autograd callback), ``finalize`` adds the
    norms over parameters (cross terms for parameters used more than once) and asks the clipping
    rule for factors ``c_i``.
-4. **accumulation**: each use forms ``sum_i c_i G_i`` in one pass (for Linear: the weight-gradient
-   GEMM of non-private training on clip-scaled output gradients) into ``summed``.
+4. **accumulation**: each use adds ``sum_i c_i G_i`` in one pass (for Linear: the weight-gradient
+   GEMM of non-private training on clip-scaled output gradients) into a flat buffer (``grad_buffer``).
 
 Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOptimizer``).
 """
@@ -52,6 +52,8 @@ def _leading_dim(args, kwargs) -> Optional[int]:
 
 class GradSampleEngine:
     """Attach to ``module``; after each backward, ``summed[p]`` holds ``sum_i c_i g_i`` for every trainable p.
+
+    Several backward passes before a reset accumulate (micro-batches).
 
     Args:
         module: the model. Sample dim is dim 0 of every layer input.

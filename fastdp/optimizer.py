@@ -162,6 +162,11 @@ class DPOptimizer(torch.optim.Optimizer):
         if self.engine.num_backward == 0:
             raise RuntimeError("optimizer.step() without a backward pass since the last step. With Poisson "
                                "sampling, run forward/backward on the (possibly empty) batch first.")
+        for group in self.original_optimizer.param_groups:
+            for p in group["params"]:
+                if p.requires_grad and p not in self.engine.param_names:
+                    raise RuntimeError(f"the optimizer holds a trainable parameter (shape {tuple(p.shape)}) the DP "
+                                       "engine does not track (added to the model after the DPOptimizer was built?)")
         return True
 
     def clipped_sums(self) -> GradBuffer:
@@ -202,12 +207,11 @@ class DPOptimizer(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True):
+        """Clear gradients. ``.grad`` is always set to None (``set_to_none=False`` included): the step's
+        gradients are views of the engine's buffer, which the next backward reuses for un-noised sums."""
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.engine.param_names:  # parameters outside the optimizer were given a .grad too
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
+            p.grad = None
         self.engine.reset()
         self.engine.stale_grad_check = False
 

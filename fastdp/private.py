@@ -21,7 +21,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
                  target_epsilon: Optional[float] = None, target_delta: Optional[float] = None,
                  epochs: Optional[float] = None, loss_reduction: str = "mean", poisson_sampling: bool = True,
                  clipping: str = "flat", accountant: str = "prv", noise_generator: Optional[torch.Generator] = None,
-                 secure_mode: bool = False, sample_generator: Optional[torch.Generator] = None, **kwargs):
+                 secure_mode: bool = False, sample_generator: Optional[torch.Generator] = None,
+                 batch_first: bool = True, criterion=None, grad_sample_mode: Optional[str] = None, **kwargs):
     """Make ``module``, ``optimizer`` and ``data_loader`` differentially private.
 
     Returns:
@@ -30,7 +31,13 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
 
     ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs`` must be given.
     Extra keyword arguments go to ``DPOptimizer`` (e.g. ``gamma`` for automatic clipping).
+    Opacus-only arguments are accepted so existing calls run: ``criterion`` and ``grad_sample_mode`` are
+    not needed (fastdp has one exact engine and leaves the loss untouched; the return value is always the
+    3-tuple), and ``batch_first`` must be True (the sample dim is dim 0 everywhere).
     """
+    if not batch_first:
+        raise ValueError("fastdp needs the sample dim first in every layer input (batch_first=True)")
+    del criterion, grad_sample_mode  # accepted for Opacus compatibility; nothing to configure
     if not isinstance(data_loader, DataLoader):
         raise TypeError("data_loader must be a torch DataLoader")
     sample_size = len(data_loader.dataset)

@@ -47,3 +47,21 @@ def assert_close(actual, expected, rtol, atol, name=""):
         i = torch.argmax(err - tol)
         raise AssertionError(f"{name}: max |diff| {err.max().item():.3e} (rel {(err.max() / expected.abs().max().clamp(min=1e-30)).item():.3e}) "
                              f"at flat index {i.item()}: actual {actual.flatten()[i].item():.6e} expected {expected.flatten()[i].item():.6e}")
+
+
+def check_bf16_autocast(model, idx, tgt, loss_fn, device_type, max_grad_norm=0.3, rtol=3e-2):
+    """Engine under bf16 autocast vs the fp32 torch.func reference: norms in fp32, sum within bf16 tolerance."""
+    import fastdp
+
+    ref, norms = clipped_sum_reference(model, loss_fn, idx, tgt, max_grad_norm=max_grad_norm)
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(max_grad_norm))
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        loss = loss_fn(model(idx), tgt)
+    loss.backward()
+    eng.detach()
+    assert eng.last_norms.dtype == torch.float32
+    assert_close(eng.last_norms, norms, rtol, 1e-3, "norms")
+    named = dict(model.named_parameters())
+    num = sum((eng.summed[named[n]].double() - v.double()).pow(2).sum() for n, v in ref.items()).sqrt()
+    den = sum(v.double().pow(2).sum() for v in ref.values()).sqrt()
+    assert num / den < rtol, f"relative error {num / den:.3e}"

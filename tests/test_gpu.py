@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import fastdp
 from fastdp.models import SmallCNN, TinyTransformer, lm_loss
-from helpers import assert_close, clipped_sum_reference
+from helpers import assert_close, check_bf16_autocast, clipped_sum_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -44,18 +44,7 @@ def test_cuda_parity_transformer_and_cnn(dtype, rtol):
 def test_cuda_bf16_autocast_close_to_fp32():
     m = TinyTransformer(vocab=61, d=64, layers=2, heads=2, max_len=24).cuda()
     idx, tgt = torch.randint(0, 61, (6, 20), device="cuda"), torch.randint(0, 61, (6, 20), device="cuda")
-    ref, norms = clipped_sum_reference(m, lm_loss, idx, tgt, max_grad_norm=0.3)
-    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(0.3))
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        loss = lm_loss(m(idx), tgt)
-    loss.backward()
-    eng.detach()
-    assert eng.last_norms.dtype == torch.float32
-    assert_close(eng.last_norms, norms, 3e-2, 1e-3, "norms")
-    named = dict(m.named_parameters())
-    num = sum((eng.summed[named[n]].double() - v.double()).pow(2).sum() for n, v in ref.items()).sqrt()
-    den = sum(v.double().pow(2).sum() for v in ref.values()).sqrt()
-    assert num / den < 3e-2
+    check_bf16_autocast(m, idx, tgt, lm_loss, "cuda")
 
 
 def test_cuda_noise_scale_and_seed():

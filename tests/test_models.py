@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import fastdp
 from fastdp.models import MLP, SmallCNN, TinyTransformer, lm_loss
-from helpers import assert_close, clipped_sum_reference
+from helpers import assert_close, check_bf16_autocast, clipped_sum_reference
 
 
 def ce(out, y):
@@ -123,16 +123,4 @@ def test_against_opacus_hooks():
 def test_bf16_autocast_close_to_fp32():
     """Under bf16 autocast the clipped sum stays within bf16 tolerance of the fp32 reference."""
     m = TinyTransformer(vocab=31, d=32, layers=2, heads=2, max_len=12)
-    idx, tgt = torch.randint(0, 31, (4, 9)), torch.randint(0, 31, (4, 9))
-    ref, norms = clipped_sum_reference(m, lm_loss, idx, tgt, max_grad_norm=0.3)
-    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(0.3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = lm_loss(m(idx), tgt)
-    loss.backward()
-    eng.detach()
-    assert eng.last_norms.dtype == torch.float32
-    assert_close(eng.last_norms, norms, 3e-2, 1e-3, "norms")
-    named = dict(m.named_parameters())
-    num = sum((eng.summed[named[n]].double() - v.double()).pow(2).sum() for n, v in ref.items()).sqrt()
-    den = sum(v.double().pow(2).sum() for v in ref.values()).sqrt()
-    assert num / den < 3e-2, f"relative error {num / den:.3e}"
+    check_bf16_autocast(m, torch.randint(0, 31, (4, 9)), torch.randint(0, 31, (4, 9)), lm_loss, "cpu")

@@ -258,3 +258,15 @@ def test_make_private_poisson_loader_and_training():
             opt.zero_grad()
     assert opt.steps_taken == 2 * len(loader)
     assert 2.8 < opt.epsilon(1e-5) <= 3.0
+
+
+def test_unnoised_sums_never_show_in_grad_between_backward_and_step():
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    for set_to_none in (True, False):
+        m(torch.randn(8, 3)).sum().backward()
+        assert all(p.grad is None for p in m.parameters())  # clipped, un-noised sums stay in the engine
+        opt.step()
+        assert all(p.grad is not None for p in m.parameters())
+        opt.zero_grad(set_to_none=set_to_none)
+        assert all(p.grad is None for p in m.parameters())
