@@ -13,6 +13,7 @@ from fastdp.accounting import get_epsilon, get_noise_multiplier
 from fastdp.clipping import AutomaticClip, FlatClip, PerLayerClip
 from fastdp.engine import BatchSizeError, GradSampleEngine, NonFiniteNormError
 from fastdp.layers import SUPPORTED_LAYERS
+from fastdp.micro_adam import DPMicroAdam, MicroAdam
 from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
 from fastdp.tap import UnsupportedLayerError
@@ -22,9 +23,11 @@ __version__ = "0.1.0"
 __all__ = [
     "AutomaticClip",
     "BatchSizeError",
+    "DPMicroAdam",
     "DPOptimizer",
     "FlatClip",
     "GradSampleEngine",
+    "MicroAdam",
     "NonFiniteNormError",
     "PerLayerClip",
     "SUPPORTED_LAYERS",

@@ -7,6 +7,7 @@ This package is installed as ``fastdp.kernels``; never import it as a top-level 
 from .clip_accumulate import clip_accumulate_ref
 from .conv_norm import conv_norm_ref, conv_per_sample_grad_ref, unfold_patches
 from .direct_norm import direct_dot_ref, direct_norm_ref
+from .ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from .embedding_norm import (
     embedding_accumulate_ref,
     embedding_dot_ref,
@@ -14,8 +15,19 @@ from .embedding_norm import (
     embedding_norm_ref,
 )
 from .ghost_norm import ghost_dot_ref, ghost_norm_ref
+from .microadam_update import microadam_update, microadam_update_ref
+from .topk_gather import gather_zero, gather_zero_ref
 
 __all__ = [
+    "block_minmax",
+    "ef_dequant_add",
+    "ef_dequant_add_ref",
+    "ef_quant",
+    "ef_quant_ref",
+    "gather_zero",
+    "gather_zero_ref",
+    "microadam_update",
+    "microadam_update_ref",
     "clip_accumulate_ref",
     "conv_norm_ref",
     "conv_per_sample_grad_ref",

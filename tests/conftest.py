@@ -4,6 +4,9 @@ import sys
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # Triton kernels run on the CPU through the interpreter (before any triton.jit)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 DATA_DIR = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))

@@ -1,0 +1,42 @@
+"""Which implementation of a kernel runs: the Triton kernel or its PyTorch reference.
+
+Default: Triton for CUDA tensors (when Triton imports), the reference otherwise. ``FASTDP_BACKEND``
+overrides it for debugging and tests: ``reference`` forces the references everywhere, ``triton``
+forces the Triton kernels on any tensor (CPU tensors need ``TRITON_INTERPRET=1``) and never falls
+back. The choice is visible: ``backend_for(t)`` returns it and objects using kernels show it in repr.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:  # e.g. macOS: the references still work
+    HAS_TRITON = False
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def requested_backend() -> str:
+    name = os.environ.get("FASTDP_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"FASTDP_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def backend_for(t: torch.Tensor) -> str:
+    """"triton" or "reference" for an op on tensor ``t``."""
+    name = requested_backend()
+    if name == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("FASTDP_BACKEND=triton but triton is not importable")
+        if not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("FASTDP_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+        return "triton"
+    if name == "reference":
+        return "reference"
+    return "triton" if (HAS_TRITON and t.is_cuda) else "reference"

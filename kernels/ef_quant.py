@@ -1,0 +1,121 @@
+"""4-bit asymmetric block quantisation of the error feedback (MicroAdam), two codes per byte.
+
+Per quantisation block b of ``block_size`` values: ``u_b = (max_b - min_b) / 15`` and
+``code = floor((x - min_b) / u_b + 0.5)`` in [0, 15] (0 where ``u_b == 0``); element 2i goes to the low
+nibble of byte i, element 2i+1 to the high nibble. Dequantisation adds ``code * u_b + min_b`` in place.
+Block minima and maxima are fp32 [n_blocks] (``block_minmax``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+
+from ._backend import HAS_TRITON, backend_for
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ef_quant_kernel(x_ptr, min_ptr, max_ptr, codes_ptr, d, block_size, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # byte index
+        j0 = 2 * i
+        j1 = j0 + 1
+        m0 = j0 < d
+        m1 = j1 < d
+        c0 = _code(x_ptr, min_ptr, max_ptr, j0, m0, block_size)
+        c1 = _code(x_ptr, min_ptr, max_ptr, j1, m1, block_size)
+        c1 = tl.where(m1, c1, 0)
+        tl.store(codes_ptr + i, (c0 | (c1 << 4)).to(tl.uint8), mask=m0)
+
+    @triton.jit
+    def _code(x_ptr, min_ptr, max_ptr, j, mask, block_size):
+        x = tl.load(x_ptr + j, mask=mask, other=0.0)
+        b = j // block_size
+        lo = tl.load(min_ptr + b, mask=mask, other=0.0)
+        hi = tl.load(max_ptr + b, mask=mask, other=0.0)
+        u = (hi - lo) / 15.0
+        q = tl.floor((x - lo) / tl.where(u > 0, u, 1.0) + 0.5)
+        q = tl.minimum(tl.maximum(q, 0.0), 15.0)
+        return tl.where(u > 0, q, 0.0).to(tl.int32)
+
+    @triton.jit
+    def _ef_dequant_add_kernel(x_ptr, codes_ptr, min_ptr, max_ptr, d, block_size, BLOCK: tl.constexpr):
+        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = j < d
+        byte = tl.load(codes_ptr + j // 2, mask=mask, other=0).to(tl.int32)
+        code = (byte >> ((j % 2) * 4)) & 15
+        b = j // block_size
+        lo = tl.load(min_ptr + b, mask=mask, other=0.0)
+        hi = tl.load(max_ptr + b, mask=mask, other=0.0)
+        x = tl.load(x_ptr + j, mask=mask, other=0.0)
+        tl.store(x_ptr + j, x + code.to(tl.float32) * ((hi - lo) / 15.0) + lo, mask=mask)
+
+
+_BLOCK = 1024
+
+
+def block_minmax(x: torch.Tensor, block_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-block (min, max) of a flat fp32 tensor [d] in blocks of ``block_size`` (last block may be short)."""
+    d = x.numel()
+    full = d // block_size
+    mins, maxs = [], []
+    if full:
+        lo, hi = x[:full * block_size].view(full, block_size).aminmax(dim=1)
+        mins.append(lo)
+        maxs.append(hi)
+    if d % block_size:
+        lo, hi = x[full * block_size:].aminmax()
+        mins.append(lo.view(1))
+        maxs.append(hi.view(1))
+    return torch.cat(mins).float(), torch.cat(maxs).float()
+
+
+def _per_element(v: torch.Tensor, d: int, block_size: int) -> torch.Tensor:
+    return v.repeat_interleave(block_size)[:d]
+
+
+def ef_quant_ref(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Codes [ceil(d/2)] uint8 of flat fp32 ``x`` [d] given per-block ``mins``/``maxs`` [n_blocks] fp32."""
+    d = x.numel()
+    lo, hi = _per_element(mins, d, block_size), _per_element(maxs, d, block_size)
+    u = (hi - lo) / 15.0
+    q = torch.floor((x - lo) / torch.where(u > 0, u, torch.ones_like(u)) + 0.5).clamp(0, 15)
+    q = torch.where(u > 0, q, torch.zeros_like(q)).to(torch.int32)
+    if d % 2:
+        q = torch.cat([q, q.new_zeros(1)])
+    q = q.view(-1, 2)
+    return (q[:, 0] | (q[:, 1] << 4)).to(torch.uint8)
+
+
+def ef_dequant_add_ref(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor,
+                       block_size: int) -> torch.Tensor:
+    """``x += code * u + min`` in place on flat fp32 ``x`` [d]; returns ``x``."""
+    d = x.numel()
+    c = codes.to(torch.int32)
+    q = torch.stack([c & 15, c >> 4], dim=1).flatten()[:d].float()
+    lo, hi = _per_element(mins, d, block_size), _per_element(maxs, d, block_size)
+    return x.add_(q * ((hi - lo) / 15.0) + lo)
+
+
+def ef_quant(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Dispatching ``ef_quant_ref`` / Triton kernel (``kernels._backend``)."""
+    if backend_for(x) == "reference":
+        return ef_quant_ref(x, mins, maxs, block_size)
+    d = x.numel()
+    codes = torch.empty(math.ceil(d / 2), dtype=torch.uint8, device=x.device)
+    grid = (triton.cdiv(codes.numel(), _BLOCK),)
+    _ef_quant_kernel[grid](x, mins, maxs, codes, d, block_size, BLOCK=_BLOCK)
+    return codes
+
+
+def ef_dequant_add(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor,
+                   block_size: int) -> torch.Tensor:
+    """Dispatching ``ef_dequant_add_ref`` / Triton kernel."""
+    if backend_for(x) == "reference":
+        return ef_dequant_add_ref(x, codes, mins, maxs, block_size)
+    d = x.numel()
+    _ef_dequant_add_kernel[(triton.cdiv(d, _BLOCK),)](x, codes, mins, maxs, d, block_size, BLOCK=_BLOCK)
+    return x
