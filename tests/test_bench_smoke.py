@@ -42,3 +42,22 @@ def test_gpu_step_cpu_tiny(tmp_path):
         for dtype in ("fp32", "bf16"):
             np_row, dp_row = (next(r for r in mine if r["dtype"] == dtype and r["variant"] == v) for v in ("nonprivate", "fastdp"))
             assert dp_row["loss_first"] == pytest.approx(np_row["loss_first"], rel=1e-5)
+
+
+def test_micro_adam_bench_smoke(tmp_path):
+    """The MicroAdam benchmark runs end to end (tiny shapes; Triton through the interpreter on the CPU)."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
+    from benchmarks import bench_micro_adam
+
+    out = tmp_path / "m.json"
+    res = bench_micro_adam.main(["--device", "cuda" if torch.cuda.is_available() else "cpu", "--tiny",
+                                 "--steps", "1", "--warmup", "0", "--kernel-n", "3000", "--out", str(out)])
+    assert out.exists()
+    rows = {r["optimizer"]: r for r in res["optimizers"]}
+    assert all("error" not in r and r["step_ms"] > 0 for r in rows.values()), rows
+    assert rows["adam_foreach"]["state_bytes_per_param"] == 8
+    assert 0.85 < rows["microadam_frugal"]["state_bytes_per_param"] < 0.95
+    assert all("triton_ms" in k and "reference_ms" in k for k in res["kernels"]), res["kernels"]

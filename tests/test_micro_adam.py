@@ -1,6 +1,7 @@
 """MicroAdam: Adam-exactness at density 1, error feedback bookkeeping, state memory, DP-MicroAdam wiring."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -11,7 +12,10 @@ import fastdp
 from fastdp.micro_adam import DPMicroAdam, MicroAdam
 from fastdp.models import SmallCNN
 
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.interpreter)]
+# the models here live on the CPU: the Triton path runs there only through the interpreter
+BACKENDS = ["reference", pytest.param("triton", marks=[
+    pytest.mark.interpreter,
+    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors need TRITON_INTERPRET=1")])]
 
 
 @pytest.fixture(params=BACKENDS)
