@@ -73,6 +73,7 @@ class MicroAdam(torch.optim.Optimizer):
         self.density, self.window, self.ef_bits, self.topk = density, window, ef_bits, topk
         self.quant_block_size, self.topk_block_size = quant_block_size, topk_block_size
         self._workspace = {}
+        self._weights = {}
 
     def __repr__(self):
         dev = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
@@ -119,6 +120,16 @@ class MicroAdam(torch.optim.Optimizer):
                   torch.zeros(2, n, dtype=torch.float32, device=device))
             self._workspace[device] = ws
         return ws
+
+    def _window_weights(self, rows: int, row: int, beta1: float, beta2: float, device):
+        """beta^age per ring row (age 0: the row just written), cached on the device (at most window^2 keys)."""
+        key = (rows, row, beta1, beta2, device)
+        w = self._weights.get(key)
+        if w is None:
+            ages = torch.tensor([(row - r) % self.window for r in range(rows)], dtype=torch.float64)
+            w = ((beta1 ** ages).float().to(device), (beta2 ** ages).float().to(device))
+            self._weights[key] = w
+        return w
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (the workspace is shared scratch, not state)."""
@@ -173,9 +184,7 @@ class MicroAdam(torch.optim.Optimizer):
             st["ef_max"].copy_(hi)
             st["ef_codes"].copy_(ef_quant(a, lo, hi, self.quant_block_size))
         rows = min(t, self.window)  # 4. window moments over the rows written so far (rows 0..t-1 until full)
-        ages = [(row - r) % self.window for r in range(rows)]
-        w1 = torch.tensor([beta1 ** age for age in ages], dtype=torch.float32, device=p.device)
-        w2 = torch.tensor([beta2 ** age for age in ages], dtype=torch.float32, device=p.device)
+        w1, w2 = self._window_weights(rows, row, beta1, beta2, p.device)
         flat = p.data.view(-1) if p.data.is_contiguous() else p.data.reshape(-1).clone()
         microadam_update(flat, st["ring_idx"][:rows], st["ring_val"][:rows], w1, w2, lr=lr, eps=eps,
                          c1=(1 - beta1) / (1 - beta1 ** t), c2=(1 - beta2) / (1 - beta2 ** t),
