@@ -26,7 +26,8 @@ from torch import nn
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
 from fastdp.grad_buffer import GradBuffer
-from fastdp.grad_sample import PerSampleGrad, per_sample_dot
+from fastdp.grad_sample import MaskedGrad, PerSampleGrad, per_sample_dot
+from fastdp.masks import Mask
 from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerError
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -75,6 +76,7 @@ class GradSampleEngine:
         self.last_norms: Optional[torch.Tensor] = None  # [B] flat per-sample norms of the last backward
         self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
+        self.masks: Dict[nn.Parameter, Mask] = {}
         self._ready: List[PerSampleGrad] = []
         self._callback_queued = None  # graph task id of the backward pass whose callback is queued
         self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
@@ -159,6 +161,24 @@ class GradSampleEngine:
         return tap
 
     # --------------------------------------------------------------- backward
+    def set_mask(self, param: nn.Parameter, mask: Optional[Mask]) -> None:
+        """Train only ``mask``'s coordinates of ``param`` (norms after masking); None removes the mask."""
+        if param not in self.param_names:
+            raise KeyError("not a parameter of the model this engine is attached to")
+        if mask is None:
+            self.masks.pop(param, None)
+        else:
+            mask.check(param)
+            self.masks[param] = mask
+
+    def _apply_mask(self, grad: PerSampleGrad) -> PerSampleGrad:
+        mask = self.masks.get(grad.param)
+        if mask is None:
+            return grad
+        if mask.rows is not None and grad.restrict_rows(mask.rows):
+            return grad
+        return MaskedGrad(grad, mask.dense)
+
     def submit(self, grad: PerSampleGrad) -> None:
         """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
         task = torch._C._current_graph_task_id()
@@ -167,6 +187,8 @@ class GradSampleEngine:
             self._ready = []
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = task
+        if self.masks:
+            grad = self._apply_mask(grad)
         grad.sq_self = grad.sq_norm()
         self._ready.append(grad)
 

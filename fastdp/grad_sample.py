@@ -86,6 +86,11 @@ class PerSampleGrad:
     def release(self) -> None:
         """Drop the saved activations once the clipped sum is formed."""
 
+    def restrict_rows(self, rows: torch.Tensor) -> bool:
+        """Keep only rows ``rows`` (dim 0 of the parameter) of every per-sample gradient, if this type can do so
+        without forming per-sample gradients. Returns False when it cannot (the engine then masks densely)."""
+        return False
+
 
 class DenseGrad(PerSampleGrad):
     """Explicit per-sample gradients ``g`` [B, *param.shape] (fp32)."""
@@ -121,6 +126,7 @@ class LinearGrad(PerSampleGrad):
     def __init__(self, param, owner, transposed: bool = False):
         super().__init__(param, owner)
         self.transposed = transposed
+        self.rows = None  # output rows kept (row mask), None: all
         self.x = None
         self.dy = None
 
@@ -139,11 +145,24 @@ class LinearGrad(PerSampleGrad):
             return ghost_norm_ref(self.x, self.dy)
         return direct_norm_ref(self.x, self.dy)
 
+    def restrict_rows(self, rows):
+        if self.transposed:
+            return False
+        self.dy = self.dy[..., rows]
+        self.rows = rows
+        return True
+
     def materialize(self):
         g = torch.einsum("btp,btd->bpd", upcast(self.dy), upcast(self.x))
+        if self.rows is not None:
+            full = g.new_zeros(g.shape[0], *self.param.shape)
+            full[:, self.rows] = g
+            return full
         return g.transpose(1, 2) if self.transposed else g
 
     def clipped_sum(self, scale, out):
+        if self.rows is not None:
+            return out.index_add_(0, self.rows, clip_accumulate_ref(self.x, self.dy, scale).to(out.dtype))
         return clip_accumulate_ref(self.x, self.dy, scale, out.t() if self.transposed else out)
 
     def release(self):
@@ -195,6 +214,7 @@ class ConvGrad(PerSampleGrad):
 
     def __init__(self, param, owner, weight: torch.Tensor, stride, padding, dilation, groups: int):
         super().__init__(param, owner)
+        self.rows = None  # output filters kept (row mask), None: all
         self.weight_shape = tuple(weight.shape)
         self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
         self.groups = groups
@@ -213,19 +233,44 @@ class ConvGrad(PerSampleGrad):
         return conv_norm_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation,
                              self.groups, ghost)
 
+    def restrict_rows(self, rows):
+        if self.groups != 1:
+            return False
+        self.dy = self.dy[:, rows]
+        self.weight_shape = (rows.numel(), *self.weight_shape[1:])
+        self.rows = rows
+        return True
+
     def materialize(self):
-        return upcast(conv_per_sample_grad_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding,
-                                               self.dilation, self.groups))
+        g = upcast(conv_per_sample_grad_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding,
+                                            self.dilation, self.groups))
+        if self.rows is not None:
+            full = g.new_zeros(g.shape[0], *self.param.shape)
+            full[:, self.rows] = g
+            return full
+        return g
 
     def clipped_sum(self, scale, out):
         scaled = (upcast(self.dy) * upcast(scale).view(-1, *([1] * (self.dy.dim() - 1)))).to(self.x.dtype)
         weight = torch.empty(self.weight_shape, dtype=self.x.dtype, device=self.x.device)
-        return out.add_(torch.ops.aten.convolution_backward(
+        g = torch.ops.aten.convolution_backward(
             scaled, self.x, weight, None, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0] * len(self.stride), self.groups, [False, True, False])[1])
+            False, [0] * len(self.stride), self.groups, [False, True, False])[1]
+        if self.rows is not None:
+            return out.index_add_(0, self.rows, g.to(out.dtype))
+        return out.add_(g)
 
     def release(self):
         self.x = self.dy = None
+
+
+class MaskedGrad(DenseGrad):
+    """Per-sample gradients of ``inner`` times a coordinate mask, formed explicitly ([B, *param.shape])."""
+
+    def __init__(self, inner: PerSampleGrad, mask: torch.Tensor):
+        g = inner.materialize() * mask
+        inner.release()
+        super().__init__(inner.param, inner.owner, g)
 
 
 class TransformedGrad(DenseGrad):

@@ -178,10 +178,14 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.noise_multiplier * self.clip_rule.sensitivity
 
     def add_noise(self, grads: GradBuffer) -> None:
-        """Add N(0, noise_std^2) to every coordinate of every trainable parameter (one draw per buffer)."""
+        """Add N(0, noise_std^2) to every trainable coordinate (one draw per buffer); masked coordinates
+        (``engine.masks``) are then zeroed, so the noise lands on the mask only."""
         std = self.noise_std()
         for flat in grads.flats:
             flat += gaussian_noise(flat, std, generator=self.generator, secure=self.secure_mode)
+        for p, mask in self.engine.masks.items():
+            if p in grads.views:
+                grads.views[p].mul_(mask.dense)
 
     def scale_grad(self, grads: GradBuffer) -> None:
         for flat in grads.flats:

@@ -1,0 +1,48 @@
+"""Masks applied to per-sample gradients before clipping (sparse DP methods).
+
+A ``Mask`` marks the coordinates of one parameter that train. The engine clips the masked per-sample
+gradients (the norm is taken after masking), keeps the clipped sum on the mask, and the optimizer adds
+noise only there, so masked coordinates receive exactly zero gradient.
+
+* ``Mask.from_rows(param, rows)``: whole rows along dim 0 (Linear output neurons, Conv output
+  filters). Linear and ungrouped Conv layers then compute norms and clipped sums on the selected rows
+  only (ghost norms stay available): the work scales with the rows kept.
+* ``Mask.from_coords(bool_tensor)``: any coordinates (random sparsification). Per-sample gradients of the
+  masked layer are formed explicitly (reference path; the fused kernel keeps them in registers).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class Mask:
+    dense: torch.Tensor  # bool, the parameter's shape
+    rows: Optional[torch.Tensor] = None  # sorted int64 row indices along dim 0, when the mask is whole rows
+
+    @classmethod
+    def from_rows(cls, param: torch.Tensor, rows: torch.Tensor) -> "Mask":
+        rows = torch.as_tensor(rows, dtype=torch.long, device=param.device).unique(sorted=True)
+        if rows.numel() and (rows[0] < 0 or rows[-1] >= param.shape[0]):
+            raise ValueError(f"row indices out of range for a parameter with {param.shape[0]} rows")
+        dense = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+        dense[rows] = True
+        return cls(dense, rows)
+
+    @classmethod
+    def from_coords(cls, mask: torch.Tensor) -> "Mask":
+        if mask.dtype != torch.bool:
+            raise TypeError("a coordinate mask must be a bool tensor")
+        return cls(mask)
+
+    @property
+    def density(self) -> float:
+        return self.dense.float().mean().item() if self.dense.numel() else 0.0
+
+    def check(self, param: torch.Tensor) -> None:
+        if self.dense.shape != param.shape or self.dense.device != param.device:
+            raise ValueError(f"mask of shape {tuple(self.dense.shape)} on {self.dense.device} does not match the "
+                             f"parameter ({tuple(param.shape)} on {param.device})")
