@@ -77,6 +77,9 @@ class GradSampleEngine:
         self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self.masks: Dict[nn.Parameter, Mask] = {}
+        # parameters whose sum of |clipped per-sample gradient| is wanted (SPARTA's selection release)
+        self.collect_abs: set = set()
+        self.abs_sums: Dict[nn.Parameter, torch.Tensor] = {}
         self._ready: List[PerSampleGrad] = []
         self._callback_queued = None  # graph task id of the backward pass whose callback is queued
         self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
@@ -175,9 +178,9 @@ class GradSampleEngine:
         mask = self.masks.get(grad.param)
         if mask is None:
             return grad
-        if mask.rows is not None and grad.restrict_rows(mask.rows):
+        if mask.rows is not None and not mask.standardizes and grad.restrict_rows(mask.rows):
             return grad
-        return MaskedGrad(grad, mask.dense)
+        return MaskedGrad(grad, mask.dense, mask.center, mask.scale)
 
     def submit(self, grad: PerSampleGrad) -> None:
         """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
@@ -216,12 +219,19 @@ class GradSampleEngine:
         buf = self._buffer()
         scaled = {}  # flat rules share one factor tensor across parameters: scale it once
         for p, uses in by_param.items():
+            if len(uses) > 1 and p in self.masks and self.masks[p].standardizes:
+                raise UnsupportedLayerError(f"parameter '{self.param_names[p]}' is used more than once; "
+                                            "standardised clipping (AdaDPIGU) needs one use per parameter")
             c = factors[p]
             if red != 1.0:
                 if id(c) not in scaled:
                     scaled[id(c)] = c * red
                 c = scaled[id(c)]
             out = buf.view(p)
+            if p in self.collect_abs:  # sum_i |c_i g_i| per coordinate: needs the per-sample gradients
+                per_sample = _sum(g.materialize() for g in uses)
+                a = torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
+                self.abs_sums[p] = self.abs_sums[p] + a if p in self.abs_sums else a
             for g in uses:
                 g.clipped_sum(c, out)
                 g.release()
@@ -286,6 +296,7 @@ class GradSampleEngine:
     def reset(self) -> None:
         """Forget accumulated sums (after a step, or on zero_grad); the buffer is zeroed lazily."""
         self._dirty = False
+        self.abs_sums = {}
         self.num_samples = 0
         self.num_backward = 0
 

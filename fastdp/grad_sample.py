@@ -265,12 +265,15 @@ class ConvGrad(PerSampleGrad):
 
 
 class MaskedGrad(DenseGrad):
-    """Per-sample gradients of ``inner`` times a coordinate mask, formed explicitly ([B, *param.shape])."""
+    """Per-sample gradients of ``inner``, optionally standardised ``(g - center) / scale``, times a coordinate
+    mask; formed explicitly ([B, *param.shape])."""
 
-    def __init__(self, inner: PerSampleGrad, mask: torch.Tensor):
-        g = inner.materialize() * mask
+    def __init__(self, inner: PerSampleGrad, mask: torch.Tensor, center=None, scale=None):
+        g = inner.materialize()
+        if center is not None:
+            g = (g - center) / scale
         inner.release()
-        super().__init__(inner.param, inner.owner, g)
+        super().__init__(inner.param, inner.owner, g * mask)
 
 
 class TransformedGrad(DenseGrad):

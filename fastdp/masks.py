@@ -9,6 +9,9 @@ noise only there, so masked coordinates receive exactly zero gradient.
   only (ghost norms stay available): the work scales with the rows kept.
 * ``Mask.from_coords(bool_tensor)``: any coordinates (random sparsification). Per-sample gradients of the
   masked layer are formed explicitly (reference path; the fused kernel keeps them in registers).
+* ``center`` / ``scale`` (optional, the parameter's shape): per-sample gradients are standardised,
+  ``w_i = M * (g_i - center) / scale``, before clipping (AdaDPIGU / AdaCliP). The clipped sum then lives in
+  standardised space; the method restores it after the noise.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ import torch
 class Mask:
     dense: torch.Tensor  # bool, the parameter's shape
     rows: Optional[torch.Tensor] = None  # sorted int64 row indices along dim 0, when the mask is whole rows
+    center: Optional[torch.Tensor] = None  # standardisation before clipping (see module docstring)
+    scale: Optional[torch.Tensor] = None
 
     @classmethod
     def from_rows(cls, param: torch.Tensor, rows: torch.Tensor) -> "Mask":
@@ -33,10 +38,19 @@ class Mask:
         return cls(dense, rows)
 
     @classmethod
-    def from_coords(cls, mask: torch.Tensor) -> "Mask":
+    def from_coords(cls, mask: torch.Tensor, center: Optional[torch.Tensor] = None,
+                    scale: Optional[torch.Tensor] = None) -> "Mask":
         if mask.dtype != torch.bool:
             raise TypeError("a coordinate mask must be a bool tensor")
-        return cls(mask)
+        if (center is None) != (scale is None):
+            raise ValueError("give both center and scale, or neither")
+        if scale is not None and not bool((scale > 0).all()):
+            raise ValueError("scale must be positive")
+        return cls(mask, None, center, scale)
+
+    @property
+    def standardizes(self) -> bool:
+        return self.center is not None
 
     @property
     def density(self) -> float:

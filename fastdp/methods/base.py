@@ -1,0 +1,125 @@
+"""Shared machinery of the sparse DP methods: epochs counted from steps, phases, parameter roles.
+
+A method is a ``DPOptimizer`` whose trainable set or masks change with the epoch. Epoch boundaries come
+from ``steps_per_epoch`` (default ``round(sample_size / expected_batch_size)``); ``_begin_epoch(e)`` runs
+before the first step of epoch ``e`` (at construction for epoch 0), so masks are in place before that
+epoch's forward. Every step is accounted by the DP optimizer with the (sigma, q) it used; a phase that
+releases something else than a gradient still counts as one subsampled-Gaussian step.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from fastdp.optimizer import DPOptimizer
+
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+
+
+def find_head(model: nn.Module, head: Union[None, str, nn.Module] = None) -> nn.Module:
+    """The classification/LM head: the module given (or named), else the last ``nn.Linear`` of the model."""
+    if isinstance(head, nn.Module):
+        return head
+    if isinstance(head, str):
+        return model.get_submodule(head)
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ValueError("no nn.Linear head found; pass head=<module or name>")
+    return last
+
+
+def parameter_roles(model: nn.Module, head: nn.Module) -> Dict[nn.Parameter, str]:
+    """Role of each parameter: "head", "bias", "norm" (norm-layer affine), "weight" (Linear/Conv weight, the
+    maskable row groups), or "other" (embeddings, direct parameters...)."""
+    roles: Dict[nn.Parameter, str] = {}
+    head_params = set(head.parameters())
+    for m in model.modules():
+        for n, p in m.named_parameters(recurse=False):
+            if p in roles:
+                continue
+            if p in head_params:
+                roles[p] = "head"
+            elif isinstance(m, NORM_LAYERS):
+                roles[p] = "norm"
+            elif n == "bias":
+                roles[p] = "bias"
+            elif n == "weight" and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and p.dim() > 1:
+                roles[p] = "weight"
+            else:
+                roles[p] = "other"
+    return roles
+
+
+class PhasedDPOptimizer(DPOptimizer):
+    """``DPOptimizer`` with epochs, a ``phase`` name and named ``masks`` (see module docstring)."""
+
+    phase: str = "dp"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, steps_per_epoch: Optional[int] = None,
+                 **dp):
+        super().__init__(model, optimizer, **dp)
+        spe = steps_per_epoch or max(1, round(self.sample_size / self.expected_batch_size))
+        if not (isinstance(spe, int) and spe > 0):
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
+        self.steps_per_epoch = spe
+        self.param_name = {p: n.split(" = ")[0] for p, n in self.engine.param_names.items()}
+
+    @property
+    def epoch(self) -> int:
+        return self.steps_taken // self.steps_per_epoch
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """Parameter name -> bool tensor of the coordinates that currently train (masked parameters only)."""
+        return {self.param_name[p]: m.dense for p, m in self.engine.masks.items()}
+
+    def _begin_epoch(self, epoch: int) -> None:
+        """Set masks / trainable parameters for ``epoch`` (before its first forward)."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self._after_step()
+        return loss
+
+    def _after_step(self) -> None:
+        if self.steps_taken % self.steps_per_epoch == 0:
+            self._begin_epoch(self.epoch)
+
+    def _freeze(self, params, frozen: bool) -> None:
+        for p in params:
+            p.requires_grad_(not frozen)
+
+    def _reset_optimizer_state(self, params) -> None:
+        """Drop the wrapped optimizer's state (momentum, Adam moments) of ``params``."""
+        for p in params:
+            self.original_optimizer.state.pop(p, None)
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["fastdp"]["method"] = self._method_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._load_method_state(state_dict["fastdp"].get("method", {}))
+        self._begin_epoch(self.epoch)
+
+    def _method_state(self) -> dict:
+        return {}
+
+    def _load_method_state(self, state: dict) -> None:
+        pass
+
+
+def split_by_params(flat: torch.Tensor, params: List[nn.Parameter]) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+    """Views of a flat tensor as consecutive pieces shaped like ``params``."""
+    out, offset = [], 0
+    for p in params:
+        out.append((p, flat[offset:offset + p.numel()].view(p.shape)))
+        offset += p.numel()
+    return out
