@@ -120,6 +120,10 @@ class GradSampleEngine:
             lambda p, name=name: _untracked_use(name) if p.grad is not None else None))
         self._guarded.add(p)
 
+    def __deepcopy__(self, memo):
+        """A deep copy of the model (EMA, evaluation copies) is a plain model: its copied hooks see an inert engine."""
+        return _InertEngine()
+
     def detach(self) -> None:
         """Remove every hook; the module is a plain PyTorch module again."""
         for h in self._handles:
@@ -299,6 +303,15 @@ class GradSampleEngine:
         self.abs_sums = {}
         self.num_samples = 0
         self.num_backward = 0
+
+
+class _InertEngine:
+    """What a deep-copied model's hooks are bound to: they swap nothing (see GradSampleEngine.__deepcopy__)."""
+
+    _slots = ()
+    _swapped = None
+    batch_size = None
+    _taps: dict = {}
 
 
 def _sum(tensors):

@@ -270,3 +270,14 @@ def test_unnoised_sums_never_show_in_grad_between_backward_and_step():
         assert all(p.grad is not None for p in m.parameters())
         opt.zero_grad(set_to_none=set_to_none)
         assert all(p.grad is None for p in m.parameters())
+
+
+def test_deep_copy_of_a_private_model_is_a_plain_model():
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    m(torch.randn(8, 3)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    twin = copy.deepcopy(m)
+    twin(torch.randn(4, 3)).sum().backward()  # ordinary autograd on the copy
+    assert twin.weight.grad is not None and m.weight.grad is None

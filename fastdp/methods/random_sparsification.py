@@ -1,0 +1,92 @@
+"""DP-SGD with random sparsification (Zhu & Blaschko, TMLR 2023).
+
+A uniformly random coordinate mask over all trainable parameters together (biases included) keeps
+``d (1 - r)`` coordinates; it applies before clipping (the per-sample norm is taken after masking) and
+to the noise. Gradual cooling: ``r(e) = r* e / (E - 1)``; with ``refresh_per_epoch = R`` the mask is
+redrawn R times per epoch with ``r = clip(r* (e R + j) / (R E - 1), 0, r*)``. The wrapped optimizer's
+momentum keeps moving masked coordinates (the paper's heavy ball). The mask is data-independent, so RS
+costs no privacy beyond DP-SGD. Masks are regenerated from ``(seed, epoch, j)``: checkpoints store no
+d-sized mask.
+
+``ranked=True`` (Appendix I): after the first epoch, the coordinates with the smallest ``|z|`` are masked,
+where ``z`` accumulates the released noisy gradients plus fresh noise ``(1/B) (1 - m) N(0, sigma^2 C^2)`` on
+masked coordinates (post-processing of released values, so also free).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastdp.masks import Mask
+from fastdp.methods.base import PhasedDPOptimizer, split_by_params
+from fastdp.noise import gaussian_noise
+
+
+class RandomSparsification(PhasedDPOptimizer):
+    """RS (see module docstring). ``final_rate``: r*, the fraction masked in the last epoch; ``epochs``: E."""
+
+    def __init__(self, model, optimizer, *, final_rate: float = 0.9, refresh_per_epoch: int = 1,
+                 ranked: bool = False, epochs: int = None, seed: int = 0, **dp):
+        if not 0 <= final_rate < 1:
+            raise ValueError(f"final_rate must be in [0, 1), got {final_rate}")
+        if not (isinstance(refresh_per_epoch, int) and refresh_per_epoch >= 1):
+            raise ValueError("refresh_per_epoch must be a positive int")
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ValueError("RandomSparsification needs the total number of epochs (epochs=E) for its cooling")
+        super().__init__(model, optimizer, epochs=epochs, **dp)
+        self.final_rate, self.refresh, self.ranked, self.total_epochs, self.seed = (
+            final_rate, refresh_per_epoch, ranked, epochs, seed)
+        self.params = [p for p in self.engine.param_names if p.requires_grad]
+        self.z = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if ranked else None
+        self._slot = None
+        self._install()
+
+    phase = "sparse"
+
+    def rate(self, epoch: int, j: int = 0) -> float:
+        """Fraction of coordinates masked during refresh ``j`` of ``epoch``."""
+        R, E = self.refresh, self.total_epochs
+        if R * E == 1:
+            return self.final_rate
+        return min(max(self.final_rate * (epoch * R + j) / (R * E - 1), 0.0), self.final_rate)
+
+    def _slot_now(self):
+        within = self.steps_taken % self.steps_per_epoch
+        return self.epoch, min(self.refresh - 1, within * self.refresh // self.steps_per_epoch)
+
+    def _install(self) -> None:
+        slot = self._slot_now()
+        if slot == self._slot:
+            return
+        self._slot = slot
+        epoch, j = slot
+        d = sum(p.numel() for p in self.params)
+        n_mask = int(self.rate(epoch, j) * d)
+        keep = torch.ones(d, dtype=torch.bool)
+        if n_mask:
+            if self.ranked and epoch > 0:
+                z = torch.cat([t.flatten().cpu() for t in self.z]).abs()
+                keep[torch.argsort(z, stable=True)[:n_mask]] = False
+            else:
+                gen = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) * 1_009 + j)
+                keep[torch.randperm(d, generator=gen)[:n_mask]] = False
+        for p, m in split_by_params(keep, self.params):
+            self.engine.set_mask(p, Mask.from_coords(m.to(p.device)))
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        if self.ranked:
+            std = self.noise_std() / self.expected_batch_size
+            for z, p in zip(self.z, self.params):
+                fresh = gaussian_noise(z, std, generator=self.generator, secure=self.secure_mode)
+                z += p.grad.float() + fresh * (~self.engine.masks[p].dense)
+        self._install()
+        return loss
+
+    def _method_state(self) -> dict:
+        return {"z": self.z} if self.ranked else {}
+
+    def _load_method_state(self, state: dict) -> None:
+        if self.ranked and "z" in state:
+            self.z = state["z"]
+        self._slot = None
+        self._install()

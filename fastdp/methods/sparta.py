@@ -1,0 +1,132 @@
+"""SPARTA (Makni et al., KDD'25): private selection of row groups, then sparse DP fine-tuning.
+
+Phases (epochs counted from steps):
+
+1. ``warmup`` (``warmup_epochs``): head, biases and norm parameters train; Linear/Conv weights (the
+   eligible row groups) are frozen, other parameters (embeddings, direct parameters) stay frozen throughout.
+2. ``selection`` (one epoch): the eligible weights take part in the per-sample gradient (clip over all
+   trainable parameters), but nothing is updated: each step releases, per row j of each eligible weight,
+   ``(sum_i sum_k |c_i G_i[j, k]| + N(0, n_j sigma^2 C^2)) / B`` (``selection="per-sample"``, the paper's
+   score; row sums of the per-coordinate release ``sum_i |clip(g_i)| + N(0, sigma^2 C^2 I)``) or the same
+   with ``|sum_i c_i G_i[j, k]|`` (``"aggregate"``, the official code's, ghost-compatible). Either release has
+   L2 sensitivity C, so the step is one subsampled Gaussian; no gradient is released in this epoch.
+3. ``sparse``: per layer (``topk="per-layer"``, the code) or over all layers (``"global"``, the rendered
+   paper), the rows with the highest scores are kept (``sparsity`` = fraction kept); masked rows get no
+   gradient and no noise, the per-sample norm and the weight-gradient GEMM run on the kept rows only, and
+   the wrapped optimizer's state (momentum) of the eligible weights is reset.
+
+Accounting: every step of every phase is one step of the subsampled Gaussian mechanism.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from fastdp.masks import Mask
+from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles
+from fastdp.methods.baselines import check_sparsity, keep_rows
+from fastdp.noise import gaussian_noise
+
+SELECTIONS = ("per-sample", "aggregate")
+TOPK = ("per-layer", "global")
+
+
+class SPARTA(PhasedDPOptimizer):
+    """SPARTA (see module docstring). ``sparsity``: fraction of rows kept; ``warmup_epochs``: epochs before the
+    selection epoch."""
+
+    def __init__(self, model, optimizer, *, sparsity: float = 0.2, warmup_epochs: int = 10,
+                 selection: str = "per-sample", topk: str = "per-layer", head=None, **dp):
+        check_sparsity(sparsity)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if topk not in TOPK:
+            raise ValueError(f"topk must be one of {TOPK}, got {topk!r}")
+        if not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
+            raise ValueError("warmup_epochs must be a non-negative int")
+        roles = parameter_roles(model, find_head(model, head))
+        self.eligible = [p for p, r in roles.items() if r == "weight"]
+        if not self.eligible:
+            raise ValueError("SPARTA found no Linear/Conv weight to select rows from (besides the head)")
+        for p, r in roles.items():
+            p.requires_grad_(r != "other")
+        super().__init__(model, optimizer, **dp)
+        self.sparsity, self.warmup_epochs, self.selection, self.topk = sparsity, warmup_epochs, selection, topk
+        self.scores: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.selected: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._begin_epoch(0)
+
+    @property
+    def phase(self) -> str:
+        e = self.epoch
+        return "warmup" if e < self.warmup_epochs else ("selection" if e == self.warmup_epochs else "sparse")
+
+    def _begin_epoch(self, epoch: int) -> None:
+        phase = self.phase
+        if phase == "warmup":
+            self._freeze(self.eligible, True)
+        elif phase == "selection":
+            self._freeze(self.eligible, False)
+            for p in self.eligible:
+                self.engine.set_mask(p, None)
+                self.scores[p] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+            self.engine.collect_abs = set(self.eligible) if self.selection == "per-sample" else set()
+        else:
+            self.engine.collect_abs = set()
+            self._freeze(self.eligible, False)
+            if not self.selected:
+                self._select_rows()
+            for p in self.eligible:
+                self.engine.set_mask(p, Mask.from_rows(p, self.selected[p]))
+
+    def step(self, closure=None):
+        if self.phase != "selection":
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.pre_step()
+        std = self.noise_std()
+        for p in self.eligible:
+            if self.selection == "per-sample":
+                a = self.engine.abs_sums.get(p)
+                a = torch.zeros(p.shape, device=p.device) if a is None else a
+            else:
+                a = self.engine.buffer.views[p].abs()
+            per_row = a.reshape(p.shape[0], -1).float()
+            n_j = per_row.shape[1]
+            noise = gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator, secure=self.secure_mode)
+            self.scores[p] += (per_row.sum(1) + noise) / self.expected_batch_size
+        self.engine.reset()  # nothing else is released: no gradient, no update in this epoch
+        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+        self.steps_taken += 1
+        self._after_step()
+        return loss
+
+    def _select_rows(self) -> None:
+        """Keep the top rows by released score (clamped at 0), per layer or globally; reset optimizer state."""
+        scores = {p: s.clamp(min=0) for p, s in self.scores.items()}
+        if self.topk == "per-layer":
+            for p, s in scores.items():
+                self.selected[p] = torch.topk(s, keep_rows(s.numel(), self.sparsity)).indices.sort().values
+        else:
+            flat = torch.cat([s for s in scores.values()])
+            k = keep_rows(flat.numel(), self.sparsity)
+            keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            keep[torch.topk(flat, k).indices] = True
+            offset = 0
+            for p, s in scores.items():
+                self.selected[p] = keep[offset:offset + s.numel()].nonzero().flatten()
+                offset += s.numel()
+        self._reset_optimizer_state(self.eligible)
+
+    def _method_state(self) -> dict:
+        return {"scores": {self.param_name[p]: s for p, s in self.scores.items()},
+                "selected": {self.param_name[p]: r for p, r in self.selected.items()}}
+
+    def _load_method_state(self, state: dict) -> None:
+        by_name = {n: p for p, n in self.param_name.items()}
+        self.scores = {by_name[n]: s for n, s in state.get("scores", {}).items()}
+        self.selected = {by_name[n]: r for n, r in state.get("selected", {}).items()}

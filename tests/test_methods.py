@@ -1,0 +1,226 @@
+"""Sparse DP methods: phases, mask sizes and schedules, masked coordinates never move, selection sensitivity,
+accounting of every phase, determinism."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdp
+from fastdp.methods import SPARTA, BiTFiT, LastLayer, RandomGroups, RandomSparsification
+from fastdp.methods.baselines import keep_rows
+from fastdp.models import SmallCNN
+
+B, N = 8, 40  # expected batch, dataset size: 5 steps per epoch
+
+
+def model():
+    torch.manual_seed(0)
+    return SmallCNN(1, 3, width=8, image_size=8)
+
+
+def dp(**kw):
+    return dict(noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B, sample_size=N,
+                generator=torch.Generator().manual_seed(0), **kw)
+
+
+def sgd(m, momentum=0.0):
+    return torch.optim.SGD(m.parameters(), lr=0.5, momentum=momentum)
+
+
+def train(m, opt, steps, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(B, 1, 8, 8, generator=g), torch.randint(0, 3, (B,), generator=g)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def snapshot(m):
+    return {n: p.detach().clone() for n, p in m.named_parameters()}
+
+
+def moved(m, before):
+    return {n for n, p in m.named_parameters() if not torch.equal(p, before[n])}
+
+
+def check_accounting(opt, steps):
+    assert opt.steps_taken == steps
+    assert opt.epsilon(1e-5) == pytest.approx(fastdp.get_epsilon(
+        noise_multiplier=opt.noise_multiplier, sample_rate=opt.sample_rate, steps=steps, delta=1e-5), rel=1e-9)
+
+
+def test_bitfit_trains_biases_and_head_only_and_stores_no_weight_activations(monkeypatch):
+    m = model()
+    opt = BiTFiT(m, sgd(m), **dp())
+    from fastdp.grad_sample import ConvGrad, LinearGrad
+    made = []
+    for cls in (LinearGrad, ConvGrad):
+        orig = cls.set
+        monkeypatch.setattr(cls, "set", lambda self, *a, _o=orig: made.append(self.param) or _o(self, *a))
+    before = snapshot(m)
+    train(m, opt, 3)
+    head = "head.weight"
+    assert moved(m, before) == {n for n in before if n.endswith("bias") or n == head}
+    assert made == [m.head.weight] * 3  # the head weight only: frozen conv weights record nothing
+    check_accounting(opt, 3)
+
+
+def test_last_layer_trains_the_head_only():
+    m = model()
+    opt = LastLayer(m, sgd(m), **dp())
+    before = snapshot(m)
+    train(m, opt, 2)
+    assert moved(m, before) == {"head.weight", "head.bias"}
+
+
+def test_random_groups_masks_rows_at_the_sparsity():
+    m = model()
+    opt = RandomGroups(m, sgd(m), sparsity=0.25, seed=3, **dp())
+    before = snapshot(m)
+    train(m, opt, 3)
+    masks = opt.masks
+    assert set(masks) == {"conv1.weight", "conv2.weight"}
+    for n, mask in masks.items():
+        rows = mask.flatten(1).all(1)
+        assert rows.sum() == keep_rows(mask.shape[0], 0.25) and (mask.flatten(1).any(1) == rows).all()
+        p = dict(m.named_parameters())[n]
+        assert torch.equal(p[~mask], before[n][~mask]) and not torch.equal(p[mask], before[n][mask])
+    assert {"head.weight", "gn1.weight", "conv1.bias"} <= moved(m, before)
+    m2 = model()
+    again = RandomGroups(m2, sgd(m2), sparsity=0.25, seed=3, **dp())
+    assert all(torch.equal(again.masks[n], masks[n]) for n in masks)
+
+
+def test_sparta_phases_selection_and_sparse_training():
+    m = model()
+    opt = SPARTA(m, sgd(m, momentum=0.0), sparsity=0.5, warmup_epochs=1, **dp())
+    before = snapshot(m)
+    assert opt.phase == "warmup"
+    train(m, opt, 5)  # warm-up epoch: eligible weights frozen
+    assert not {"conv1.weight", "conv2.weight"} & moved(m, before)
+    assert opt.phase == "selection"
+    during = snapshot(m)
+    train(m, opt, 5, seed=2)  # selection epoch: scores released, nothing moves
+    assert moved(m, during) == set()
+    assert opt.phase == "sparse"
+    for p in opt.eligible:
+        s = opt.scores[p]
+        assert torch.isfinite(s).all()
+        kept = opt.selected[p]
+        assert kept.numel() == keep_rows(p.shape[0], 0.5)
+        assert set(kept.tolist()) == set(torch.topk(s.clamp(min=0), kept.numel()).indices.tolist())
+    sparse_start = snapshot(m)
+    train(m, opt, 5, seed=3)
+    for n, mask in opt.masks.items():
+        p = dict(m.named_parameters())[n]
+        assert torch.equal(p[~mask], sparse_start[n][~mask]) and not torch.equal(p[mask], sparse_start[n][mask])
+    check_accounting(opt, 15)
+
+
+def test_sparta_resets_momentum_of_masked_tensors():
+    m = model()
+    opt = SPARTA(m, sgd(m, momentum=0.9), sparsity=0.5, warmup_epochs=0, **dp())
+    for p in m.parameters():  # optimizer state carried from earlier training
+        opt.original_optimizer.state[p]["momentum_buffer"] = torch.ones_like(p)
+    train(m, opt, 5)  # the selection epoch
+    assert opt.phase == "sparse"
+    assert all(p not in opt.original_optimizer.state for p in opt.eligible)
+    assert m.head.weight in opt.original_optimizer.state
+
+
+@pytest.mark.parametrize("selection", ["per-sample", "aggregate"])
+def test_selection_release_has_sensitivity_R(selection):
+    """The released score vector changes by at most R when one sample is removed from the batch."""
+    torch.manual_seed(0)
+    base = model()
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
+    R = 0.3
+
+    def release(xs, ys):
+        m = copy.deepcopy(base)
+        opt = SPARTA(m, sgd(m), warmup_epochs=0, selection=selection, **{**dp(), "max_grad_norm": R,
+                                                                         "noise_multiplier": 0.0})
+        opt.engine.loss_reduction = "sum"
+        F.cross_entropy(m(xs), ys, reduction="sum").backward()
+        if selection == "per-sample":
+            vec = [opt.engine.abs_sums[p] for p in opt.eligible]
+        else:
+            vec = [opt.engine.buffer.views[p].abs() for p in opt.eligible]
+        return torch.cat([v.flatten() for v in vec])
+
+    full = release(x, y)
+    for k in range(6):
+        keep = [i for i in range(6) if i != k]
+        assert (full - release(x[keep], y[keep])).norm() <= R * (1 + 1e-6)
+
+
+def test_random_sparsification_schedule_and_mask_sizes():
+    m = model()
+    opt = RandomSparsification(m, sgd(m), final_rate=0.8, refresh_per_epoch=2, epochs=3, seed=7, **dp())
+    d = sum(p.numel() for p in m.parameters())
+    seen = []
+    for step in range(15):
+        masks = opt.masks
+        masked = sum((~v).sum().item() for v in masks.values())
+        e, j = opt.epoch, min(1, (step % 5) * 2 // 5)
+        assert masked == int(opt.rate(e, j) * d)
+        assert opt.rate(e, j) == pytest.approx(min(0.8 * (e * 2 + j) / 5, 0.8))
+        seen.append(torch.cat([v.flatten() for v in masks.values()]).clone())
+        train(m, opt, 1, seed=step)
+    changes = sum(not torch.equal(a, b) for a, b in zip(seen[:-1], seen[1:]))
+    assert changes == 5  # redrawn at steps 3, 5, 8, 10, 13 (rates 0.16, 0.32, 0.48, 0.64, 0.8)
+    check_accounting(opt, 15)
+
+
+def test_random_sparsification_masked_coordinates():
+    m = model()
+    opt = RandomSparsification(m, sgd(m, momentum=0.0), final_rate=0.5, epochs=1, **dp())
+    masks = {n: v.clone() for n, v in opt.masks.items()}
+    before = snapshot(m)
+    train(m, opt, 1)
+    for n, mask in masks.items():
+        p = dict(m.named_parameters())[n]
+        assert torch.equal(p[~mask], before[n][~mask])
+    # with momentum the heavy ball keeps moving masked coordinates (the paper's choice)
+    m2 = model()
+    opt2 = RandomSparsification(m2, sgd(m2, momentum=0.9), final_rate=0.5, refresh_per_epoch=5, epochs=1, **dp())
+    train(m2, opt2, 1)
+    mask = {n: v.clone() for n, v in opt2.masks.items()}
+    b2 = snapshot(m2)
+    train(m2, opt2, 1)
+    assert any(not torch.equal(dict(m2.named_parameters())[n][~v], b2[n][~v]) for n, v in mask.items())
+
+
+def test_random_sparsification_checkpoint_stores_no_mask_and_resumes():
+    m = model()
+    opt = RandomSparsification(m, sgd(m), final_rate=0.6, epochs=3, seed=1, **dp())
+    train(m, opt, 7)
+    sd = opt.state_dict()
+    assert sd["fastdp"]["method"] == {}
+    m2 = copy.deepcopy(m)
+    opt2 = RandomSparsification(m2, sgd(m2), final_rate=0.6, epochs=3, seed=1, **dp())
+    opt2.load_state_dict(sd)
+    assert all(torch.equal(opt.masks[n], opt2.masks[n]) for n in opt.masks)
+
+
+def test_ranked_random_sparsification_masks_smallest_z():
+    m = model()
+    opt = RandomSparsification(m, sgd(m), final_rate=0.5, epochs=2, ranked=True, **dp())
+    train(m, opt, 5)
+    assert opt.epoch == 1
+    z = torch.cat([t.flatten() for t in opt.z]).abs()
+    keep = torch.cat([v.flatten() for v in opt.masks.values()])
+    assert z[~keep].max() <= z[keep].min()
+
+
+def test_methods_are_deterministic_under_a_seed():
+    def run():
+        m = model()
+        opt = SPARTA(m, sgd(m), sparsity=0.5, warmup_epochs=0, **dp())
+        train(m, opt, 8)
+        return snapshot(m)
+
+    a, b = run(), run()
+    assert all(torch.equal(a[n], b[n]) for n in a)
