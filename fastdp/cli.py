@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from fastdp.data import DATASETS, load_dataset
 from fastdp.engine import NonFiniteNormError
+from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 from fastdp.micro_adam import MicroAdam
 from fastdp.models import MLP, SmallCNN
+from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
 
 MOMENTUM = 0.9
@@ -38,18 +40,28 @@ BASE_OPTIMIZERS = {
     "dpmicroadam": lambda params, lr: MicroAdam(params, lr=lr),  # DP-MicroAdam's defaults
     "nonprivate": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM),
 }
-METHODS = tuple(BASE_OPTIMIZERS)
+# --method -> (DP optimizer class, its arguments from the command line) for the sparse methods (on SGD + momentum)
+SPARSE_METHODS = {
+    "sparta": (SPARTA, lambda a: dict(sparsity=a.sparsity, warmup_epochs=a.warmup_epochs)),
+    "rs": (RandomSparsification, lambda a: dict(final_rate=a.final_rate, refresh_per_epoch=a.refresh_per_epoch,
+                                                 seed=a.seed)),
+    "adadpigu": (AdaDPIGU, lambda a: dict(retention=a.retention, pretrain_epochs=a.pretrain_epochs)),
+    "bitfit": (BiTFiT, lambda a: {}),
+    "last-layer": (LastLayer, lambda a: {}),
+    "random-groups": (RandomGroups, lambda a: dict(sparsity=a.sparsity, seed=a.seed)),
+}
+METHODS = tuple(BASE_OPTIMIZERS) + tuple(SPARSE_METHODS)
 
 # Defaults that depend on the dataset (and, for the learning rate, on the method); used where the
 # user did not set the option. digits (1437 training images), eps=3, 3 epochs: batch 128 / lr 0.5 gave the
 # best SmallCNN accuracy of the batch sizes 32-256 and learning rates 0.05-2 tried (0.82-0.86 over 3 seeds).
 DEFAULTS = {
     "digits": {"batch_size": 128, "width": 16, "hidden": 128,
-               "lr": {"dpsgd": 0.5, "dpadam": 2e-2, "dpmicroadam": 2e-2, "nonprivate": 0.1}},
+               "lr": {"dpsgd": 0.5, "dpadam": 2e-2, "dpmicroadam": 2e-2, "nonprivate": 0.1, "sparse": 0.5}},
     "mnist": {"batch_size": 256, "width": 16, "hidden": 256,
-              "lr": {"dpsgd": 0.5, "dpadam": 5e-3, "dpmicroadam": 5e-3, "nonprivate": 0.05}},
+              "lr": {"dpsgd": 0.5, "dpadam": 5e-3, "dpmicroadam": 5e-3, "nonprivate": 0.05, "sparse": 0.5}},
     "fashion-mnist": {"batch_size": 256, "width": 16, "hidden": 256,
-                      "lr": {"dpsgd": 0.5, "dpadam": 5e-3, "dpmicroadam": 5e-3, "nonprivate": 0.05}},
+                      "lr": {"dpsgd": 0.5, "dpadam": 5e-3, "dpmicroadam": 5e-3, "nonprivate": 0.05, "sparse": 0.5}},
 }
 
 
@@ -89,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--method", choices=METHODS, default="dpsgd",
                    help="dpsgd: SGD with momentum 0.9 under DP; dpadam: Adam under DP; dpmicroadam: MicroAdam "
                         "(density 0.01, window 10, fp32 error feedback) under DP; nonprivate: SGD with momentum 0.9, "
-                        "no clipping or noise, for comparison (default: %(default)s)")
+                        "no clipping or noise, for comparison; sparta, rs, adadpigu, bitfit, last-layer, "
+                        "random-groups: the sparse DP methods (fastdp.methods) on SGD with momentum 0.9 "
+                        "(default: %(default)s)")
     t.add_argument("--target-epsilon", type=_number(float, 0), default=3.0, metavar="EPS",
                    help="calibrate the noise to spend this epsilon over --epochs (default: %(default)s)")
     t.add_argument("--noise-multiplier", type=_number(float, 0, lo_open=False), default=None, metavar="SIGMA",
@@ -114,6 +128,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="(default: cuda if available, else cpu)")
     t.add_argument("--amp", choices=("none", "bf16"), default="none",
                    help="bf16: bfloat16 autocast for training and evaluation (default: %(default)s)")
+    t.add_argument("--sparsity", type=_number(float, 0, hi=1, hi_open=False), default=0.2,
+                   help="sparta, random-groups: fraction of rows kept (default: %(default)s)")
+    t.add_argument("--warmup-epochs", type=_number(int, 0, lo_open=False), default=1,
+                   help="sparta: warm-up epochs before the selection epoch (library default 10; default here: "
+                        "%(default)s, for short runs)")
+    t.add_argument("--final-rate", type=_number(float, 0, lo_open=False, hi=1), default=0.9,
+                   help="rs: fraction of coordinates masked in the last epoch (default: %(default)s)")
+    t.add_argument("--refresh-per-epoch", type=_number(int, 0), default=1, help="rs: mask redraws per epoch")
+    t.add_argument("--retention", type=_number(float, 0, hi=1, hi_open=False), default=0.6,
+                   help="adadpigu: fraction of coordinates kept after pre-training (default: %(default)s)")
+    t.add_argument("--pretrain-epochs", type=_number(int, 0), default=1,
+                   help="adadpigu: DP-SGD pre-training epochs (default: %(default)s)")
     t.add_argument("--limit", type=_number(int, 0), default=None, metavar="N",
                    help="use only the first N training samples (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -141,7 +167,7 @@ def train(args: argparse.Namespace) -> dict:
     private = args.method != "nonprivate"
     defaults = DEFAULTS[args.dataset]
     batch_size = args.batch_size or defaults["batch_size"]
-    lr = args.lr or defaults["lr"][args.method]
+    lr = args.lr or defaults["lr"]["sparse" if args.method in SPARSE_METHODS else args.method]
     if args.device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     elif args.device == "cuda" and not torch.cuda.is_available():
@@ -158,7 +184,8 @@ def train(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     model = _make_model(args.model, meta, defaults).to(device)
-    base_opt = BASE_OPTIMIZERS[args.method](model.parameters(), lr)
+    base_opt = BASE_OPTIMIZERS["dpsgd" if args.method in SPARSE_METHODS else args.method](model.parameters(), lr)
+    method_class, method_args = SPARSE_METHODS.get(args.method, (DPOptimizer, lambda a: {}))
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=not private,
                         generator=torch.Generator().manual_seed(args.seed))
     optimizer = base_opt
@@ -173,7 +200,8 @@ def train(args: argparse.Namespace) -> dict:
                 target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
                 target_delta=args.delta, epochs=args.epochs, clipping=args.clipping, accountant=args.accountant,
                 noise_generator=torch.Generator(device).manual_seed(args.seed),
-                sample_generator=torch.Generator().manual_seed(args.seed))
+                sample_generator=torch.Generator().manual_seed(args.seed), optimizer_class=method_class,
+                **method_args(args))
         print(f"noise_multiplier {optimizer.noise_multiplier:.4f}, sample_rate {optimizer.sample_rate:.4g}, "
               f"expected batch size {optimizer.expected_batch_size}, {len(loader)} steps per epoch", flush=True)
     print(f"{args.method} on {args.dataset} ({meta['train_size']} train / {meta['test_size']} test), "

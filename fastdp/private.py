@@ -22,7 +22,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
                  epochs: Optional[float] = None, loss_reduction: str = "mean", poisson_sampling: bool = True,
                  clipping: str = "flat", accountant: str = "prv", noise_generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False, sample_generator: Optional[torch.Generator] = None,
-                 batch_first: bool = True, criterion=None, grad_sample_mode: Optional[str] = None, **kwargs):
+                 batch_first: bool = True, criterion=None, grad_sample_mode: Optional[str] = None,
+                 optimizer_class: type = DPOptimizer, **kwargs):
     """Make ``module``, ``optimizer`` and ``data_loader`` differentially private.
 
     Returns:
@@ -30,7 +31,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
         and a Poisson-sampling loader with expected batch size ``data_loader.batch_size``.
 
     ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs`` must be given.
-    Extra keyword arguments go to ``DPOptimizer`` (e.g. ``gamma`` for automatic clipping).
+    Extra keyword arguments go to ``optimizer_class`` (``DPOptimizer`` or a method such as ``fastdp.SPARTA``;
+    e.g. ``gamma`` for automatic clipping, ``sparsity`` for SPARTA).
     Opacus-only arguments are accepted so existing calls run: ``criterion`` and ``grad_sample_mode`` are
     not needed (fastdp has one exact engine and leaves the loss untouched; the return value is always the
     3-tuple), and ``batch_first`` must be True (the sample dim is dim 0 everywhere).
@@ -55,7 +57,11 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     expected_batch_size = max(1, int(round(sample_rate * sample_size)))
     if target_epsilon is not None and epochs is None:
         raise ValueError("target_epsilon needs epochs")
-    dp_opt = DPOptimizer(
+    if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, DPOptimizer)):
+        raise TypeError("optimizer_class must be DPOptimizer or a subclass (a fastdp method)")
+    if getattr(optimizer_class, "needs_epochs", False):
+        kwargs.setdefault("epochs", epochs)  # e.g. random sparsification's cooling schedule
+    dp_opt = optimizer_class(
         module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, sample_size=sample_size, target_epsilon=target_epsilon,
         target_delta=target_delta, steps=int(epochs * len(data_loader)) if target_epsilon is not None else None,

@@ -32,7 +32,9 @@ class RandomSparsification(PhasedDPOptimizer):
             raise ValueError("refresh_per_epoch must be a positive int")
         if not (isinstance(epochs, int) and epochs >= 1):
             raise ValueError("RandomSparsification needs the total number of epochs (epochs=E) for its cooling")
-        super().__init__(model, optimizer, epochs=epochs, **dp)
+        if dp.get("steps") is None:
+            dp["epochs"] = epochs  # also the calibration horizon when a target epsilon is given
+        super().__init__(model, optimizer, **dp)
         self.final_rate, self.refresh, self.ranked, self.total_epochs, self.seed = (
             final_rate, refresh_per_epoch, ranked, epochs, seed)
         self.params = [p for p in self.engine.param_names if p.requires_grad]
@@ -41,6 +43,7 @@ class RandomSparsification(PhasedDPOptimizer):
         self._install()
 
     phase = "sparse"
+    needs_epochs = True
 
     def rate(self, epoch: int, j: int = 0) -> float:
         """Fraction of coordinates masked during refresh ``j`` of ``epoch``."""
