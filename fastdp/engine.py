@@ -184,7 +184,12 @@ class GradSampleEngine:
             return grad
         if mask.rows is not None and not mask.standardizes and grad.restrict_rows(mask.rows):
             return grad
-        return MaskedGrad(grad, mask.dense, mask.center, mask.scale)
+        center = mask.center
+        if center is not None and self.loss_reduction == "mean" and grad.batch_size:
+            # the recorded gradients are those of the mean loss, g_i / B (scaled by B at the clip step):
+            # (g_i / B - center / B) / scale, times B, is the wanted (g_i - center) / scale
+            center = center / grad.batch_size
+        return MaskedGrad(grad, mask.dense, center, mask.scale)
 
     def submit(self, grad: PerSampleGrad) -> None:
         """Take one use's per-sample gradient (from backward); its squared norm is computed now."""

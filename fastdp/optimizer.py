@@ -224,6 +224,14 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine.detach()
         return self.original_optimizer
 
+    def __deepcopy__(self, memo):
+        # torch.optim.Optimizer's unpickling rewraps the class's step before failing on this wrapper, which would
+        # break step() of every DPOptimizer in the process: refuse early and clearly instead.
+        raise TypeError("a DPOptimizer cannot be copied or pickled; save state_dict() and load it into a new one")
+
+    def __reduce_ex__(self, protocol):  # pickling: same reason
+        raise TypeError("a DPOptimizer cannot be copied or pickled; save state_dict() and load it into a new one")
+
     # ------------------------------------------------------------- accounting
     def epsilon(self, delta: Optional[float] = None) -> float:
         """Epsilon spent so far at ``delta`` (default: the ``target_delta`` given at construction)."""

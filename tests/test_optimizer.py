@@ -281,3 +281,16 @@ def test_deep_copy_of_a_private_model_is_a_plain_model():
     twin = copy.deepcopy(m)
     twin(torch.randn(4, 3)).sum().backward()  # ordinary autograd on the copy
     assert twin.weight.grad is not None and m.weight.grad is None
+
+
+def test_copying_a_dp_optimizer_is_refused_and_harms_no_other_instance():
+    import pickle
+
+    m = nn.Linear(3, 2)
+    opt = make(m)
+    with pytest.raises(TypeError, match="state_dict"):
+        copy.deepcopy(opt)
+    with pytest.raises(TypeError, match="state_dict"):
+        pickle.dumps(opt)
+    m(torch.randn(8, 3)).sum().backward()
+    opt.step()  # still works

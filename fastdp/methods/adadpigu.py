@@ -31,9 +31,10 @@ with the sigma it used (``pretrain_noise_multiplier`` in phase 1). ``I``, ``M``,
 functions of released noisy gradients only, so they cost nothing (post-processing). The guarantee equals
 DP-SGD's with the same (sigma, q, steps) history.
 
-Deviations from the official code (all privacy fixes, see methods.md): importance from noisy releases instead
-of un-noised clipped means, statistics updated every step from noisy releases with the noise-variance
-correction and actually used, unfreezing that really adds coordinates, no per-sample top-k.
+Deviations from the official code (see methods.md): importance from noisy releases instead of un-noised
+clipped means, statistics updated every step from noisy releases with the noise-variance correction and
+actually used (privacy fixes); unfreezing that really adds coordinates; the optional per-sample top-k of
+standardised gradients is not implemented.
 """
 from __future__ import annotations
 
@@ -167,7 +168,6 @@ class AdaDPIGU(PhasedDPOptimizer):
         self._mask: Dict[nn.Parameter, torch.Tensor] = {}  # empty until the sparse phase
         self.retained_fraction: Optional[float] = None
         self.phase = "pretrain"
-        self._hook = model.register_forward_pre_hook(self._pre_forward)
         self._begin_epoch(self.epoch)
 
     # ---------------------------------------------------------------- schedule
@@ -198,25 +198,10 @@ class AdaDPIGU(PhasedDPOptimizer):
         self._install_masks()
 
     # ------------------------------------------------------------------- masks
-    def _install_masks(self, batch_size: Optional[int] = None) -> None:
+    def _install_masks(self) -> None:
         """Give the engine ``Mask.from_coords(M, center=a, scale=b)`` for every masked parameter."""
         for p, m in self._mask.items():
-            center = self._a[p]
-            if self.engine.loss_reduction == "mean" and batch_size:
-                # The engine standardises the per-sample gradients of the *mean* loss (g_i / B) and multiplies
-                # by B afterwards, so the centre must be a / B to get (g_i - a) / b. Remove this if the engine
-                # starts dividing the centre itself (tests/test_adadpigu.py::test_sparse_step_matches_reference).
-                center = center / batch_size
-            self.engine.set_mask(p, Mask.from_coords(m, center=center, scale=self._b[p]))
-
-    def _pre_forward(self, module, args) -> None:
-        """Runs after the engine's own pre-hook (registered later), when the batch size of this forward is known."""
-        if self.phase != "sparse" or not torch.is_grad_enabled() or self.engine.loss_reduction != "mean":
-            return
-        if self.engine.batch_size is None:
-            raise RuntimeError("AdaDPIGU with loss_reduction='mean' needs the batch size of each forward (a tensor "
-                               "first input); use loss_reduction='sum' otherwise")
-        self._install_masks(self.engine.batch_size)
+            self.engine.set_mask(p, Mask.from_coords(m, center=self._a[p], scale=self._b[p]))
 
     # -------------------------------------------------------------------- step
     def scale_grad(self, grads: GradBuffer) -> None:
@@ -246,10 +231,6 @@ class AdaDPIGU(PhasedDPOptimizer):
         super()._after_step()  # may start a new epoch (new phase or a grown mask)
         if self.phase == "sparse":
             self._install_masks()  # the new a, b
-
-    def detach(self) -> torch.optim.Optimizer:
-        self._hook.remove()
-        return super().detach()
 
     # ------------------------------------------------------------------ views
     @property

@@ -2,8 +2,8 @@
 
 A method is a ``DPOptimizer`` whose trainable set or masks change with the epoch. Epoch boundaries come
 from ``steps_per_epoch`` (default ``round(sample_size / expected_batch_size)``); ``_begin_epoch(e)`` runs
-before the first step of epoch ``e`` (at construction for epoch 0), so masks are in place before that
-epoch's forward. Every step is accounted by the DP optimizer with the (sigma, q) it used; a phase that
+after the last step of epoch ``e - 1``, so masks are in place before that epoch's forward. Epoch 0 is set up
+by each method's constructor. Every step is accounted by the DP optimizer with the (sigma, q) it used; a phase that
 releases something else than a gradient still counts as one subsampled-Gaussian step.
 """
 from __future__ import annotations
