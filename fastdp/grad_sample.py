@@ -22,19 +22,18 @@ from typing import Callable, Optional
 import torch
 
 from fastdp.kernels import (
-    clip_accumulate_ref,
     conv_norm_ref,
     conv_per_sample_grad_ref,
     direct_dot_ref,
-    direct_norm_ref,
     embedding_accumulate_ref,
     embedding_dot_ref,
     embedding_linear_dot_ref,
     embedding_norm_ref,
-    ghost_dot_ref,
-    ghost_norm_ref,
 )
 from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
+from fastdp.kernels.clip_accumulate import clip_accumulate
+from fastdp.kernels.direct_norm import direct_norm
+from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
 
 
 def prefer_ghost(T: int, p: int, d: int) -> bool:
@@ -142,8 +141,8 @@ class LinearGrad(PerSampleGrad):
     def sq_norm(self):
         T, p, d = self.dims
         if NormRule.use_ghost(T, p, d):
-            return ghost_norm_ref(self.x, self.dy)
-        return direct_norm_ref(self.x, self.dy)
+            return ghost_norm(self.x, self.dy)
+        return direct_norm(self.x, self.dy)
 
     def restrict_rows(self, rows):
         if self.transposed:
@@ -162,8 +161,8 @@ class LinearGrad(PerSampleGrad):
 
     def clipped_sum(self, scale, out):
         if self.rows is not None:
-            return out.index_add_(0, self.rows, clip_accumulate_ref(self.x, self.dy, scale).to(out.dtype))
-        return clip_accumulate_ref(self.x, self.dy, scale, out.t() if self.transposed else out)
+            return out.index_add_(0, self.rows, clip_accumulate(self.x, self.dy, scale).to(out.dtype))
+        return clip_accumulate(self.x, self.dy, scale, out.t() if self.transposed else out)
 
     def release(self):
         self.x = self.dy = None
@@ -330,7 +329,7 @@ def _linear_linear(a: LinearGrad, b: LinearGrad):
         return None
     T = max(a.x.shape[1], b.x.shape[1])
     _, p, d = a.dims
-    f = ghost_dot_ref if NormRule.use_ghost(T, p, d) else direct_dot_ref
+    f = ghost_dot if NormRule.use_ghost(T, p, d) else direct_dot_ref
     if a.x.dtype != b.x.dtype:
         return f(upcast(a.x), upcast(a.dy), upcast(b.x), upcast(b.dy))
     return f(a.x, a.dy, b.x, b.dy)

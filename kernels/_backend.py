@@ -40,3 +40,23 @@ def backend_for(t: torch.Tensor) -> str:
     if name == "reference":
         return "reference"
     return "triton" if (HAS_TRITON and t.is_cuda) else "reference"
+
+
+# Ops whose Triton kernel has passed its parity tests on a GPU; "auto" picks Triton on CUDA only for these.
+# The engine's kernels (ghost_norm, direct_norm, clip_accumulate) are tested through the interpreter only so
+# far and run on the GPU under FASTDP_BACKEND=triton until a device run validates them (issue: fused kernels).
+GPU_VALIDATED = {"ef_quant", "ef_dequant_add", "gather_zero", "microadam_update"}
+
+
+def backend_for_op(op: str, t: torch.Tensor) -> str:
+    """Like ``backend_for``, with "auto" choosing Triton on CUDA only for ops in ``GPU_VALIDATED``."""
+    name = backend_for(t)
+    if name == "triton" and requested_backend() == "auto" and op not in GPU_VALIDATED:
+        return "reference"
+    return name
+
+
+def interpreting() -> bool:
+    """Triton runs through its CPU interpreter (whose ``tl.dot`` mishandles bf16/fp16 operands: kernels
+    upcast them to fp32 there; on a GPU they use the tensor cores)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"

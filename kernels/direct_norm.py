@@ -8,7 +8,52 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _direct_norm_kernel(x, dy, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, T, D, P,
+                            BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
+                            IEEE: tl.constexpr):
+        """out[b] += ||tile of dY_b^T X_b||^2 for one [BM, BN] tile; the tile lives in registers only."""
+        bidx = tl.program_id(0)
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            a = tl.load(dy + bidx * sy_b + t[:, None] * sy_t + m[None, :] * sy_k,
+                        mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
+            b = tl.load(x + bidx * sx_b + t[:, None] * sx_t + n[None, :] * sx_k,
+                        mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), b)
+        tl.atomic_add(out + bidx, tl.sum(acc * acc))
+
+
+def direct_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``direct_norm_ref`` / the Triton kernel (per-sample tiles never stored)."""
+    if backend_for_op("direct_norm", x) == "reference" or x.dtype == torch.float64:  # kernel: fp32/bf16/fp16
+        return direct_norm_ref(x, dy)
+    x, dy = as_btd(x), as_btd(dy)
+    B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
+    out = torch.zeros(B, dtype=torch.float32, device=x.device)
+    if B == 0 or T == 0:
+        return out
+    BM = BN = BT = 32
+    grid = (B, triton.cdiv(P, BM), triton.cdiv(D, BN))
+    _direct_norm_kernel[grid](x, dy, out, *x.stride(), *dy.stride(), T, D, P, BM=BM, BN=BN, BT=BT,
+                              UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    return out
 
 
 def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,79 @@ from __future__ import annotations
 
 import torch
 
+from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _gram_tile(a_ptr, b_ptr, sa_b, sa_t, sa_k, sb_b, sb_t, sb_k, bidx, t, s, Ta, Tb, K,
+                   BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """[BT, BT] fp32 tile of A_b[t] B_b[s]^T, reducing over K in chunks of BK."""
+        acc = tl.zeros([BT, BT], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            a = tl.load(a_ptr + bidx * sa_b + t[:, None] * sa_t + k[None, :] * sa_k,
+                        mask=(t[:, None] < Ta) & (k[None, :] < K), other=0.0)
+            b = tl.load(b_ptr + bidx * sb_b + s[:, None] * sb_t + k[None, :] * sb_k,
+                        mask=(s[:, None] < Tb) & (k[None, :] < K), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
+            else:
+                acc += tl.dot(a, tl.trans(b))
+        return acc
+
+    @triton.jit
+    def _ghost_dot_kernel(xa, dya, xb, dyb, out,
+                          sxa_b, sxa_t, sxa_k, sya_b, sya_t, sya_k, sxb_b, sxb_t, sxb_k, syb_b, syb_t, syb_k,
+                          Ta, Tb, D, P, SYMMETRIC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+                          UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """out[b] += sum over one (t, s) tile of (X_a X_b^T) * (dY_a dY_b^T); the Grams stay in registers."""
+        bidx = tl.program_id(0)
+        ti = tl.program_id(1)
+        si = tl.program_id(2)
+        if SYMMETRIC and si < ti:  # self-norm: upper triangle, off-diagonal tiles counted twice
+            return
+        t = ti * BT + tl.arange(0, BT)
+        s = si * BT + tl.arange(0, BT)
+        gx = _gram_tile(xa, xb, sxa_b, sxa_t, sxa_k, sxb_b, sxb_t, sxb_k, bidx, t, s, Ta, Tb, D, BT, BK, UPCAST, IEEE)
+        gy = _gram_tile(dya, dyb, sya_b, sya_t, sya_k, syb_b, syb_t, syb_k, bidx, t, s, Ta, Tb, P, BT, BK, UPCAST,
+                        IEEE)
+        part = tl.sum(gx * gy)
+        if SYMMETRIC and si > ti:
+            part = part * 2.0
+        tl.atomic_add(out + bidx, part)
+
+
+def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
+    """Dispatching ``ghost_dot_ref`` / the fused Triton kernel (same signature and result)."""
+    if backend_for_op("ghost_norm", x_a) == "reference" or x_a.dtype == torch.float64:  # kernel: fp32/bf16/fp16
+        return ghost_dot_ref(x_a, dy_a, x_b, dy_b)
+    x_a, dy_a, x_b, dy_b = as_btd(x_a), as_btd(dy_a), as_btd(x_b), as_btd(dy_b)
+    B, Ta, Tb, D, P = x_a.shape[0], x_a.shape[1], x_b.shape[1], x_a.shape[2], dy_a.shape[2]
+    out = torch.zeros(B, dtype=torch.float32, device=x_a.device)
+    if B == 0 or Ta == 0 or Tb == 0:
+        return out
+    symmetric = x_a is x_b and dy_a is dy_b
+    BT, BK = 32, 32
+    grid = (B, triton.cdiv(Ta, BT), triton.cdiv(Tb, BT))
+    _ghost_dot_kernel[grid](x_a, dy_a, x_b, dy_b, out, *x_a.stride(), *dy_a.stride(), *x_b.stride(), *dy_b.stride(),
+                            Ta, Tb, D, P, SYMMETRIC=symmetric, BT=BT, BK=BK,
+                            UPCAST=interpreting(), IEEE=x_a.dtype == torch.float32)
+    return out
+
+
+def ghost_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``ghost_norm_ref`` / the fused Triton kernel."""
+    if backend_for_op("ghost_norm", x) == "reference" or x.dtype == torch.float64:
+        return ghost_norm_ref(x, dy)
+    x, dy = as_btd(x), as_btd(dy)
+    return ghost_dot(x, dy, x, dy)
 
 
 def ghost_dot_ref(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,39 @@
+"""The engine with FASTDP_BACKEND=triton: its Linear norms and clipped sums come from the Triton kernels
+(through the interpreter on the CPU) and still match the torch.func reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastdp
+from fastdp.grad_sample import NormRule
+from fastdp.models import MLP, TinyTransformer, lm_loss
+from helpers import assert_close, clipped_sum_reference
+
+pytestmark = pytest.mark.interpreter
+
+
+@pytest.mark.parametrize("mode", ["ghost", "direct"])
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    monkeypatch.setattr(NormRule, "mode", mode)
+    import fastdp.kernels.ghost_norm as gn
+    calls = []
+    orig = gn._ghost_dot_kernel
+    monkeypatch.setattr(gn, "_ghost_dot_kernel", type("K", (), {"__getitem__": lambda s, g: (
+        calls.append(g), orig[g])[1]})())
+    torch.manual_seed(0)
+    if name == "mlp":
+        m, x, y, loss = MLP(12, 3, hidden=(9,)), torch.randn(5, 12), torch.randint(0, 3, (5,)), F.cross_entropy
+    else:
+        m = TinyTransformer(vocab=19, d=16, layers=1, heads=2, max_len=8)
+        x, y, loss = torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7)), lm_loss
+    ref, norms = clipped_sum_reference(m, loss, x, y, max_grad_norm=0.2)
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(0.2))
+    loss(m(x), y).backward()
+    eng.detach()
+    assert_close(eng.last_norms, norms, 1e-5, 1e-6 * norms.max().item(), "norms")
+    named = dict(m.named_parameters())
+    for n, v in ref.items():
+        assert_close(eng.summed[named[n]], v, 1e-4, 1e-5 * v.abs().max().item(), n)
+    assert (len(calls) > 0) == (mode == "ghost")  # the ghost kernel did the ghost norms
