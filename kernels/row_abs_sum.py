@@ -1,0 +1,68 @@
+"""Row-group absolute sums of clipped per-sample gradients (SPARTA's selection release, before its noise).
+
+For a Linear-like layer, ``v_j = sum_i sum_k |c_i (dY_i^T X_i)[j, k]|`` for every output row j: the per-sample
+tiles are formed in registers and reduced, never stored (Triton), or materialised in batch chunks (reference).
+The privatised release adds ``N(0, n_j sigma^2 C^2)`` per row (``n_j`` = row length), which the method does.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._backend import HAS_TRITON, backend_for_op, interpreting
+from ._common import as_btd, batch_chunks, bmm_acc
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _row_abs_sum_kernel(x, dy, scale, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, T, D, P,
+                            BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
+                            IEEE: tl.constexpr):
+        bidx = tl.program_id(0)
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for t0 in range(0, T, BT):
+            t = t0 + tl.arange(0, BT)
+            a = tl.load(dy + bidx * sy_b + t[:, None] * sy_t + m[None, :] * sy_k,
+                        mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
+            b = tl.load(x + bidx * sx_b + t[:, None] * sx_t + n[None, :] * sx_k,
+                        mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), b)
+        c = tl.load(scale + bidx)
+        tl.atomic_add(out + m, c * tl.sum(tl.abs(acc), axis=1), mask=m < P)
+
+_BT = 32
+
+
+def row_abs_sum_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[p] fp32 ``sum_i scale_i sum_k |(dY_i^T X_i)[j, k]|`` for x [B, *, d], dy [B, *, p], scale [B] (>= 0)."""
+    x, dy = as_btd(x), as_btd(dy)
+    B, p, d = x.shape[0], dy.shape[-1], x.shape[-1]
+    out = torch.zeros(p, dtype=torch.float32, device=x.device)
+    for sl in batch_chunks(B, p * d):
+        g = bmm_acc(dy[sl].transpose(1, 2), x[sl]).float()  # [b, p, d]
+        out += torch.einsum("b,bp->p", scale[sl].float(), g.abs().sum(2))
+    return out
+
+
+def row_abs_sum(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``row_abs_sum_ref`` / the Triton kernel."""
+    if backend_for_op("row_abs_sum", x) == "reference" or x.dtype == torch.float64:
+        return row_abs_sum_ref(x, dy, scale)
+    x, dy = as_btd(x), as_btd(dy)
+    B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
+    out = torch.zeros(P, dtype=torch.float32, device=x.device)
+    if B == 0 or T == 0:
+        return out
+    grid = (B, triton.cdiv(P, 32), triton.cdiv(D, 32))
+    _row_abs_sum_kernel[grid](x, dy, scale.float().contiguous(), out, *x.stride(), *dy.stride(), T, D, P,
+                              BM=32, BN=32, BT=_BT, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    return out
