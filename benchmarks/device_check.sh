@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One prepared device run (see ../.library/device): everything that needs a GPU, results under $OUT.
+# Usage on the device (from the repo root, with the opacus wheel carried in .whl/):
+#   bash benchmarks/device_check.sh            # or with STAGES="tests bench" to run a subset
+set -o pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
+[ -e fastdp/kernels ] || ln -s ../kernels fastdp/kernels   # fastdp.kernels without installing the package
+STAGES=${STAGES:-"tests norms bench"}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$OUT/device.txt"
+if [[ $STAGES == *tests* ]]; then
+  # compiled Triton kernels against their references, then the engine with every kernel forced
+  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels tests/test_gpu.py 2>&1 \
+    | tail -25 | tee "$OUT/tests_kernels.txt"
+  FASTDP_BACKEND=triton timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+    2>&1 | tail -5 | tee "$OUT/tests_engine_triton.txt"
+fi
+if [[ $STAGES == *norms* ]]; then
+  timeout 120 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 300 python3 -m benchmarks.gpu_step --out-dir "$OUT" 2>&1 | tail -22 | tee "$OUT/gpu_step.txt"
+  FASTDP_BACKEND=triton timeout 300 python3 -m benchmarks.gpu_step --out-dir "$OUT/triton" --variants fastdp \
+    2>&1 | tail -22 | tee "$OUT/gpu_step_triton.txt"
+  timeout 120 python3 -m benchmarks.bench_micro_adam --out "$OUT/micro_adam.json" 2>&1 | tail -10 \
+    | tee "$OUT/micro_adam.txt"
+fi
