@@ -14,7 +14,13 @@ interrupted study resumes where it stopped. Stages:
 * ``report``: ``micro_adam_<tag>.md`` (mean ± sample std over seeds) and ``micro_adam_<tag>.png``.
 * ``all`` (default): the four in order.
 
-    python -m benchmarks.utility_micro_adam                       # the whole study (about 45 min on 2 CPU cores)
+Runs use ``--threads 1`` torch thread by default: on a shared 2-core machine two OpenMP threads stall badly
+whenever another job runs (one Fashion-MNIST epoch went from 22-30 s to 146 s); one thread takes ~30 s per epoch
+and leaves the other core free (two stage processes with disjoint ``--clip-methods`` can share the JSONL).
+
+    python -m benchmarks.utility_micro_adam                       # the whole study (~1 h of runs of ~100 s each)
+    python -m benchmarks.utility_micro_adam --stage clip --clip-methods dpmicroadam --clip-seeds 1   # and 2: the
+                                                                  # 3-seed DP-MicroAdam C curve in results/utility/
     python -m benchmarks.utility_micro_adam --stage report        # redo the summary from the JSONL
     python -m benchmarks.utility_micro_adam --dataset digits --epochs 1 --seeds 0 --out-dir /tmp/u   # quick
 """
@@ -42,7 +48,7 @@ DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
 DEFAULT_DATA = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 METHODS = ("dpsgd", "dpadam", "dpmicroadam")
 LABELS = {"dpsgd": "DP-SGD (momentum 0.9)", "dpadam": "DP-Adam", "dpmicroadam": "DP-MicroAdam"}
-DEFAULT_LR_GRID = {"dpsgd": (0.25, 0.5, 1.0), "dpadam": (1e-3, 3e-3, 1e-2), "dpmicroadam": (1e-3, 3e-3, 1e-2)}
+DEFAULT_LR_GRID = {"dpsgd": (0.125, 0.25, 0.5, 1.0), "dpadam": (1e-3, 3e-3, 1e-2, 3e-2), "dpmicroadam": (1e-3, 3e-3, 1e-2)}
 DEFAULT_CLIP_NORMS = (0.1, 0.5, 1.0, 2.0, 5.0)
 VAL_SPLIT_SEED = 12345  # the permutation that holds out the validation images (fixed; not a training seed)
 CONFIG_KEYS = ("dataset", "method", "lr", "max_grad_norm", "seed", "epochs", "batch_size", "target_epsilon", "delta",
@@ -95,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2], help="reported seeds (main stage)")
     p.add_argument("--sweep-seed", type=int, default=100, help="seed of the lr sweep (kept apart from --seeds)")
     p.add_argument("--lr-grid", type=_method_floats, default=None,
-                   help="lr sweep grid, METHOD=v1,v2;METHOD=... (default: dpsgd 0.25,0.5,1; dpadam and dpmicroadam "
+                   help="lr sweep grid, METHOD=v1,v2;METHOD=... (default: dpsgd 0.125,0.25,0.5,1; dpadam 1e-3,3e-3,1e-2,3e-2; dpmicroadam "
                         "1e-3,3e-3,1e-2)")
     p.add_argument("--lrs", type=_method_floats, default=None,
                    help="fixed lrs METHOD=v;... instead of the sweep's pick (main and clip stages)")
@@ -103,8 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="C of the lr and main stages")
     p.add_argument("--clip-norms", type=_floats, default=list(DEFAULT_CLIP_NORMS), help="C grid of the clip stage")
     p.add_argument("--clip-methods", type=_names, default=list(METHODS), help="methods of the clip stage")
-    p.add_argument("--clip-seeds", type=_ints, default=[0], help="seeds of the clip stage")
+    p.add_argument("--clip-seeds", type=_ints, default=[0], help="seeds the clip stage runs (the report uses every seed recorded)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (1: on a shared 2-core box, 2 OpenMP threads stall badly when another job runs)")
     p.add_argument("--quiet", action="store_true", help="hide fastdp train's own output (one line per run instead)")
     return p
 
@@ -145,6 +153,8 @@ def _machine() -> dict:
 
 
 def _commit() -> Optional[str]:
+    """HEAD (and +dirty if fastdp/ or kernels/ differ from it); taken once when the process starts, since the
+    code a process runs is what it imported then."""
     with contextlib.suppress(Exception):
         git = ["git", "--no-optional-locks", "-C", ROOT]  # read-only: never takes the index lock
         out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
@@ -180,6 +190,9 @@ def _validation_split(fraction: float):
         cli.load_dataset = original
 
 
+_START_COMMIT: Optional[str] = None
+
+
 def run_one(config: dict, data_dir: str, quiet: bool) -> dict:
     """One ``fastdp train`` run; returns the record (status ok / diverged / error)."""
     from fastdp import cli
@@ -212,7 +225,7 @@ def run_one(config: dict, data_dir: str, quiet: bool) -> dict:
     record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record["torch"] = torch.__version__
     record["machine"] = _machine()
-    record["fastdp_commit"] = _commit()
+    record["fastdp_commit"] = _START_COMMIT
     return record
 
 
@@ -313,12 +326,19 @@ def summarise(args, records: List[dict]) -> dict:
         if m in lrs:
             rs = [by_key.get(_key(_config(args, m, lrs[m], s, args.max_grad_norm, "test"))) for s in args.seeds]
             main_rows[m] = [r for r in rs if r is not None]
-    for m in args.clip_methods:
+    for m in args.clip_methods:  # every seed recorded for the config, not only --clip-seeds
         if m in lrs:
             for c in args.clip_norms:
-                rs = [by_key.get(_key(_config(args, m, lrs[m], s, c, "test"))) for s in args.clip_seeds]
-                if any(r is not None for r in rs):
-                    clip_rows.setdefault(m, {})[c] = [r for r in rs if r is not None]
+                want = _key(_config(args, m, lrs[m], 0, c, "test"))
+                rs = sorted((r for k, r in by_key.items() if _key(dict(r["config"], seed=0)) == want),
+                            key=lambda r: r["config"]["seed"])
+                if rs:
+                    clip_rows.setdefault(m, {})[c] = rs
+        if m in clip_rows:  # one seed set per method (the seeds every C has), so a row compares like with like
+            row = clip_rows[m]
+            common = set.intersection(*({r["config"]["seed"] for r in rs} for rs in row.values()))
+            if common:
+                clip_rows[m] = {c: [r for r in rs if r["config"]["seed"] in common] for c, rs in row.items()}
     return {"lrs": lrs, "sweep": sweep, "main": main_rows, "clip": clip_rows}
 
 
@@ -329,6 +349,8 @@ def write_report(args, records: List[dict], out: Dict[str, str]) -> dict:
     used = list(used.values())
     total_wall = sum(r["wall_s"] for r in used)
     one = next((r for r in used if r["status"] == "ok"), None)
+    commits = sorted({str(r.get("fastdp_commit")) for r in used})
+    threads = sorted({r["machine"]["torch_threads"] for r in used})
     lines = [f"# DP-MicroAdam vs DP-Adam vs DP-SGD on {args.dataset}, epsilon {args.epsilon:g}", "",
              f"`python -m benchmarks.utility_micro_adam` (`benchmarks/utility_micro_adam.py`); raw runs: "
              f"`{os.path.basename(out['jsonl'])}` (one JSON line per run).", "",
@@ -343,11 +365,12 @@ def write_report(args, records: List[dict], out: Dict[str, str]) -> dict:
              f"* Learning rates: one seed ({args.sweep_seed}, not a reported seed) per grid value, trained on "
              f"{100 * (1 - args.val_fraction):.0f}% of the training set and scored on the held-out "
              f"{100 * args.val_fraction:.0f}% (fixed random split); the best validation accuracy picks the lr. "
-             "The test set is used only for the reported numbers.",
+             "The test set is used only for the reported numbers. (Calibrated to the smaller sweep training set, the "
+             "sweep's noise multiplier is a little larger than the reported runs'.)",
              "* Mean ± sample standard deviation (n-1) over seeds; accuracy in %.",
-             f"* Wall time of the {len(used)} runs in this report: {total_wall / 60:.1f} min"
+             f"* Sum of the wall times of the {len(used)} runs in this report: {total_wall / 60:.1f} min"
              + (f"; torch {one['torch']}, {one['machine']['cpu']} ({one['machine']['cpu_count']} cores, "
-                f"{one['machine']['torch_threads']} torch threads), fastdp {one.get('fastdp_commit')}" if one else "")
+                f"torch threads per run: {'/'.join(map(str, threads))}), fastdp commit(s) {', '.join(commits)}" if one else "")
              + ".", ""]
     if s["sweep"]:
         lines += ["## Learning-rate sweep (validation accuracy, seed %d)" % args.sweep_seed, "",
@@ -374,17 +397,23 @@ def write_report(args, records: List[dict], out: Dict[str, str]) -> dict:
         lines.append("")
     if s["clip"]:
         norms = args.clip_norms
-        lines += [f"## Sensitivity to the clipping norm C (lr fixed at the chosen value, seeds "
-                  f"{', '.join(map(str, args.clip_seeds))})", "",
+        seeds = sorted({r["config"]["seed"] for row in s["clip"].values() for rs in row.values() for r in rs})
+        lines += [f"## Sensitivity to the clipping norm C (lr fixed at the chosen value, epsilon {args.epsilon:g})", "",
+                  f"Test accuracy %, seeds recorded: {', '.join(map(str, seeds))}. Each row uses the seeds that every C of "
+                  "that row has: mean ± std where that is several seeds (n in brackets), else the single run.", "",
                   "| method | " + " | ".join(f"C={c:g}" for c in norms) + " | max - min |",
                   "|---|" + "---|" * (len(norms) + 1)]
         for m, row in s["clip"].items():
             means = [_mean_std([r["accuracy"] for r in row[c]])[0] if c in row else None for c in norms]
-            cells = [_fmt([r["accuracy"] for r in row[c]]) if c in row else "not run" for c in norms]
+            cells = [(_fmt([r["accuracy"] for r in row[c]]) + (f" (n={len(row[c])})" if len(row[c]) > 1 else ""))
+                     if c in row else "not run" for c in norms]
             ok = [v for v in means if v is not None]
             spread = f"{100 * (max(ok) - min(ok)):.2f}" if len(ok) > 1 else ""
             lines.append(f"| {LABELS[m]} (lr {s['lrs'][m]:g}) | " + " | ".join(cells) + f" | {spread} |")
-        lines.append("")
+        lines += ["", "How to read it: with flat clipping, once every per-sample gradient norm exceeds C the privatised "
+                  "gradient (clipped sum + N(0, sigma^2 C^2)) is C times the same draw at C = 1 (same seed, same sigma), so "
+                  "an optimizer invariant to the gradient's scale (Adam, MicroAdam; eps = 1e-8 aside) takes the same steps "
+                  "for every such C, whereas SGD at a fixed lr takes steps proportional to C.", ""]
     lines += ["![accuracy per method and vs the clipping norm](" + os.path.basename(out["png"]) + ")", ""]
     with open(out["md"], "w") as f:
         f.write("\n".join(lines))
@@ -422,9 +451,14 @@ def _plot(args, s: dict, path: str) -> None:
         ax2.errorbar(cs, ys, yerr=es, marker="o", capsize=4, color=f"C{METHODS.index(m)}",
                      label=f"{LABELS[m]} (lr {s['lrs'][m]:g})")
     ax2.set_xscale("log")
+    norms = sorted({c for row in s["clip"].values() for c in row})
+    if norms:
+        ax2.set_xticks(norms, [f"{c:g}" for c in norms])
+        ax2.minorticks_off()
     ax2.set_xlabel("clipping norm C (max_grad_norm)")
     ax2.set_ylabel("test accuracy (%)")
-    ax2.set_title(f"accuracy vs C, {len(args.clip_seeds)} seed(s), lr fixed", fontsize=9)
+    n_seeds = sorted({len(rs) for row in s["clip"].values() for rs in row.values()})
+    ax2.set_title(f"accuracy vs C, lr fixed, {'/'.join(map(str, n_seeds)) or 0} seed(s) per point", fontsize=9)
     if s["clip"]:
         ax2.legend(fontsize=8)
     fig.suptitle(f"{args.dataset}, epsilon {args.epsilon:g}, delta {args.delta:g}, {args.epochs} epochs, "
@@ -437,6 +471,19 @@ def _plot(args, s: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _main(args) -> dict:
+    global _START_COMMIT
+    import fastdp.cli  # noqa: F401 - imported now, with the code of the commit recorded here
+    _START_COMMIT = _START_COMMIT or _commit()
     out = paths(args.out_dir, args.dataset)
     os.makedirs(args.out_dir, exist_ok=True)
     stages = ("lr", "main", "clip", "report") if args.stage == "all" else (args.stage,)
