@@ -68,3 +68,13 @@ def test_wheel_installs_and_imports(tmp_path):
                           str(target), str(target), probe], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok")
+
+
+def test_kernel_modules_are_not_shadowed_by_functions():
+    """`fastdp.kernels.<op>` stays the op's module (its dispatcher is `fastdp.kernels.<op>.<op>`)."""
+    import types
+
+    import fastdp.kernels as k
+    for name in ("clip_accumulate", "conv_norm", "direct_norm", "ef_quant", "embedding_norm", "ghost_norm",
+                 "masked_noise", "microadam_update", "row_abs_sum", "topk_gather"):
+        assert isinstance(getattr(k, name), types.ModuleType), name
