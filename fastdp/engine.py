@@ -13,6 +13,11 @@ Data path, top to bottom:
 4. **accumulation**: each use adds ``sum_i c_i G_i`` in one pass (for Linear: the weight-gradient
    GEMM of non-private training on clip-scaled output gradients) into a flat buffer (``grad_buffer``).
 
+Per-parameter clipping rules (``clipping="per_layer"``) need no book-keeping across parameters: steps 3
+and 4 run for a parameter inside backward as soon as its last pending use has arrived (``PendingUse``
+counts the uses recorded in forward), and its activations and output gradients are freed there, so
+memory stays that of non-private training.
+
 Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOptimizer``).
 """
 from __future__ import annotations
@@ -51,6 +56,33 @@ def _leading_dim(args, kwargs) -> Optional[int]:
     return None
 
 
+class PendingUse:
+    """One use of a parameter recorded in a forward whose per-sample gradient has not reached the engine.
+
+    Layer handlers open one per parameter use (``GradSampleEngine.open_use``) and pass it with the
+    gradient to ``submit``. It lives in the autograd graph (the op's ctx): if the graph is freed
+    without a backward, the use stops counting.
+    """
+
+    __slots__ = ("counts", "param", "arrived")
+
+    def __init__(self, counts: Dict[nn.Parameter, int], param: nn.Parameter):
+        self.counts, self.param, self.arrived = counts, param, False
+        counts[param] = counts.get(param, 0) + 1
+
+    def arrive(self) -> bool:
+        """Mark the gradient as arrived; False if it had arrived before (a retained graph run again)."""
+        if self.arrived:
+            return False
+        self.arrived = True
+        self.counts[self.param] -= 1
+        return True
+
+    def __del__(self):
+        if not self.arrived:
+            self.counts[self.param] -= 1
+
+
 class GradSampleEngine:
     """Attach to ``module``; after each backward, ``summed[p]`` holds ``sum_i c_i g_i`` for every trainable p.
 
@@ -61,27 +93,37 @@ class GradSampleEngine:
         clip_rule: turns per-sample squared norms into clip factors (``fastdp.clipping``).
         loss_reduction: "mean" if the loss averages over the batch (per-sample gradients are then
             ``B`` times the per-sample output gradients), "sum" otherwise.
+        fused_per_layer: clip and accumulate each parameter inside backward once all its uses have arrived
+            (only for per-parameter rules; default: whenever the rule is per-parameter).
     """
 
-    def __init__(self, module: nn.Module, clip_rule: ClipRule, *, loss_reduction: str = "mean"):
+    def __init__(self, module: nn.Module, clip_rule: ClipRule, *, loss_reduction: str = "mean",
+                 fused_per_layer: Optional[bool] = None):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
         self.module = module
         self.clip_rule = clip_rule
         self.loss_reduction = loss_reduction
+        if fused_per_layer and not clip_rule.per_param:
+            raise ValueError(f"fused_per_layer needs a per-parameter clipping rule, got {clip_rule!r}")
+        self.fused_per_layer = clip_rule.per_param if fused_per_layer is None else bool(fused_per_layer)
         self.buffer: Optional[GradBuffer] = None
         self._dirty = False  # the buffer holds sums not yet taken by a step
         self.num_samples = 0
         self.num_backward = 0
         self.last_norms: Optional[torch.Tensor] = None  # [B] flat per-sample norms of the last backward
         self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
+        self.last_fused = 0  # parameters the last backward clipped during backward (fused per-layer clipping)
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self.masks: Dict[nn.Parameter, Mask] = {}
         # parameters whose sum of |clipped per-sample gradient| is wanted (SPARTA's selection release)
         self.collect_abs: set = set()
         self.abs_sums: Dict[nn.Parameter, torch.Tensor] = {}
-        self._ready: List[PerSampleGrad] = []
+        self._ready: Dict[nn.Parameter, List[PerSampleGrad]] = {}  # this pass's uses not yet accumulated
         self._callback_queued = None  # graph task id of the backward pass whose callback is queued
+        self._pending: Dict[nn.Parameter, int] = {}  # uses recorded in forward whose gradient has not arrived
+        self.poisoned = False  # a failed pass left partial sums in a buffer holding earlier micro-batches
+        self._new_pass_state()
         self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
         self._swapped: Optional[list] = None
         self._contexts: Dict[nn.Module, TapContext] = {}
@@ -191,64 +233,136 @@ class GradSampleEngine:
             center = center / grad.batch_size
         return MaskedGrad(grad, mask.dense, center, mask.scale)
 
-    def submit(self, grad: PerSampleGrad) -> None:
-        """Take one use's per-sample gradient (from backward); its squared norm is computed now."""
+    def open_use(self, tap: Optional[ParamTap]) -> Optional[PendingUse]:
+        """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit``."""
+        return None if tap is None else PendingUse(self._pending, tap._fdp_param)
+
+    def _new_pass_state(self) -> None:
+        self._pass_batch: Optional[int] = None
+        self._pass_sq: Dict[nn.Parameter, torch.Tensor] = {}  # parameters already clipped in this pass
+        self._pass_factors: Dict[nn.Parameter, torch.Tensor] = {}
+        self._pass_fused = False  # something was accumulated during this pass
+        self._pass_was_dirty = False  # ... into a buffer that already held earlier micro-batches
+        self._pass_no_fuse = False
+
+    def _abandon_pass(self) -> None:
+        """A pass ended without finalising: drop what it accumulated (or poison the micro-batch sums)."""
+        if self._pass_fused:
+            if self._pass_was_dirty:
+                self.poisoned = True
+            else:
+                self._dirty = False  # the buffer is zeroed before its next use
+        self._ready = {}
+        self._new_pass_state()
+
+    def submit(self, grad: PerSampleGrad, use: Optional[PendingUse] = None) -> None:
+        """Take one use's per-sample gradient (from backward); its squared norm is computed now.
+
+        ``use``: the ``PendingUse`` opened for it in forward (per-parameter rules then clip the parameter as
+        soon as no use of it is pending).
+        """
         task = torch._C._current_graph_task_id()
         if self._callback_queued != task:
             # first use of this backward pass (a failed earlier pass may have left stale state: drop it)
-            self._ready = []
+            self._abandon_pass()
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = task
+        if use is None or not use.arrive():  # untracked, or a retained graph run backward again
+            if self._pass_fused:
+                raise RuntimeError(
+                    f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a graph that "
+                    "was already backpropagated (retain_graph) in a backward pass that mixes it with a new graph; "
+                    "per-layer fused clipping cannot combine them. Build the DPOptimizer with fused_per_layer=False.")
+            self._pass_no_fuse = True
         if self.masks:
             grad = self._apply_mask(grad)
         grad.sq_self = grad.sq_norm()
-        self._ready.append(grad)
+        self._ready.setdefault(grad.param, []).append(grad)
+        if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param, 0) == 0:
+            self._clip_in_backward(grad.param)
 
-    def _finalize(self) -> None:
-        self._callback_queued = None
-        ready, self._ready = self._ready, []  # taken before anything can raise: the next pass starts clean
-        if not ready:
-            return
+    def _clip_in_backward(self, p: nn.Parameter) -> None:
+        """Per-parameter rules: clip and accumulate ``p`` now (all its uses in this graph have arrived)."""
+        uses = self._ready.pop(p)
+        batch = self._batch_size(uses, self._pass_batch)
+        if not self._pass_fused:
+            self._check_not_stale()
+            self._pass_was_dirty = self._dirty
+            self._buffer()
+            self._dirty = True
+            self._pass_fused = True
+        self._pass_batch = batch
+        red = float(batch) if self.loss_reduction == "mean" else 1.0
+        sq = self._param_sq_norm(uses) * (red * red)
+        c = self.clip_rule.factors({p: sq})[p]
+        self._accumulate(p, uses, c * red if red != 1.0 else c, self.buffer)
+        self._pass_sq[p] = sq
+        self._pass_factors[p] = c
+
+    def _check_not_stale(self) -> None:
         if self.stale_grad_check:
             raise RuntimeError("backward() after optimizer.step() without optimizer.zero_grad(): the previous "
                                "step's noisy gradients are still in .grad. Call zero_grad() before the next backward.")
-        batch = self._batch_size(ready)
-        by_param: Dict[nn.Parameter, List[PerSampleGrad]] = defaultdict(list)
-        for g in ready:
-            by_param[g.param].append(g)
+
+    def _finalize(self) -> None:
+        self._callback_queued = None
+        ready, self._ready = self._ready, {}  # taken before anything can raise: the next pass starts clean
+        fused = self._pass_fused
+        if not ready and not fused:
+            return
+        try:
+            self._finalize_pass(ready)
+        except BaseException:
+            self._abandon_pass()
+            raise
+        self._new_pass_state()
+
+    def _finalize_pass(self, ready: Dict[nn.Parameter, List[PerSampleGrad]]) -> None:
+        self._check_not_stale()
+        batch = self._batch_size([g for uses in ready.values() for g in uses], self._pass_batch)
         red = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = {p: self._param_sq_norm(uses) for p, uses in by_param.items()}
-        total = _sum(sq.values())
+        sq = {p: self._param_sq_norm(uses) for p, uses in ready.items()}
         if red != 1.0:  # per-sample gradients are B times the gradients of the mean loss
-            total = total * (red * red)
+            if sq:
+                total = _sum(sq.values()) * (red * red)
             if self.clip_rule.per_param:
                 sq = {p: v * (red * red) for p, v in sq.items()}
-        self._check_finite(total, sq)
-        factors = self.clip_rule.factors(sq, total)
-        buf = self._buffer()
+        elif sq:
+            total = _sum(sq.values())
+        if self._pass_sq:  # parameters clipped during backward (their norms carry the factor already)
+            done = _sum(self._pass_sq.values())
+            total = done if not sq else total + done
+        self._check_finite(total, {**self._pass_sq, **sq})
+        factors = self.clip_rule.factors(sq, total) if sq else {}
+        buf = self._buffer() if not self._pass_fused else self.buffer
         scaled = {}  # flat rules share one factor tensor across parameters: scale it once
-        for p, uses in by_param.items():
-            if len(uses) > 1 and p in self.masks and self.masks[p].standardizes:
-                raise UnsupportedLayerError(f"parameter '{self.param_names[p]}' is used more than once; "
-                                            "standardised clipping (AdaDPIGU) needs one use per parameter")
+        for p, uses in ready.items():
             c = factors[p]
             if red != 1.0:
                 if id(c) not in scaled:
                     scaled[id(c)] = c * red
                 c = scaled[id(c)]
-            out = buf.view(p)
-            if p in self.collect_abs:  # sum_i |c_i g_i| per coordinate: needs the per-sample gradients
-                per_sample = _sum(g.materialize() for g in uses)
-                a = torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
-                self.abs_sums[p] = self.abs_sums[p] + a if p in self.abs_sums else a
-            for g in uses:
-                g.clipped_sum(c, out)
-                g.release()
-        self.last_factors = factors
+            self._accumulate(p, uses, c, buf)
+        self.last_factors = {**self._pass_factors, **factors}
+        self.last_fused = len(self._pass_factors)
         self.last_norms = total.sqrt()
         self.num_samples += batch
         self.num_backward += 1
         self._dirty = True
+
+    def _accumulate(self, p: nn.Parameter, uses: List[PerSampleGrad], c: torch.Tensor, buf: GradBuffer) -> None:
+        """Add ``sum_i c_i g_i`` of ``p``'s uses into ``buf`` and free them (``c``: [B] factors, loss scale in)."""
+        if len(uses) > 1 and p in self.masks and self.masks[p].standardizes:
+            raise UnsupportedLayerError(f"parameter '{self.param_names[p]}' is used more than once; "
+                                        "standardised clipping (AdaDPIGU) needs one use per parameter")
+        out = buf.view(p)
+        if p in self.collect_abs:  # sum_i |c_i g_i| per coordinate: needs the per-sample gradients
+            per_sample = _sum(g.materialize() for g in uses)
+            a = torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
+            self.abs_sums[p] = self.abs_sums[p] + a if p in self.abs_sums else a
+        for g in uses:
+            g.clipped_sum(c, out)
+            g.release()
 
     def _buffer(self) -> GradBuffer:
         """The accumulation buffer over the currently trainable parameters (rebuilt if that set changed)."""
@@ -268,8 +382,8 @@ class GradSampleEngine:
             return {}
         return {p: self.buffer.views[p] for p in self.buffer.touched}
 
-    def _batch_size(self, ready: Iterable[PerSampleGrad]) -> int:
-        sizes = {}
+    def _batch_size(self, ready: Iterable[PerSampleGrad], known: Optional[int] = None) -> int:
+        sizes = {} if known is None else {known: "an earlier layer of this pass"}
         for g in ready:
             sizes.setdefault(g.batch_size, g.owner)
         if len(sizes) > 1:
@@ -305,6 +419,7 @@ class GradSampleEngine:
     def reset(self) -> None:
         """Forget accumulated sums (after a step, or on zero_grad); the buffer is zeroed lazily."""
         self._dirty = False
+        self.poisoned = False
         self.abs_sums = {}
         self.num_samples = 0
         self.num_backward = 0

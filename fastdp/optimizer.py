@@ -44,6 +44,10 @@ class DPOptimizer(torch.optim.Optimizer):
         secure_mode: draw noise from the OS CSPRNG (``fastdp.noise``); excludes ``generator``.
         clipping: "flat" (default), "automatic" (``R / (||g|| + gamma)``) or "per_layer".
         gamma: automatic clipping's stabiliser.
+        fused_per_layer: with ``clipping="per_layer"``, clip and accumulate each parameter inside backward as
+            soon as its gradient is complete, freeing its activations there (memory of non-private training).
+            False defers it to the end of backward, as flat clipping must (needed only to backpropagate a
+            retained graph together with a new one).
         sample_rate: Poisson sampling rate, when it is not exactly ``expected_batch_size / sample_size``
             (``make_private`` passes its loader's rate).
 
@@ -65,7 +69,8 @@ class DPOptimizer(torch.optim.Optimizer):
                  epochs: Optional[float] = None, steps: Optional[int] = None,
                  loss_reduction: str = "mean", accountant: str = "prv",
                  generator: Optional[torch.Generator] = None, secure_mode: bool = False,
-                 clipping: str = "flat", gamma: float = 0.01, sample_rate: Optional[float] = None):
+                 clipping: str = "flat", gamma: float = 0.01, sample_rate: Optional[float] = None,
+                 fused_per_layer: bool = True):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
@@ -94,7 +99,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.clip_rule = make_clip_rule(clipping, max_grad_norm, named, gamma)
         self.clipping = clipping
         self.max_grad_norm = max_grad_norm
-        self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction)
+        self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction,
+                                       fused_per_layer=fused_per_layer and self.clip_rule.per_param)
         self.steps_taken = 0
 
     # torch.optim.Optimizer interface, shared with the wrapped optimizer
@@ -159,6 +165,9 @@ class DPOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------- step
     def pre_step(self) -> bool:
         """Checks before privatising; returns False to skip the step."""
+        if self.engine.poisoned:
+            raise RuntimeError("a backward pass failed after part of its clipped gradients were added to the sums of "
+                               "earlier micro-batches; call optimizer.zero_grad() and redo the step's micro-batches")
         if self.engine.num_backward == 0:
             raise RuntimeError("optimizer.step() without a backward pass since the last step. With Poisson "
                                "sampling, run forward/backward on the (possibly empty) batch first.")

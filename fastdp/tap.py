@@ -76,13 +76,14 @@ class ParamTap(torch.Tensor):
         ctx = self._fdp_ctx
         return f"parameter '{ctx.owner + '.' if ctx.owner else ''}{self._fdp_name}' of module '{ctx.owner or '<root>'}' ({ctx.owner_type})"
 
-    def finish(self, grad: PerSampleGrad) -> None:
-        """Hand a completed per-sample gradient to the engine (called from backward)."""
+    def finish(self, grad: PerSampleGrad, use=None) -> None:
+        """Hand a completed per-sample gradient to the engine (called from backward with the ``PendingUse``
+        its op opened in forward)."""
         if self._fdp_fn is not None and not self._fdp_cast_only:
             from fastdp.grad_sample import TransformedGrad
 
             grad = TransformedGrad(grad, self._fdp_fn)
-        self._fdp_ctx.engine.submit(grad)
+        self._fdp_ctx.engine.submit(grad, use)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -202,7 +203,7 @@ class _BatchBroadcastFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, value, out_shape, tap):
-        ctx.tap = tap
+        ctx.tap, ctx.use = tap, tap._fdp_ctx.engine.open_use(tap)
         ctx.vshape = value.shape
         ctx.pad = len(out_shape) - value.dim()
         return value.reshape((1,) * ctx.pad + tuple(value.shape)).expand(out_shape)
@@ -214,7 +215,7 @@ class _BatchBroadcastFn(torch.autograd.Function):
         if not is_trivial(tap):
             g = pull_back(tap._fdp_fn, tap._fdp_param, g)
         param = tap._fdp_param
-        tap._fdp_ctx.engine.submit(DenseGrad(param, tap._fdp_ctx.owner, g.reshape(g.shape[0], *param.shape)))
+        tap._fdp_ctx.engine.submit(DenseGrad(param, tap._fdp_ctx.owner, g.reshape(g.shape[0], *param.shape)), ctx.use)
         return None, None, None, None
 
 

@@ -43,6 +43,12 @@ def anchor_of(*taps: Optional[ParamTap]) -> torch.Tensor:
     return next(t for t in taps if t is not None)._fdp_ctx.engine.anchor
 
 
+def open_uses(*taps: Optional[ParamTap]) -> tuple:
+    """In an op's forward: one ``PendingUse`` per tap (None where no tap), handed back with its gradient."""
+    engine = next(t for t in taps if t is not None)._fdp_ctx.engine
+    return tuple(engine.open_use(t) for t in taps)
+
+
 def plain_input(x, op: str, taps) -> torch.Tensor:
     """The data operand of a layer op must not itself be a parameter tap."""
     if isinstance(x, ParamTap):

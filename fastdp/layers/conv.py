@@ -13,7 +13,7 @@ from fastdp.grad_sample import ConvGrad, DenseGrad
 from fastdp.kernels._common import cast, upcast
 from fastdp.tap import register_op
 
-from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
+from ._autocast import anchor_of, compute_operands, open_uses, plain_input, taps_of, values
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -48,6 +48,7 @@ class _ConvFn(torch.autograd.Function):
             y = _CONV[wc.dim() - 2](xc, wc, bc, stride, padding, dilation, groups)
         ctx.save_for_backward(xc, wc)
         ctx.args = (wtap, btap, stride, padding, dilation, groups, x.dtype)
+        ctx.uses = open_uses(wtap, btap)
         return y
 
     @staticmethod
@@ -64,9 +65,10 @@ class _ConvFn(torch.autograd.Function):
         if wtap is not None:
             g = ConvGrad(wtap._fdp_param, wtap._fdp_ctx.owner, wc, stride, padding, dilation, groups)
             g.set(xc, dy)
-            wtap.finish(g)
+            wtap.finish(g, ctx.uses[0])
         if btap is not None:
-            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, upcast(dy).sum(dim=tuple(range(2, dy.dim())))))
+            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, upcast(dy).sum(dim=tuple(range(2, dy.dim())))),
+                        ctx.uses[1])
         return (gx,) + (None,) * 9
 
 

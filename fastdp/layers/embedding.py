@@ -21,6 +21,7 @@ class _EmbeddingFn(torch.autograd.Function):
     def forward(ctx, idx, w, anchor, tap, padding_idx, state):
         ctx.save_for_backward(idx)
         ctx.tap, ctx.padding_idx, ctx.num, ctx.state = tap, padding_idx, w.shape[0], state
+        state["use"] = tap._fdp_ctx.engine.open_use(tap)
         return F.embedding(idx, w, padding_idx)
 
     @staticmethod
@@ -28,14 +29,15 @@ class _EmbeddingFn(torch.autograd.Function):
         (idx,) = ctx.saved_tensors
         if not ctx.state["done"]:  # not already taken per sample at a broadcast
             ctx.state["done"] = True
-            _finish(ctx.tap, idx.flatten(1) if idx.dim() > 1 else idx.reshape(-1, 1), dy, ctx.num, ctx.padding_idx)
+            _finish(ctx.tap, idx.flatten(1) if idx.dim() > 1 else idx.reshape(-1, 1), dy, ctx.num, ctx.padding_idx,
+                    ctx.state["use"])
         return None, None, None, None, None, None
 
 
-def _finish(tap, idx2d, dy, num, padding_idx):
+def _finish(tap, idx2d, dy, num, padding_idx, use):
     g = EmbeddingGrad(tap._fdp_param, tap._fdp_ctx.owner, num, padding_idx)
     g.set(idx2d, dy.reshape(idx2d.shape[0], idx2d.shape[1], dy.shape[-1]))
-    tap.finish(g)
+    tap.finish(g, use)
 
 
 @register_op(F.embedding)
@@ -54,7 +56,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     w = tap._fdp_value
     if padding_idx is not None and padding_idx < 0:
         padding_idx += w.shape[0]
-    state = {"done": False}
+    state = {"done": False}  # "use" (the PendingUse) lives in the graph through the op's ctx
     out = _EmbeddingFn.apply(input, w, tap._fdp_ctx.engine.anchor, tap, padding_idx, state)
     if input.dim() == 1 or input.shape[0] == 1:
         # Possibly one lookup shared by the whole batch: take per-sample gradients where it is broadcast.
@@ -63,7 +65,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
         def on_grad(g):
             state["done"] = True
             B = g.shape[0]
-            _finish(tap, per_sample_idx.expand(B, -1), g, w.shape[0], padding_idx)
+            _finish(tap, per_sample_idx.expand(B, -1), g, w.shape[0], padding_idx, state["use"])
 
         return SharedActivation(out, on_grad)
     return out

@@ -13,7 +13,7 @@ from fastdp.grad_sample import DenseGrad, LinearGrad
 from fastdp.kernels._common import as_btd, cast, upcast
 from fastdp.tap import BatchSizeError, ParamTap, UnsupportedLayerError, register_op
 
-from ._autocast import anchor_of, compute_operands, plain_input, taps_of, values
+from ._autocast import anchor_of, compute_operands, open_uses, plain_input, taps_of, values
 
 
 class _LinearFn(torch.autograd.Function):
@@ -32,7 +32,7 @@ class _LinearFn(torch.autograd.Function):
             with torch.autocast(x.device.type, enabled=False):
                 y = F.linear(xc, wc.t() if transposed else wc, bc)
         ctx.save_for_backward(xc if wtap is not None else None, wc)
-        ctx.meta, ctx.x_dtype = meta, x.dtype
+        ctx.meta, ctx.x_dtype, ctx.uses = meta, x.dtype, open_uses(wtap, btap)
         return y
 
     @staticmethod
@@ -47,9 +47,9 @@ class _LinearFn(torch.autograd.Function):
         if wtap is not None:
             g = LinearGrad(wtap._fdp_param, wtap._fdp_ctx.owner, transposed=transposed)
             g.set(as_btd(xc, batch), dyb)
-            wtap.finish(g)
+            wtap.finish(g, ctx.uses[0])
         if btap is not None:
-            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, upcast(dyb).sum(1)))
+            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, upcast(dyb).sum(1)), ctx.uses[1])
         return gx, None, None, None, None
 
 

@@ -18,7 +18,7 @@ from fastdp.grad_sample import DenseGrad
 from fastdp.kernels._common import cast, upcast
 from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
-from ._autocast import anchor_of, plain_input, taps_of, values
+from ._autocast import anchor_of, open_uses, plain_input, taps_of, values
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,6 +71,7 @@ class _NormFn(torch.autograd.Function):
                 rstd = torch.rsqrt(upcast(xc).pow(2).mean(dims, keepdim=True) + e)
         ctx.save_for_backward(xc, wc, bc, mean, rstd)
         ctx.args = (wtap, btap, kind, arg, x.dtype)
+        ctx.uses = open_uses(wtap, btap)
         return y
 
     @staticmethod
@@ -98,9 +99,10 @@ class _NormFn(torch.autograd.Function):
                 gx = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
             gx = cast(gx, x_dtype)
         if wtap is not None:
-            wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, _per_sample(kind, upcast(dy) * x_hat, arg)))
+            wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, _per_sample(kind, upcast(dy) * x_hat, arg)),
+                        ctx.uses[0])
         if btap is not None:
-            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, _per_sample(kind, upcast(dy), arg)))
+            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, _per_sample(kind, upcast(dy), arg)), ctx.uses[1])
         return (gx,) + (None,) * 8
 
 
