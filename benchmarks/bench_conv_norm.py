@@ -1,5 +1,6 @@
 """Per-sample conv weight-gradient norms at WRN-16-4 shapes (B=256): direct (grouped weight-gradient conv)
-vs ghost (strided unfold + Gram) vs the non-private weight-gradient conv they add to.
+vs ghost (strided unfold + Gram) vs the implicit-im2col Triton kernel (CUDA only) vs the non-private
+weight-gradient conv they add to. The Triton column is checked against the reference (relative error < 2e-2).
 
     python -m benchmarks.bench_conv_norm [--device cuda] [--batch 256]
 """
@@ -12,6 +13,8 @@ import time
 import torch
 
 from fastdp.kernels import conv_norm_ref
+from fastdp.kernels._backend import HAS_TRITON
+from fastdp.kernels.conv_norm import conv_norm
 
 # (C_in, C_out, H=W, stride) of WRN-16-4's 3x3 convs at 32x32 input
 SHAPES = [(3, 16, 32, 1), (16, 64, 32, 1), (64, 64, 32, 1), (64, 128, 32, 2), (128, 128, 16, 1),
@@ -41,7 +44,7 @@ def main(argv=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, B={args.batch}")
     print(f"{'dtype':5} {'C_in':>4} {'C_out':>5} {'HW':>3} {'s':>1} {'wgrad ms':>9} {'grouped ms':>10} "
-          f"{'unfold ms':>9} {'ghost ms':>9}")
+          f"{'unfold ms':>9} {'ghost ms':>9} {'triton ms':>9}")
     for dname in args.dtypes.split(","):
         dt = torch.float32 if dname == "fp32" else torch.bfloat16
         for cin, cout, hw, s in SHAPES:
@@ -61,8 +64,17 @@ def main(argv=None):
                                      args.device))
                 except torch.OutOfMemoryError:
                     row.append(float("nan"))
+            row.append(float("nan"))
+            if args.device == "cuda" and HAS_TRITON:
+                def triton_norm():
+                    return conv_norm(x, dy, ws, (s, s), (1, 1), (1, 1), 1, ghost=False)
+                ref = conv_norm_ref(x, dy, ws, (s, s), (1, 1), (1, 1), 1, False, "unfold")
+                err = ((triton_norm() - ref).abs() / ref).max().item()
+                if err > 2e-2:
+                    raise AssertionError(f"Triton conv norm differs from the reference by {err:.2e} at {ws}")
+                row[-1] = bench(triton_norm, args.device)
             print(f"{dname:5} {cin:4d} {cout:5d} {hw:3d} {s:1d} {row[0]:9.3f} {row[1]:10.3f} {row[2]:9.3f} "
-                  f"{row[3]:9.3f}", flush=True)
+                  f"{row[3]:9.3f} {row[4]:9.3f}", flush=True)
 
 
 if __name__ == "__main__":

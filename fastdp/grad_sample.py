@@ -22,7 +22,6 @@ from typing import Callable, Optional
 import torch
 
 from fastdp.kernels import (
-    conv_norm_ref,
     conv_per_sample_grad_ref,
     direct_dot_ref,
     embedding_accumulate_ref,
@@ -32,6 +31,7 @@ from fastdp.kernels import (
 )
 from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
 from fastdp.kernels.clip_accumulate import clip_accumulate
+from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
 
@@ -229,8 +229,8 @@ class ConvGrad(PerSampleGrad):
         k = math.prod(self.weight_shape[2:])
         L = math.prod(self.dy.shape[2:])
         ghost = NormRule.use_ghost(L, c_out // self.groups, cg * k)
-        return conv_norm_ref(self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation,
-                             self.groups, ghost)
+        return conv_norm(self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation,
+                         self.groups, ghost)
 
     def restrict_rows(self, rows):
         if self.groups != 1:

@@ -11,8 +11,10 @@ and ``dY_i`` [L, C_out/g] per group, sample i's weight gradient is ``dY_i^T X_i`
 * ghost: ``sum_{l,l'} (X X^T)[l,l'] (dY dY^T)[l,l']`` from patches gathered by one strided copy
   (``as_strided``; ``F.unfold`` on CUDA launches one kernel per sample).
 
-The engine picks the cheaper by FLOPs (``T (p + d) < p d`` with T = L). The Triton kernel (issue: fused
-kernels) forms the tiles in registers with an implicit im2col.
+The engine picks the cheaper by FLOPs (``T (p + d) < p d`` with T = L). ``conv_norm`` dispatches the
+direct norm to a Triton kernel that forms each per-sample tile ``dY_i^T X_i`` in registers with an implicit
+im2col (patch addresses computed in the kernel: no patch buffer, no per-sample gradient in memory); the
+ghost norm over patches stays on the reference path.
 """
 from __future__ import annotations
 
@@ -22,9 +24,83 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import acc_dtype, batch_chunks, upcast
 from .direct_norm import direct_norm_ref
 from .ghost_norm import ghost_norm_ref
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _conv_direct_norm_kernel(x, dy, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
+                                 H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
+                                 BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr,
+                                 IEEE: tl.constexpr):
+        """out[b] += ||tile of dY_{b,g}^T X_{b,g}||^2 for one [BM, BN] tile of group g's weight gradient.
+
+        Rows m: output channels of the group (COG); columns n = (c, i, j) over CG * KH * KW; the reduction runs
+        over the L = Ho * Wo output positions, loading each patch value from x at its input coordinate
+        (zero outside the image: the padding).
+        """
+        pid = tl.program_id(0)
+        b = pid // GROUPS
+        g = pid % GROUPS
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        c = n // (KH * KW)
+        ij = n % (KH * KW)
+        i = ij // KW
+        j = ij % KW
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        x_base = x + b * sx_b + (g * CG) * sx_c
+        y_base = dy + b * sy_b + (g * COG) * sy_c
+        for l0 in range(0, L, BL):
+            lpos = l0 + tl.arange(0, BL)
+            oh = lpos // Wo
+            ow = lpos % Wo
+            a = tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
+                        mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
+            ih = oh[:, None] * SH - PH + i[None, :] * DH
+            iw = ow[:, None] * SW - PW + j[None, :] * DW
+            inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            p = tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                p = p.to(tl.float32)
+            if IEEE:
+                acc += tl.dot(tl.trans(a), p, input_precision="ieee")
+            else:
+                acc += tl.dot(tl.trans(a), p)
+        tl.atomic_add(out + b, tl.sum(acc * acc))
+
+
+def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
+              groups: int, ghost: bool) -> torch.Tensor:
+    """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernel for the direct norm (same arguments).
+
+    The ghost norm (``ghost=True``) and fp64 inputs always take the reference.
+    """
+    if ghost or x.dtype == torch.float64 or backend_for_op("conv_norm", x) == "reference":
+        return conv_norm_ref(x, dy, weight_shape, stride, padding, dilation, groups, ghost)
+    if len(weight_shape) == 3:  # conv1d as a conv2d of height 1
+        x, dy = x.unsqueeze(2), dy.unsqueeze(2)
+        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    c_out, cg, kh, kw = weight_shape
+    B, _, H, W = x.shape
+    Ho, Wo = dy.shape[2], dy.shape[3]
+    out = torch.zeros(B, dtype=torch.float32, device=x.device)
+    if B == 0 or Ho * Wo == 0:
+        return out
+    cog, K = c_out // groups, cg * kh * kw
+    BM, BN, BL = 32, 32, 32
+    grid = (B * groups, triton.cdiv(cog, BM), triton.cdiv(K, BN))
+    _conv_direct_norm_kernel[grid](
+        x, dy, out, *x.stride(), *dy.stride(), H, W, Wo, Ho * Wo, cog, cg, kh, kw, *stride, *padding, *dilation,
+        groups, BM=BM, BN=BN, BL=BL, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    return out
 
 
 def unfold_patches(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],

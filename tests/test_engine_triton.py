@@ -38,3 +38,30 @@ def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
     for n, v in ref.items():
         assert_close(eng.summed[named[n]], v, 1e-4, 1e-5 * v.abs().max().item(), n)
     assert (len(calls) > 0) == (mode == "ghost")  # the ghost kernel did the ghost norms
+
+
+def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    monkeypatch.setattr(NormRule, "mode", "direct")
+    import importlib
+
+    from fastdp.models import SmallCNN
+    cn = importlib.import_module("fastdp.kernels.conv_norm")
+    calls = []
+    orig = cn._conv_direct_norm_kernel
+    monkeypatch.setattr(cn, "_conv_direct_norm_kernel", type("K", (), {"__getitem__": lambda s, g: (
+        calls.append(g), orig[g])[1]})())
+    torch.manual_seed(0)
+    m = SmallCNN(in_channels=1, num_classes=4, width=4, image_size=8)
+    x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 4, (3,))
+    ref, norms = clipped_sum_reference(m, F.cross_entropy, x, y, max_grad_norm=0.2)
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(0.2))
+    F.cross_entropy(m(x), y).backward()
+    eng.detach()
+    assert_close(eng.last_norms, norms, 1e-5, 1e-6 * norms.max().item(), "norms")
+    named = dict(m.named_parameters())
+    scale = max(v.abs().max().item() for v in ref.values())  # conv biases before GroupNorm have ~0 gradients
+    for n, v in ref.items():
+        assert_close(eng.summed[named[n]], v, 1e-4, 1e-5 * scale, n)
+    n_conv = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
+    assert len(calls) == n_conv > 0  # every conv weight's norm came from the kernel

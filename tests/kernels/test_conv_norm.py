@@ -53,3 +53,30 @@ def test_unfold_patches_matches_F_unfold():
     x = torch.randn(3, 4, 9, 7)
     for k, s, p, d in [((3, 3), (1, 1), (1, 1), (1, 1)), ((2, 3), (2, 1), (0, 2), (2, 1))]:
         assert torch.equal(unfold_patches(x, k, s, p, d), F.unfold(x, k, dilation=d, padding=p, stride=s))
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("case", CASES + [(5, 7, (6, 9), (3, 3), (1, 2), (2, 1), (1, 1), 1),
+                                          (3, 40, (5, 5), (1, 1), (1, 1), (0, 0), (1, 1), 1),
+                                          (36, 4, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1)], ids=str)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+def test_triton_implicit_im2col_direct_norm(case, dtype, tol, monkeypatch):
+    """Implicit-im2col Triton kernel (interpreter on the CPU) vs the reference; odd sizes, padding, groups, 1-D."""
+    from fastdp.kernels.conv_norm import conv_norm
+
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    cin, cout, sp, k, s, p, d, g = case
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(3, cin, *sp, device=dev).to(dtype)
+    out_sp = [(n + 2 * pp - dd * (kk - 1) - 1) // ss + 1 for n, kk, ss, pp, dd in zip(sp, k, s, p, d)]
+    dy = torch.randn(3, cout, *out_sp, device=dev).to(dtype)
+    ws = (cout, cin // g, *k)
+    ref = explicit(x.double().cpu(), dy.double().cpu(), ws, s, p, d, g).flatten(1).pow(2).sum(1)
+    got = conv_norm(x, dy, ws, s, p, d, g, ghost=False)
+    assert got.dtype == torch.float32
+    assert ((got.double().cpu() - ref).abs() / ref).max() < tol
+    # non-contiguous input (channels-last) and an empty batch
+    if x.dim() == 4:
+        got_cl = conv_norm(x.to(memory_format=torch.channels_last), dy, ws, s, p, d, g, ghost=False)
+        assert ((got_cl.double().cpu() - ref).abs() / ref).max() < tol
+    assert conv_norm(x[:0], dy[:0], ws, s, p, d, g, ghost=False).shape == (0,)
