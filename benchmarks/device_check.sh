@@ -22,9 +22,18 @@ if [[ $STAGES == *norms* ]]; then
   timeout 120 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
 fi
 if [[ $STAGES == *bench* ]]; then
-  timeout 300 python3 -m benchmarks.gpu_step --out-dir "$OUT" 2>&1 | tail -22 | tee "$OUT/gpu_step.txt"
-  FASTDP_BACKEND=triton timeout 300 python3 -m benchmarks.gpu_step --out-dir "$OUT/triton" --variants fastdp \
-    2>&1 | tail -22 | tee "$OUT/gpu_step_triton.txt"
-  timeout 120 python3 -m benchmarks.bench_micro_adam --out "$OUT/micro_adam.json" 2>&1 | tail -10 \
+  # ~6 minutes in all. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
+  # per-layer, the sparse methods, DP-MicroAdam, Opacus hooks/ghost), 20 timed steps after 3 warm-up, then the
+  # profiled pass (kernels per step), then, in what is left of 240 s, the largest bf16 batch of non-private,
+  # fastdp and Opacus. Runs past the budget become 'skipped' rows; the JSON/CSV/MD are rewritten after every
+  # workload, so a timeout still leaves the rows measured so far. FASTDP_COMMIT=<hash> records the commit.
+  timeout 300 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 240 \
+    --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
+    ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
+  # the engine with every Triton kernel forced, beside non-private, same harness
+  FASTDP_BACKEND=triton timeout 60 python3 -m benchmarks.e2e --out-dir "$OUT/triton" --variants nonprivate,fastdp \
+    --steps 20 --warmup 3 --no-launches --time-budget 40 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
+    | tee "$OUT/e2e_triton_log.txt" | tail -12
+  timeout 60 python3 -m benchmarks.bench_micro_adam --out "$OUT/micro_adam.json" 2>&1 | tail -10 \
     | tee "$OUT/micro_adam.txt"
 fi

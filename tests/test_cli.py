@@ -136,3 +136,43 @@ def test_sparse_methods_run_end_to_end(method):
                 "--no-progress", "--seed", "0"])
     assert 2.5 < res["epsilon"] <= 3.0
     assert res["test_accuracy"] > 0.3  # well above chance (0.1); these are from-scratch runs, not a ranking
+
+
+# ---------------------------------------------------------------------------------------------- bench
+def test_bench_help_lists_the_benchmark_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: fastdp bench") and "--max-batch" in out and "--variants" in out
+
+
+def test_bench_tiny_run_through_the_cli(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        res = run(["bench", "--device", "cpu", "--tiny", "--workloads", "wrn", "--dtypes", "fp32", "--variants",
+                   "nonprivate,fastdp", "--steps", "1", "--warmup", "1", "--threads", "1", "--no-launches",
+                   "--out-dir", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["variant"], r["status"]) for r in res["rows"]] == [("nonprivate", "ok"), ("fastdp", "ok")]
+    assert all(os.path.exists(p) and os.path.dirname(p) == str(tmp_path) for p in res["paths"])
+
+
+def test_bench_without_the_source_tree_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import fastdp.cli
+
+    monkeypatch.setattr(fastdp.cli, "_source_root", lambda: str(tmp_path))  # as in site-packages after a wheel install
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "source tree only" in err and "pip install -e ." in err and "Traceback" not in err
+
+
+def test_python_m_fastdp_bench_help_outside_the_repo(tmp_path):
+    """Run from another directory: benchmarks/ is found next to the package, not on the current directory."""
+    out = subprocess.run([sys.executable, "-m", "fastdp", "bench", "--help"], capture_output=True, text=True,
+                         timeout=120, cwd=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    assert "--max-batch" in out.stdout
