@@ -1,0 +1,1 @@
+"""Kernel microbenchmarks (pytest-benchmark); the harness and the work formulas are in ``conftest.py``."""
