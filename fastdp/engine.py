@@ -31,7 +31,7 @@ from torch import nn
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
 from fastdp.grad_buffer import GradBuffer
-from fastdp.grad_sample import MaskedGrad, PerSampleGrad, per_sample_dot
+from fastdp.grad_sample import PerSampleGrad, masked, per_sample_dot
 from fastdp.masks import Mask
 from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerError
 
@@ -231,7 +231,7 @@ class GradSampleEngine:
             # the recorded gradients are those of the mean loss, g_i / B (scaled by B at the clip step):
             # (g_i / B - center / B) / scale, times B, is the wanted (g_i - center) / scale
             center = center / grad.batch_size
-        return MaskedGrad(grad, mask.dense, center, mask.scale)
+        return masked(grad, mask.dense, center, mask.scale)
 
     def open_use(self, tap: Optional[ParamTap]) -> Optional[PendingUse]:
         """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit``."""

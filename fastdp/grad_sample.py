@@ -34,6 +34,7 @@ from fastdp.kernels.clip_accumulate import clip_accumulate
 from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
+from fastdp.kernels.masked_direct_norm import masked_direct_norm
 
 
 def prefer_ghost(T: int, p: int, d: int) -> bool:
@@ -273,6 +274,54 @@ class MaskedGrad(DenseGrad):
             g = (g - center) / scale
         inner.release()
         super().__init__(inner.param, inner.owner, g * mask)
+
+
+class MaskedLinearGrad(PerSampleGrad):
+    """``M * (G_i - center) / scale`` for a Linear-like ``inner`` (all rows), without per-sample gradients in memory.
+
+    The norm is the masked direct norm (``fastdp.kernels.masked_direct_norm``: tiles in registers on the GPU);
+    the clipped sum is one clip-and-accumulate GEMM followed by the elementwise transform, since
+    ``sum_i c_i M (G_i - a) / b = M (sum_i c_i G_i - (sum_i c_i) a) / b``.
+    """
+
+    def __init__(self, inner: LinearGrad, mask: torch.Tensor, center=None, scale=None):
+        super().__init__(inner.param, inner.owner)
+        self.inner, self.mask, self.center, self.scale = inner, mask, center, scale
+        self.batch_size = inner.batch_size
+
+    def _pd(self, t):
+        """A parameter-shaped tensor in the [p, d] layout of ``dY^T X``."""
+        return t.t() if t is not None and self.inner.transposed else t
+
+    def sq_norm(self):
+        return masked_direct_norm(self.inner.x, self.inner.dy, self._pd(self.mask), self._pd(self.center),
+                                  self._pd(self.scale))
+
+    def materialize(self):
+        g = self.inner.materialize()
+        if self.center is not None:
+            g = (g - self.center) / self.scale
+        return g * self.mask
+
+    def clipped_sum(self, scale, out):
+        inner = self.inner
+        g = clip_accumulate(inner.x, inner.dy, scale)  # [p, d] fp32 (fp64 for fp64)
+        if inner.transposed:
+            g = g.t()
+        if self.center is not None:
+            g = (g - scale.sum().to(g.dtype) * self.center) / self.scale
+        return out.add_((g * self.mask).to(out.dtype))
+
+    def release(self):
+        self.inner.release()
+        self.mask = self.center = self.scale = None
+
+
+def masked(inner: PerSampleGrad, mask: torch.Tensor, center=None, scale=None) -> PerSampleGrad:
+    """``inner`` restricted to ``mask`` (and standardised): without per-sample gradients for Linear-like uses."""
+    if isinstance(inner, LinearGrad) and inner.rows is None:
+        return MaskedLinearGrad(inner, mask, center, scale)
+    return MaskedGrad(inner, mask, center, scale)
 
 
 class TransformedGrad(DenseGrad):

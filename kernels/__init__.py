@@ -18,6 +18,7 @@ from .embedding_norm import (
     embedding_norm_ref,
 )
 from .ghost_norm import ghost_dot, ghost_dot_ref, ghost_norm_ref
+from .masked_direct_norm import masked_direct_norm_ref
 from .masked_noise import masked_noise_ref
 from .microadam_update import microadam_update_ref
 from .row_abs_sum import row_abs_sum_ref
@@ -25,6 +26,7 @@ from .topk_gather import gather_zero, gather_zero_ref
 
 __all__ = [
     "ghost_dot",
+    "masked_direct_norm_ref",
     "masked_noise_ref",
     "row_abs_sum_ref",
     "block_minmax",

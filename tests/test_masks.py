@@ -71,6 +71,51 @@ def test_row_masks_keep_ghost_norms_on_the_selected_rows():
     eng.detach()
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+@pytest.mark.parametrize("standardise", [False, True])
+def test_coordinate_masks_on_linear_layers_form_no_per_sample_gradients(backend, standardise, monkeypatch):
+    """Coordinate masks (RS) and standardisation (AdaDPIGU) on Linear weights: masked direct norm + one GEMM."""
+    from fastdp.grad_sample import LinearGrad, MaskedLinearGrad
+
+    monkeypatch.setenv("FASTDP_BACKEND", backend)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(7, 9), nn.Tanh(), nn.Linear(9, 4))
+    x, y = torch.randn(5, 3, 7), torch.randint(0, 4, (5, 3))
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out.reshape(-1, 4), y.reshape(-1))
+
+    masks = {}
+    for p in model.parameters():
+        m = torch.rand(p.shape) < 0.4
+        if standardise:
+            masks[p] = Mask.from_coords(m, center=0.01 * torch.randn(p.shape), scale=torch.rand(p.shape) + 0.5)
+        else:
+            masks[p] = Mask.from_coords(m)
+    # reference: explicit per-sample gradients, standardised ((g - a) / b, the engine's convention), masked
+    g = per_sample_grads(model, loss_fn, x, y)
+    named = dict(model.named_parameters())
+    w = {}
+    for n, v in g.items():
+        mk = masks[named[n]]
+        w[n] = ((v - mk.center) / mk.scale if standardise else v) * mk.dense
+    norms = torch.cat([v.flatten(1) for v in w.values()], 1).norm(dim=1)
+    c = (0.3 / (norms + 1e-6)).clamp(max=1.0)
+    monkeypatch.setattr(LinearGrad, "materialize", lambda self: pytest.fail("per-sample gradients materialised"))
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.3))
+    for p, m in masks.items():
+        eng.set_mask(p, m)
+    seen = []
+    orig = eng._apply_mask
+    eng._apply_mask = lambda gr: seen.append(orig(gr)) or seen[-1]
+    loss_fn(model(x), y).backward()
+    eng.detach()
+    assert sum(isinstance(s, MaskedLinearGrad) for s in seen) == 2  # both weights
+    assert_close(eng.last_norms, norms, 1e-5, 1e-7, "norms")
+    for n, v in w.items():
+        assert_close(eng.summed[named[n]], torch.einsum("b,b...->...", c, v), 1e-4, 1e-6, n)
+
+
 @pytest.mark.parametrize("kind", ["rows", "coords"])
 def test_masked_coordinates_never_move(kind):
     torch.manual_seed(0)
