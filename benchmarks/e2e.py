@@ -183,7 +183,7 @@ def _sparta(model, workload, loss_fn, B, device):
     opt = SPARTA(model, _sgd(model), sparsity=0.2, warmup_epochs=0, **_dp(B, device))
     gen = torch.Generator(device=device).manual_seed(0)
     for p in opt.eligible:
-        opt.scores[p] = torch.rand(p.shape[0], generator=gen, device=device)
+        opt.scores[p] = torch.rand(p.shape[opt.group_dim[p]], generator=gen, device=device)
     opt.steps_taken = opt.steps_per_epoch * (opt.warmup_epochs + 1)
     opt._begin_epoch(opt.epoch)
     return Prepared(model, opt, loss_fn, opt.phase)

@@ -31,7 +31,7 @@ from torch import nn
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
 from fastdp.grad_buffer import GradBuffer
-from fastdp.grad_sample import PerSampleGrad, masked, per_sample_dot
+from fastdp.grad_sample import DenseGrad, PerSampleGrad, masked, per_sample_dot
 from fastdp.masks import Mask
 from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerError
 
@@ -224,7 +224,7 @@ class GradSampleEngine:
         mask = self.masks.get(grad.param)
         if mask is None:
             return grad
-        if mask.rows is not None and not mask.standardizes and grad.restrict_rows(mask.rows):
+        if mask.rows is not None and not mask.standardizes and grad.restrict_rows(mask.rows, mask.dim):
             return grad
         center = mask.center
         if center is not None and self.loss_reduction == "mean" and grad.batch_size:
@@ -274,16 +274,20 @@ class GradSampleEngine:
                     "was already backpropagated (retain_graph) in a backward pass that mixes it with a new graph; "
                     "per-layer fused clipping cannot combine them. Build the DPOptimizer with fused_per_layer=False.")
             self._pass_no_fuse = True
-        if self.masks:
-            grad = self._apply_mask(grad)
-        grad.sq_self = grad.sq_norm()
+        mask = self.masks.get(grad.param) if self.masks else None
+        if mask is not None and mask.standardizes:
+            grad.sq_self = None  # standardised once all uses of the parameter are summed (``_standardise``)
+        else:
+            if mask is not None:
+                grad = self._apply_mask(grad)
+            grad.sq_self = grad.sq_norm()
         self._ready.setdefault(grad.param, []).append(grad)
         if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param, 0) == 0:
             self._clip_in_backward(grad.param)
 
     def _clip_in_backward(self, p: nn.Parameter) -> None:
         """Per-parameter rules: clip and accumulate ``p`` now (all its uses in this graph have arrived)."""
-        uses = self._ready.pop(p)
+        uses = self._standardise(p, self._ready.pop(p))
         batch = self._batch_size(uses, self._pass_batch)
         if not self._pass_fused:
             self._check_not_stale()
@@ -298,6 +302,21 @@ class GradSampleEngine:
         self._accumulate(p, uses, c * red if red != 1.0 else c, self.buffer)
         self._pass_sq[p] = sq
         self._pass_factors[p] = c
+
+    def _standardise(self, p: nn.Parameter, uses: List[PerSampleGrad]) -> List[PerSampleGrad]:
+        """A standardising mask applies to the parameter's whole per-sample gradient: the uses of a parameter used
+        more than once (tied weights) are summed first (explicitly), then standardised and masked."""
+        mask = self.masks.get(p)
+        if mask is None or not mask.standardizes:
+            return uses
+        g = uses[0]
+        if len(uses) > 1:
+            g = DenseGrad(p, uses[0].owner, _sum(u.materialize() for u in uses))
+            for u in uses:
+                u.release()
+        g = self._apply_mask(g)
+        g.sq_self = g.sq_norm()
+        return [g]
 
     def _check_not_stale(self) -> None:
         if self.stale_grad_check:
@@ -319,6 +338,7 @@ class GradSampleEngine:
 
     def _finalize_pass(self, ready: Dict[nn.Parameter, List[PerSampleGrad]]) -> None:
         self._check_not_stale()
+        ready = {p: self._standardise(p, uses) for p, uses in ready.items()}
         batch = self._batch_size([g for uses in ready.values() for g in uses], self._pass_batch)
         red = float(batch) if self.loss_reduction == "mean" else 1.0
         sq = {p: self._param_sq_norm(uses) for p, uses in ready.items()}
@@ -352,9 +372,6 @@ class GradSampleEngine:
 
     def _accumulate(self, p: nn.Parameter, uses: List[PerSampleGrad], c: torch.Tensor, buf: GradBuffer) -> None:
         """Add ``sum_i c_i g_i`` of ``p``'s uses into ``buf`` and free them (``c``: [B] factors, loss scale in)."""
-        if len(uses) > 1 and p in self.masks and self.masks[p].standardizes:
-            raise UnsupportedLayerError(f"parameter '{self.param_names[p]}' is used more than once; "
-                                        "standardised clipping (AdaDPIGU) needs one use per parameter")
         out = buf.view(p)
         if p in self.collect_abs:  # sum_i |c_i g_i| per coordinate: needs the per-sample gradients
             per_sample = _sum(g.materialize() for g in uses)

@@ -86,9 +86,9 @@ class PerSampleGrad:
     def release(self) -> None:
         """Drop the saved activations once the clipped sum is formed."""
 
-    def restrict_rows(self, rows: torch.Tensor) -> bool:
-        """Keep only rows ``rows`` (dim 0 of the parameter) of every per-sample gradient, if this type can do so
-        without forming per-sample gradients. Returns False when it cannot (the engine then masks densely)."""
+    def restrict_rows(self, rows: torch.Tensor, dim: int = 0) -> bool:
+        """Keep only slices ``rows`` along ``dim`` of the parameter in every per-sample gradient, if this type can
+        do so without forming per-sample gradients. Returns False when it cannot (the engine then masks densely)."""
         return False
 
 
@@ -145,8 +145,8 @@ class LinearGrad(PerSampleGrad):
             return ghost_norm(self.x, self.dy)
         return direct_norm(self.x, self.dy)
 
-    def restrict_rows(self, rows):
-        if self.transposed:
+    def restrict_rows(self, rows, dim=0):
+        if dim != (1 if self.transposed else 0):  # only output neurons (the p dim of dY) can be restricted
             return False
         self.dy = self.dy[..., rows]
         self.rows = rows
@@ -155,14 +155,22 @@ class LinearGrad(PerSampleGrad):
     def materialize(self):
         g = torch.einsum("btp,btd->bpd", upcast(self.dy), upcast(self.x))
         if self.rows is not None:
-            full = g.new_zeros(g.shape[0], *self.param.shape)
+            full = g.new_zeros(g.shape[0], self.dy_features, self.x.shape[-1])
             full[:, self.rows] = g
-            return full
+            g = full
         return g.transpose(1, 2) if self.transposed else g
+
+    @property
+    def dy_features(self) -> int:
+        """Output features of the parameter (p), whatever rows are kept."""
+        return self.param.shape[1 if self.transposed else 0]
 
     def clipped_sum(self, scale, out):
         if self.rows is not None:
-            return out.index_add_(0, self.rows, clip_accumulate(self.x, self.dy, scale).to(out.dtype))
+            g = clip_accumulate(self.x, self.dy, scale).to(out.dtype)  # [p_kept, d]
+            if self.transposed:
+                return out.index_add_(1, self.rows, g.t())
+            return out.index_add_(0, self.rows, g)
         return clip_accumulate(self.x, self.dy, scale, out.t() if self.transposed else out)
 
     def release(self):
@@ -233,8 +241,8 @@ class ConvGrad(PerSampleGrad):
         return conv_norm(self.x, self.dy, self.weight_shape, self.stride, self.padding, self.dilation,
                          self.groups, ghost)
 
-    def restrict_rows(self, rows):
-        if self.groups != 1:
+    def restrict_rows(self, rows, dim=0):
+        if self.groups != 1 or dim != 0:
             return False
         self.dy = self.dy[:, rows]
         self.weight_shape = (rows.numel(), *self.weight_shape[1:])
@@ -391,6 +399,6 @@ def _embedding_embedding(a: EmbeddingGrad, b: EmbeddingGrad):
 
 @register_dot(EmbeddingGrad, LinearGrad)
 def _embedding_linear(a: EmbeddingGrad, b: LinearGrad):
-    if b.transposed:
+    if b.transposed or b.rows is not None:
         return None
     return embedding_linear_dot_ref(a.idx, a.dy, b.x, b.dy)

@@ -4,9 +4,10 @@ A ``Mask`` marks the coordinates of one parameter that train. The engine clips t
 gradients (the norm is taken after masking), keeps the clipped sum on the mask, and the optimizer adds
 noise only there, so masked coordinates receive exactly zero gradient.
 
-* ``Mask.from_rows(param, rows)``: whole rows along dim 0 (Linear output neurons, Conv output
-  filters). Linear and ungrouped Conv layers then compute norms and clipped sums on the selected rows
-  only (ghost norms stay available): the work scales with the rows kept.
+* ``Mask.from_rows(param, rows, dim=0)``: whole slices along ``dim`` (output neurons: dim 0 of an
+  ``nn.Linear`` weight, dim 1 of an HF ``Conv1D`` weight; Conv output filters: dim 0). Linear-like and
+  ungrouped Conv layers then compute norms and clipped sums on the selected output rows only (ghost norms
+  stay available): the work scales with the rows kept.
 * ``Mask.from_coords(bool_tensor)``: any coordinates (random sparsification). Per-sample gradients of the
   masked layer are formed explicitly (reference path; the fused kernel keeps them in registers).
 * ``center`` / ``scale`` (optional, the parameter's shape): per-sample gradients are standardised,
@@ -24,18 +25,21 @@ import torch
 @dataclass(frozen=True)
 class Mask:
     dense: torch.Tensor  # bool, the parameter's shape
-    rows: Optional[torch.Tensor] = None  # sorted int64 row indices along dim 0, when the mask is whole rows
+    rows: Optional[torch.Tensor] = None  # sorted int64 indices along ``dim``, when the mask is whole slices
     center: Optional[torch.Tensor] = None  # standardisation before clipping (see module docstring)
     scale: Optional[torch.Tensor] = None
+    dim: int = 0  # the dim ``rows`` index
 
     @classmethod
-    def from_rows(cls, param: torch.Tensor, rows: torch.Tensor) -> "Mask":
+    def from_rows(cls, param: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> "Mask":
+        if not 0 <= dim < param.dim():
+            raise ValueError(f"dim {dim} out of range for a parameter of shape {tuple(param.shape)}")
         rows = torch.as_tensor(rows, dtype=torch.long, device=param.device).unique(sorted=True)
-        if rows.numel() and (rows[0] < 0 or rows[-1] >= param.shape[0]):
-            raise ValueError(f"row indices out of range for a parameter with {param.shape[0]} rows")
+        if rows.numel() and (rows[0] < 0 or rows[-1] >= param.shape[dim]):
+            raise ValueError(f"row indices out of range for a parameter with {param.shape[dim]} rows along dim {dim}")
         dense = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
-        dense[rows] = True
-        return cls(dense, rows)
+        dense.index_fill_(dim, rows, True)
+        return cls(dense, rows, dim=dim)
 
     @classmethod
     def from_coords(cls, mask: torch.Tensor, center: Optional[torch.Tensor] = None,

@@ -149,3 +149,25 @@ def test_bad_masks():
     with pytest.raises(KeyError):
         eng.set_mask(p, Mask.from_coords(torch.ones(4, 3, dtype=torch.bool)))
     eng.detach()
+
+
+def test_standardised_masks_on_tied_weights():
+    """AdaDPIGU-style ``M (g - a) / b`` on a tied embedding / LM head: the uses are summed before standardising."""
+    torch.manual_seed(7)
+    model = TinyTransformer(vocab=19, d=16, layers=1, heads=2, max_len=8).double()
+    x, y = torch.randint(0, 19, (4, 7)), torch.randint(0, 19, (4, 7))
+    masks = {p: Mask.from_coords(torch.rand(p.shape) < 0.5, center=0.01 * torch.randn(p.shape, dtype=torch.float64),
+                                 scale=torch.rand(p.shape, dtype=torch.float64) + 0.5) for p in model.parameters()}
+    g = per_sample_grads(model, lm_loss, x, y)
+    named = dict(model.named_parameters())
+    w = {n: (v - masks[named[n]].center) / masks[named[n]].scale * masks[named[n]].dense for n, v in g.items()}
+    norms = torch.cat([v.flatten(1) for v in w.values()], 1).norm(dim=1)
+    c = (0.2 / (norms + 1e-6)).clamp(max=1.0)
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.2))
+    for p, m in masks.items():
+        eng.set_mask(p, m)
+    lm_loss(model(x), y).backward()
+    eng.detach()
+    assert_close(eng.last_norms, norms, 1e-9, 1e-12, "norms")
+    for n, v in w.items():
+        assert_close(eng.summed[named[n]], torch.einsum("b,b...->...", c, v), 1e-9, 1e-12, n)

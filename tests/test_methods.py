@@ -224,3 +224,100 @@ def test_methods_are_deterministic_under_a_seed():
 
     a, b = run(), run()
     assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def tiny_gpt2():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=29, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    m = transformers.GPT2LMHeadModel(cfg).double()
+    m.config._attn_implementation = "eager"
+
+    def step(opt, seed):
+        idx = torch.randint(0, 29, (B, 9), generator=torch.Generator().manual_seed(seed))
+        logits = m(idx).logits
+        F.cross_entropy(logits[:, :-1].reshape(-1, 29), idx[:, 1:].reshape(-1)).backward()
+        opt.step()
+        opt.zero_grad()
+
+    return m, step
+
+
+@pytest.mark.parametrize("method", ["sparta", "random-groups", "bitfit"])
+def test_methods_on_hf_gpt2_conv1d_group_output_columns(method):
+    """GPT-2's Conv1D weights ([d_in, d_out]) are row groups by output neuron, i.e. by column; masked columns
+    never move; BiTFiT trains the Conv1D biases with the weights frozen."""
+    m, step = tiny_gpt2()
+    conv1d = {n for n, mod in m.named_modules() if type(mod).__name__ == "Conv1D"}
+    if method == "sparta":
+        opt = SPARTA(m, sgd(m), sparsity=0.25, warmup_epochs=0, **dp())
+        assert {n.rsplit(".", 1)[0] for n, p in m.named_parameters() if p in opt.group_dim} >= conv1d
+    elif method == "random-groups":
+        opt = RandomGroups(m, sgd(m), sparsity=0.25, **dp())
+    else:
+        opt = BiTFiT(m, sgd(m), **dp())
+    for s in range(5 if method == "sparta" else 0):  # SPARTA's selection epoch
+        step(opt, s)
+    before = snapshot(m)
+    for s in range(2):
+        step(opt, 10 + s)
+    after = moved(m, before)
+    named = dict(m.named_parameters())
+    if method == "bitfit":
+        assert {f"{c}.bias" for c in conv1d} <= after and not {f"{c}.weight" for c in conv1d} & after
+        return
+    assert opt.phase == "sparse"
+    for c in conv1d:
+        n = f"{c}.weight"
+        mask = opt.masks[n]
+        cols = mask.all(0)
+        assert (mask == cols.expand_as(mask)).all() and cols.sum() == keep_rows(mask.shape[1], 0.25)
+        p = named[n]
+        assert torch.equal(p[~mask], before[n][~mask]) and not torch.equal(p[mask], before[n][mask])
+        assert n in after
+
+
+def test_column_masked_conv1d_clipped_sum_matches_reference():
+    """A column mask on an HF Conv1D weight restricts dY to the kept output columns (no per-sample tiles) and the
+    clipped sum equals the masked torch.func reference."""
+    from fastdp.grad_sample import LinearGrad
+    from fastdp.masks import Mask
+    from helpers import assert_close, per_sample_grads
+
+    m, _ = tiny_gpt2()
+    idx = torch.randint(0, 29, (4, 9))
+
+    class Logits(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x).logits
+
+    wrapped = Logits(m)
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out[:, :-1].reshape(-1, 29), y[:, 1:].reshape(-1))
+
+    named = dict(wrapped.named_parameters())
+    target = "inner.transformer.h.0.mlp.c_fc.weight"
+    cols = torch.tensor([1, 5, 6, 40, 63])
+    mask = Mask.from_rows(named[target], cols, dim=1)
+    g = per_sample_grads(wrapped, loss_fn, idx, idx)
+    g[target] = g[target] * mask.dense
+    norms = torch.cat([v.flatten(1) for v in g.values()], 1).norm(dim=1)
+    c = (0.1 / (norms + 1e-6)).clamp(max=1.0)
+    eng = fastdp.GradSampleEngine(wrapped, fastdp.FlatClip(0.1))
+    eng.set_mask(named[target], mask)
+    seen = []
+    orig = eng._apply_mask
+    eng._apply_mask = lambda gr: seen.append(orig(gr)) or seen[-1]
+    loss_fn(wrapped(idx), idx).backward()
+    eng.detach()
+    w = next(s for s in seen if s.param is named[target])
+    assert isinstance(w, LinearGrad) and w.rows.tolist() == cols.tolist()
+    assert_close(eng.last_norms, norms, 1e-9, 1e-12, "norms")
+    for n, v in g.items():
+        assert_close(eng.summed[named[n]], torch.einsum("b,b...->...", c, v), 1e-9, 1e-12, n)

@@ -83,10 +83,12 @@ def linear(input, weight, bias=None):
     return _apply(input, weight, bias, transposed=False, op="F.linear")
 
 
-def _right_operand(op, a, b):
-    if isinstance(a, ParamTap) or not isinstance(b, ParamTap) or b.dim() != 2:
-        tap = a if isinstance(a, ParamTap) else b
-        raise UnsupportedLayerError(f"{op} is supported for 'x @ W' with a 2-D trainable W on the right "
+def _right_operand(op, a, b, bias=None):
+    """``a @ b`` must be ``x @ W`` with a 2-D W on the right; W may be frozen when ``bias`` is trainable."""
+    w_ok = b.dim() == 2 and (isinstance(b, ParamTap) or isinstance(bias, ParamTap))
+    if isinstance(a, ParamTap) or not w_ok:
+        tap = next(t for t in (a, b, bias) if isinstance(t, ParamTap))
+        raise UnsupportedLayerError(f"{op} is supported for 'x @ W' with a 2-D W on the right "
                                     f"(got shapes {tuple(a.shape)} @ {tuple(b.shape)}, {tap.label})")
 
 
@@ -105,5 +107,5 @@ def rmatmul(self, other):
 def addmm(input, mat1, mat2, *, beta=1, alpha=1):
     if beta != 1 or alpha != 1:
         raise UnsupportedLayerError("torch.addmm with beta/alpha != 1 on a trainable parameter is not supported")
-    _right_operand("addmm", mat1, mat2)
+    _right_operand("addmm", mat1, mat2, input)
     return _apply(mat1, mat2, input, transposed=True, op="addmm")

@@ -107,8 +107,8 @@ class AdaDPIGU(PhasedDPOptimizer):
     Only flat and automatic clipping (sensitivity C = ``max_grad_norm``). The wrapped optimizer's state
     (momentum, Adam moments) is dropped once when the sparse phase starts: pre-training momentum would
     otherwise keep moving masked coordinates. Weight decay in the wrapped optimizer still moves them.
-    Standardised masks need each parameter to be used once per forward (no tied weights), and each backward
-    must follow its own forward (the centre is set per forward for ``loss_reduction="mean"``).
+    A parameter used more than once (tied weights) is standardised on the sum of its uses' per-sample gradients
+    (formed explicitly for that parameter).
 
     Examples:
         >>> import torch

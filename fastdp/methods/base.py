@@ -33,10 +33,31 @@ def find_head(model: nn.Module, head: Union[None, str, nn.Module] = None) -> nn.
     return last
 
 
+def _is_hf_conv1d(m: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``x @ W + b`` with W stored [d_in, d_out]."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def row_group_dims(model: nn.Module) -> Dict[nn.Parameter, int]:
+    """For each Linear-like / Conv weight, the dim of its output neurons (the row groups of the sparse methods):
+    0 for ``nn.Linear`` and convolutions, 1 for transformers' ``Conv1D``."""
+    dims: Dict[nn.Parameter, int] = {}
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if not isinstance(w, nn.Parameter) or w.dim() < 2 or w in dims:
+            continue
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)):
+            dims[w] = 0
+        elif _is_hf_conv1d(m):
+            dims[w] = 1
+    return dims
+
+
 def parameter_roles(model: nn.Module, head: nn.Module) -> Dict[nn.Parameter, str]:
-    """Role of each parameter: "head", "bias", "norm" (norm-layer affine), "weight" (Linear/Conv weight, the
-    maskable row groups), or "other" (embeddings, direct parameters...)."""
+    """Role of each parameter: "head", "bias", "norm" (norm-layer affine), "weight" (Linear/Conv/HF Conv1D weight,
+    the maskable row groups, see ``row_group_dims``), or "other" (embeddings, direct parameters...)."""
     roles: Dict[nn.Parameter, str] = {}
+    groups = row_group_dims(model)
     head_params = set(head.parameters())
     for m in model.modules():
         for n, p in m.named_parameters(recurse=False):
@@ -48,7 +69,7 @@ def parameter_roles(model: nn.Module, head: nn.Module) -> Dict[nn.Parameter, str
                 roles[p] = "norm"
             elif n == "bias":
                 roles[p] = "bias"
-            elif n == "weight" and isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and p.dim() > 1:
+            elif n == "weight" and p in groups:
                 roles[p] = "weight"
             else:
                 roles[p] = "other"

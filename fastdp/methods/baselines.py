@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fastdp.masks import Mask
-from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles
+from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles, row_group_dims
 
 
 class BiTFiT(PhasedDPOptimizer):
@@ -61,6 +61,7 @@ class RandomGroups(PhasedDPOptimizer):
     def __init__(self, model, optimizer, *, sparsity: float = 0.2, seed: int = 0, head=None, **dp):
         check_sparsity(sparsity)
         roles = parameter_roles(model, find_head(model, head))
+        dims = row_group_dims(model)
         for p, role in roles.items():
             if role == "other":
                 p.requires_grad_(False)
@@ -69,8 +70,9 @@ class RandomGroups(PhasedDPOptimizer):
         self.sparsity, self.seed = sparsity, seed
         for p, role in roles.items():
             if role == "weight":
-                rows = torch.randperm(p.shape[0], generator=gen)[:keep_rows(p.shape[0], sparsity)]
-                self.engine.set_mask(p, Mask.from_rows(p, rows))
+                n = p.shape[dims[p]]
+                rows = torch.randperm(n, generator=gen)[:keep_rows(n, sparsity)]
+                self.engine.set_mask(p, Mask.from_rows(p, rows, dims[p]))
 
     @property
     def kept_fraction(self) -> float:

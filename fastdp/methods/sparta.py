@@ -2,8 +2,9 @@
 
 Phases (epochs counted from steps):
 
-1. ``warmup`` (``warmup_epochs``): head, biases and norm parameters train; Linear/Conv weights (the
-   eligible row groups) are frozen, other parameters (embeddings, direct parameters) stay frozen throughout.
+1. ``warmup`` (``warmup_epochs``): head, biases and norm parameters train; Linear/Conv/HF Conv1D weights (the
+   eligible row groups: output neurons, i.e. rows of ``nn.Linear`` weights, output filters of convolutions,
+   columns of HF ``Conv1D`` weights) are frozen, other parameters (embeddings, direct parameters) stay frozen throughout.
 2. ``selection`` (one epoch): the eligible weights take part in the per-sample gradient (clip over all
    trainable parameters), but nothing is updated: each step releases, per row j of each eligible weight,
    ``(sum_i sum_k |c_i G_i[j, k]| + N(0, n_j sigma^2 C^2)) / B`` (``selection="per-sample"``, the paper's
@@ -24,7 +25,7 @@ from typing import Dict
 import torch
 
 from fastdp.masks import Mask
-from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles
+from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles, row_group_dims
 from fastdp.methods.baselines import check_sparsity, keep_rows
 from fastdp.noise import gaussian_noise
 
@@ -49,6 +50,8 @@ class SPARTA(PhasedDPOptimizer):
         self.eligible = [p for p, r in roles.items() if r == "weight"]
         if not self.eligible:
             raise ValueError("SPARTA found no Linear/Conv weight to select rows from (besides the head)")
+        dims = row_group_dims(model)
+        self.group_dim = {p: dims[p] for p in self.eligible}  # the dim of each weight's output neurons
         for p, r in roles.items():
             p.requires_grad_(r != "other")
         super().__init__(model, optimizer, **dp)
@@ -70,7 +73,7 @@ class SPARTA(PhasedDPOptimizer):
             self._freeze(self.eligible, False)
             for p in self.eligible:
                 self.engine.set_mask(p, None)
-                self.scores[p] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
+                self.scores[p] = torch.zeros(p.shape[self.group_dim[p]], dtype=torch.float32, device=p.device)
             self.engine.collect_abs = set(self.eligible) if self.selection == "per-sample" else set()
         else:
             self.engine.collect_abs = set()
@@ -78,7 +81,7 @@ class SPARTA(PhasedDPOptimizer):
             if not self.selected:
                 self._select_rows()
             for p in self.eligible:
-                self.engine.set_mask(p, Mask.from_rows(p, self.selected[p]))
+                self.engine.set_mask(p, Mask.from_rows(p, self.selected[p], self.group_dim[p]))
 
     def step(self, closure=None):
         if self.phase != "selection":
@@ -95,7 +98,7 @@ class SPARTA(PhasedDPOptimizer):
                 a = torch.zeros(p.shape, device=p.device) if a is None else a
             else:
                 a = self.engine.buffer.views[p].abs()
-            per_row = a.reshape(p.shape[0], -1).float()
+            per_row = a.movedim(self.group_dim[p], 0).reshape(p.shape[self.group_dim[p]], -1).float()
             n_j = per_row.shape[1]
             noise = gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator, secure=self.secure_mode)
             self.scores[p] += (per_row.sum(1) + noise) / self.expected_batch_size
