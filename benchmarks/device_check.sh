@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One prepared device run (see ../.library/device): everything that needs a GPU, results under $OUT.
-# Usage on the device (from the repo root, with the opacus wheel carried in .whl/):
-#   bash benchmarks/device_check.sh            # or with STAGES="tests bench" to run a subset
+# Usage on the device (from the repo root, with the opacus wheel carried in .whl/). A device call runs at most
+# 600 s and a session has ~15 min of device time including the machine's start, so run it as two calls:
+#   STAGES="tests norms" bash benchmarks/device_check.sh     # <= 275 s
+#   STAGES="bench" bash benchmarks/device_check.sh           # <= 360 s
+#   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -13,21 +16,21 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/dev
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$OUT/device.txt"
 if [[ $STAGES == *tests* ]]; then
   # compiled Triton kernels against their references, then the engine with every kernel forced
-  timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels tests/test_gpu.py 2>&1 \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels tests/test_gpu.py 2>&1 \
     | tail -25 | tee "$OUT/tests_kernels.txt"
-  FASTDP_BACKEND=triton timeout 300 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+  FASTDP_BACKEND=triton timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
     2>&1 | tail -5 | tee "$OUT/tests_engine_triton.txt"
 fi
 if [[ $STAGES == *norms* ]]; then
-  timeout 120 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
+  timeout 45 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
 fi
 if [[ $STAGES == *bench* ]]; then
-  # ~6 minutes in all. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
+  # <= 6 minutes in all. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
   # per-layer, the sparse methods, DP-MicroAdam, Opacus hooks/ghost), 20 timed steps after 3 warm-up, then the
-  # profiled pass (kernels per step), then, in what is left of 240 s, the largest bf16 batch of non-private,
+  # profiled pass (kernels per step), then, in what is left of 200 s, the largest bf16 batch of non-private,
   # fastdp and Opacus. Runs past the budget become 'skipped' rows; the JSON/CSV/MD are rewritten after every
   # workload, so a timeout still leaves the rows measured so far. FASTDP_COMMIT=<hash> records the commit.
-  timeout 300 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 240 \
+  timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 200 \
     --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
     ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
   # the engine with every Triton kernel forced, beside non-private, same harness
@@ -36,4 +39,10 @@ if [[ $STAGES == *bench* ]]; then
     | tee "$OUT/e2e_triton_log.txt" | tail -12
   timeout 60 python3 -m benchmarks.bench_micro_adam --out "$OUT/micro_adam.json" 2>&1 | tail -10 \
     | tee "$OUT/micro_adam.txt"
+fi
+if [[ $STAGES == *micro* ]]; then
+  # kernel microbenchmarks: reference vs Triton vs naive PyTorch at GPT-2 / ViT-S / WRN shapes, fp32 and bf16, each
+  # result checked before it is timed; copy micro.json to benchmarks/results/<device>_<date>_micro.json
+  timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -o addopts="" benchmarks/micro --benchmark-only \
+    --benchmark-json "$OUT/micro.json" --benchmark-columns=median,mean,rounds 2>&1 | tail -60 | tee "$OUT/micro.txt"
 fi
