@@ -116,9 +116,13 @@ class GradSampleEngine:
         self.last_fused = 0  # parameters the last backward clipped during backward (fused per-layer clipping)
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self.masks: Dict[nn.Parameter, Mask] = {}
-        # parameters whose sum of |clipped per-sample gradient| is wanted (SPARTA's selection release)
+        # parameters whose sum of |clipped per-sample gradient| is wanted per coordinate (``abs_sums``), or per
+        # output-neuron group along the given dim (``abs_row_sums``: SPARTA's selection release, fused on Linear-like
+        # layers by the row-group abs-sum kernel)
         self.collect_abs: set = set()
         self.abs_sums: Dict[nn.Parameter, torch.Tensor] = {}
+        self.collect_abs_rows: Dict[nn.Parameter, int] = {}
+        self.abs_row_sums: Dict[nn.Parameter, torch.Tensor] = {}
         self._ready: Dict[nn.Parameter, List[PerSampleGrad]] = {}  # this pass's uses not yet accumulated
         self._callback_queued = None  # graph task id of the backward pass whose callback is queued
         self._pending: Dict[nn.Parameter, int] = {}  # uses recorded in forward whose gradient has not arrived
@@ -374,9 +378,15 @@ class GradSampleEngine:
         """Add ``sum_i c_i g_i`` of ``p``'s uses into ``buf`` and free them (``c``: [B] factors, loss scale in)."""
         out = buf.view(p)
         if p in self.collect_abs:  # sum_i |c_i g_i| per coordinate: needs the per-sample gradients
-            per_sample = _sum(g.materialize() for g in uses)
-            a = torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
+            a = _abs_sum(uses, c)
             self.abs_sums[p] = self.abs_sums[p] + a if p in self.abs_sums else a
+        if p in self.collect_abs_rows:  # the same summed over each output-neuron group
+            dim = self.collect_abs_rows[p]
+            r = uses[0].row_abs_sum(c, dim) if len(uses) == 1 else None
+            if r is None:
+                a = _abs_sum(uses, c)
+                r = a.movedim(dim, 0).reshape(a.shape[dim], -1).sum(1)
+            self.abs_row_sums[p] = self.abs_row_sums[p] + r if p in self.abs_row_sums else r
         for g in uses:
             g.clipped_sum(c, out)
             g.release()
@@ -438,6 +448,7 @@ class GradSampleEngine:
         self._dirty = False
         self.poisoned = False
         self.abs_sums = {}
+        self.abs_row_sums = {}
         self.num_samples = 0
         self.num_backward = 0
 
@@ -449,6 +460,12 @@ class _InertEngine:
     _swapped = None
     batch_size = None
     _taps: dict = {}
+
+
+def _abs_sum(uses: List[PerSampleGrad], c: torch.Tensor) -> torch.Tensor:
+    """``sum_i |c_i g_i|`` per coordinate of one parameter (its uses' per-sample gradients formed explicitly)."""
+    per_sample = _sum(g.materialize() for g in uses)
+    return torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
 
 
 def _sum(tensors):

@@ -35,6 +35,7 @@ from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
 from fastdp.kernels.masked_direct_norm import masked_direct_norm
+from fastdp.kernels.row_abs_sum import row_abs_sum
 
 
 def prefer_ghost(T: int, p: int, d: int) -> bool:
@@ -90,6 +91,11 @@ class PerSampleGrad:
         """Keep only slices ``rows`` along ``dim`` of the parameter in every per-sample gradient, if this type can
         do so without forming per-sample gradients. Returns False when it cannot (the engine then masks densely)."""
         return False
+
+    def row_abs_sum(self, scale: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+        """[param.shape[dim]] ``sum_i scale_i sum_(other coords) |G_i|`` per slice along ``dim`` without forming
+        per-sample gradients, or None when this type cannot (the engine then materialises them)."""
+        return None
 
 
 class DenseGrad(PerSampleGrad):
@@ -159,6 +165,11 @@ class LinearGrad(PerSampleGrad):
             full[:, self.rows] = g
             g = full
         return g.transpose(1, 2) if self.transposed else g
+
+    def row_abs_sum(self, scale, dim):
+        if self.rows is not None or dim != (1 if self.transposed else 0):
+            return None
+        return row_abs_sum(self.x, self.dy, scale)  # per output neuron: the row-group abs-sum kernel
 
     @property
     def dy_features(self) -> int:

@@ -132,7 +132,8 @@ def test_sparta_resets_momentum_of_masked_tensors():
 
 @pytest.mark.parametrize("selection", ["per-sample", "aggregate"])
 def test_selection_release_has_sensitivity_R(selection):
-    """The released score vector changes by at most R when one sample is removed from the batch."""
+    """The per-coordinate release (before it is summed per row, with its noise: post-processing) changes by at
+    most R when one sample is removed from the batch."""
     torch.manual_seed(0)
     base = model()
     x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 3, (6,))
@@ -143,6 +144,8 @@ def test_selection_release_has_sensitivity_R(selection):
         opt = SPARTA(m, sgd(m), warmup_epochs=0, selection=selection, **{**dp(), "max_grad_norm": R,
                                                                          "noise_multiplier": 0.0})
         opt.engine.loss_reduction = "sum"
+        if selection == "per-sample":
+            opt.engine.collect_abs = set(opt.eligible)  # the per-coordinate sums the row scores reduce
         F.cross_entropy(m(xs), ys, reduction="sum").backward()
         if selection == "per-sample":
             vec = [opt.engine.abs_sums[p] for p in opt.eligible]
@@ -321,3 +324,25 @@ def test_column_masked_conv1d_clipped_sum_matches_reference():
     assert_close(eng.last_norms, norms, 1e-9, 1e-12, "norms")
     for n, v in g.items():
         assert_close(eng.summed[named[n]], torch.einsum("b,b...->...", c, v), 1e-9, 1e-12, n)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpreter)])
+def test_selection_row_scores_reduce_the_per_coordinate_release(backend, monkeypatch):
+    """SPARTA's per-row release equals the per-coordinate sums of |clipped per-sample gradients| summed per output
+    neuron (rows of Linear/conv weights, columns of HF Conv1D weights), without per-sample gradients for Linear."""
+    from fastdp.grad_sample import LinearGrad
+
+    monkeypatch.setenv("FASTDP_BACKEND", backend)
+    m = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.Tanh(),
+                            torch.nn.Linear(5, 3))
+    opt = SPARTA(m, sgd(m), warmup_epochs=0, **dp())
+    opt.engine.collect_abs = set(opt.eligible)
+    x, y = torch.randn(B, 4, 6), torch.randint(0, 3, (B, 4))
+    calls = []
+    orig = LinearGrad.materialize
+    monkeypatch.setattr(LinearGrad, "materialize", lambda self: calls.append(self.param) or orig(self))
+    F.cross_entropy(m(x).reshape(-1, 3), y.reshape(-1)).backward()
+    assert len(calls) == len(opt.eligible)  # only for the per-coordinate check above, not for the row scores
+    for p in opt.eligible:
+        rows = opt.engine.abs_sums[p].sum(1)
+        assert torch.allclose(opt.engine.abs_row_sums[p], rows, rtol=1e-5, atol=1e-7)

@@ -74,9 +74,9 @@ class SPARTA(PhasedDPOptimizer):
             for p in self.eligible:
                 self.engine.set_mask(p, None)
                 self.scores[p] = torch.zeros(p.shape[self.group_dim[p]], dtype=torch.float32, device=p.device)
-            self.engine.collect_abs = set(self.eligible) if self.selection == "per-sample" else set()
+            self.engine.collect_abs_rows = dict(self.group_dim) if self.selection == "per-sample" else {}
         else:
-            self.engine.collect_abs = set()
+            self.engine.collect_abs_rows = {}
             self._freeze(self.eligible, False)
             if not self.selected:
                 self._select_rows()
@@ -93,15 +93,16 @@ class SPARTA(PhasedDPOptimizer):
         self.pre_step()
         std = self.noise_std()
         for p in self.eligible:
-            if self.selection == "per-sample":
-                a = self.engine.abs_sums.get(p)
-                a = torch.zeros(p.shape, device=p.device) if a is None else a
+            dim = self.group_dim[p]
+            n_rows = p.shape[dim]
+            if self.selection == "per-sample":  # sum_i sum_k |c_i G_i[j, k]| per row j (fused on Linear-like layers)
+                s = self.engine.abs_row_sums.get(p)
+                s = torch.zeros(n_rows, device=p.device) if s is None else s.float()
             else:
-                a = self.engine.buffer.views[p].abs()
-            per_row = a.movedim(self.group_dim[p], 0).reshape(p.shape[self.group_dim[p]], -1).float()
-            n_j = per_row.shape[1]
+                s = self.engine.buffer.views[p].abs().movedim(dim, 0).reshape(n_rows, -1).sum(1).float()
+            n_j = p.numel() // n_rows  # the row's per-coordinate noises N(0, sigma^2 C^2) summed: N(0, n_j sigma^2 C^2)
             noise = gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator, secure=self.secure_mode)
-            self.scores[p] += (per_row.sum(1) + noise) / self.expected_batch_size
+            self.scores[p] += (s + noise) / self.expected_batch_size
         self.engine.reset()  # nothing else is released: no gradient, no update in this epoch
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
