@@ -23,6 +23,13 @@ class ClipRule:
     def factors(self, sq_norms: Dict[torch.nn.Parameter, torch.Tensor],
                 total: Optional[torch.Tensor] = None) -> Dict[torch.nn.Parameter, torch.Tensor]:
         """Clip factors [B] per parameter; ``total``: the flat squared norms if already summed."""
+        if self.per_param:
+            raise NotImplementedError
+        c = self.shared_factor(total_sq_norm(sq_norms) if total is None else total)
+        return {p: c for p in sq_norms}
+
+    def shared_factor(self, total: torch.Tensor) -> torch.Tensor:
+        """Flat rules: the [B] factors every parameter shares, from the flat squared norms ``total``."""
         raise NotImplementedError
 
 
@@ -42,10 +49,8 @@ class FlatClip(ClipRule):
         _check_norm(max_grad_norm)
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
 
-    def factors(self, sq_norms, total=None):
-        norm = (total_sq_norm(sq_norms) if total is None else total).sqrt()
-        c = (self.max_grad_norm / (norm + _MARGIN)).clamp(max=1.0)
-        return {p: c for p in sq_norms}
+    def shared_factor(self, total):
+        return (self.max_grad_norm / (total.sqrt() + _MARGIN)).clamp(max=1.0)
 
     def __repr__(self):
         return f"FlatClip(max_grad_norm={self.max_grad_norm})"
@@ -61,9 +66,8 @@ class AutomaticClip(ClipRule):
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
         self.gamma = float(gamma)
 
-    def factors(self, sq_norms, total=None):
-        c = self.max_grad_norm / ((total_sq_norm(sq_norms) if total is None else total).sqrt() + self.gamma)
-        return {p: c for p in sq_norms}
+    def shared_factor(self, total):
+        return self.max_grad_norm / (total.sqrt() + self.gamma)
 
     def __repr__(self):
         return f"AutomaticClip(max_grad_norm={self.max_grad_norm}, gamma={self.gamma})"

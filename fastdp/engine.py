@@ -284,7 +284,9 @@ class GradSampleEngine:
         else:
             if mask is not None:
                 grad = self._apply_mask(grad)
-            grad.sq_self = grad.sq_norm()
+            # small explicit gradients (biases, norm affines) under flat rules: batched at the end (``_small``)
+            deferred = type(grad) is DenseGrad and not self.clip_rule.per_param
+            grad.sq_self = None if deferred else grad.sq_norm()
         self._ready.setdefault(grad.param, []).append(grad)
         if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param, 0) == 0:
             self._clip_in_backward(grad.param)
@@ -345,20 +347,27 @@ class GradSampleEngine:
         ready = {p: self._standardise(p, uses) for p, uses in ready.items()}
         batch = self._batch_size([g for uses in ready.values() for g in uses], self._pass_batch)
         red = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = {p: self._param_sq_norm(uses) for p, uses in ready.items()}
-        if red != 1.0:  # per-sample gradients are B times the gradients of the mean loss
-            if sq:
-                total = _sum(sq.values()) * (red * red)
-            if self.clip_rule.per_param:
-                sq = {p: v * (red * red) for p, v in sq.items()}
-        elif sq:
-            total = _sum(sq.values())
-        if self._pass_sq:  # parameters clipped during backward (their norms carry the factor already)
-            done = _sum(self._pass_sq.values())
-            total = done if not sq else total + done
-        self._check_finite(total, {**self._pass_sq, **sq})
-        factors = self.clip_rule.factors(sq, total) if sq else {}
         buf = self._buffer() if not self._pass_fused else self.buffer
+        small = self._small(ready, buf)  # flat rules: explicit small gradients as one [B, S] block
+        block = torch.cat([ready[p][0].g.reshape(batch, -1) for p in small], 1) if small else None
+        in_small = set(small)  # (a set: ``in`` on a list of tensors would compare values)
+        sq = {p: self._param_sq_norm(uses) for p, uses in ready.items() if p not in in_small}
+        parts = list(sq.values()) + ([block.pow(2).sum(1)] if small else [])
+        if parts:
+            total = _stack_sum(parts)
+            if red != 1.0:  # per-sample gradients are B times the gradients of the mean loss
+                total = total * (red * red)
+                if self.clip_rule.per_param:
+                    sq = {p: v * (red * red) for p, v in sq.items()}
+        if self._pass_sq:  # parameters clipped during backward (their norms carry the factor already)
+            done = _stack_sum(list(self._pass_sq.values()))
+            total = done if not parts else total + done
+        self._check_finite(total, {**self._pass_sq, **sq}, small and {p: ready[p][0] for p in small})
+        if self.clip_rule.per_param:
+            factors = self.clip_rule.factors(sq, total) if sq else {}
+        else:
+            c = self.clip_rule.shared_factor(total)
+            factors = dict.fromkeys(ready, c)
         scaled = {}  # flat rules share one factor tensor across parameters: scale it once
         for p, uses in ready.items():
             c = factors[p]
@@ -366,7 +375,15 @@ class GradSampleEngine:
                 if id(c) not in scaled:
                     scaled[id(c)] = c * red
                 c = scaled[id(c)]
+            if p in in_small:
+                continue
             self._accumulate(p, uses, c, buf)
+        if small:  # sum_i c_i g_i of every small parameter: one GEMV, one foreach add into their views
+            c = scaled.get(id(factors[small[0]]), factors[small[0]])
+            sums = torch.mv(block.t(), c.to(block.dtype)).split([p.numel() for p in small])
+            torch._foreach_add_([buf.view(p).view(-1) for p in small], list(sums))
+            for p in small:
+                ready[p][0].release()
         self.last_factors = {**self._pass_factors, **factors}
         self.last_fused = len(self._pass_factors)
         self.last_norms = total.sqrt()
@@ -420,8 +437,27 @@ class GradSampleEngine:
                                  "expanded to the batch size)")
         return next(iter(sizes))
 
+    def _small(self, ready: Dict[nn.Parameter, List[PerSampleGrad]], buf: GradBuffer) -> List[nn.Parameter]:
+        """Parameters whose norm and clipped sum are batched (flat rules only): one plain explicit use, no abs sums,
+        the accumulation dtype of the buffer. At least two, else nothing is gained."""
+        if self.clip_rule.per_param:
+            return []
+        small, dtype = [], None
+        for p, uses in ready.items():
+            g = uses[0]
+            if len(uses) != 1 or type(g) is not DenseGrad or p in self.collect_abs or p in self.collect_abs_rows:
+                continue
+            if g.g.dtype != buf.views[p].dtype or (dtype is not None and g.g.dtype != dtype):
+                continue
+            dtype = g.g.dtype
+            small.append(p)
+        return small if len(small) > 1 else []
+
     @staticmethod
     def _param_sq_norm(uses: List[PerSampleGrad]) -> torch.Tensor:
+        for g in uses:
+            if g.sq_self is None:  # deferred at submit (small explicit gradients)
+                g.sq_self = g.sq_norm()
         if len(uses) == 1:
             return uses[0].sq_self
         total = _sum(g.sq_self for g in uses)
@@ -430,10 +466,13 @@ class GradSampleEngine:
                 total = total + 2.0 * per_sample_dot(uses[i], uses[j])
         return total.clamp(min=0.0)  # cross terms may round a zero norm slightly negative
 
-    def _check_finite(self, total: torch.Tensor, sq) -> None:
-        """Raise on a NaN/inf per-sample norm (one reduction; the per-parameter search only on failure)."""
+    def _check_finite(self, total: torch.Tensor, sq, small=None) -> None:
+        """Raise on a NaN/inf per-sample norm (one reduction; the per-parameter search only on failure).
+
+        ``small``: {param: gradient} of batched parameters, whose norms are taken one by one only on failure."""
         if bool(torch.isfinite(total).all()):
             return
+        sq = {**sq, **{p: g.sq_norm() for p, g in (small or {}).items()}}
         p, v = next((p, v) for p, v in sq.items() if not bool(torch.isfinite(v).all()))
         idx = (~torch.isfinite(v)).nonzero().flatten().tolist()
         raise NonFiniteNormError(
@@ -466,6 +505,11 @@ def _abs_sum(uses: List[PerSampleGrad], c: torch.Tensor) -> torch.Tensor:
     """``sum_i |c_i g_i|`` per coordinate of one parameter (its uses' per-sample gradients formed explicitly)."""
     per_sample = _sum(g.materialize() for g in uses)
     return torch.tensordot(c.to(per_sample.dtype), per_sample.abs(), dims=1)
+
+
+def _stack_sum(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """Sum of [B] tensors in one reduction (one launch instead of one add per tensor)."""
+    return tensors[0] if len(tensors) == 1 else torch.stack(tensors).sum(0)
 
 
 def _sum(tensors):
