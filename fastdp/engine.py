@@ -116,6 +116,7 @@ class GradSampleEngine:
         self.last_fused = 0  # parameters the last backward clipped during backward (fused per-layer clipping)
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self.masks: Dict[nn.Parameter, Mask] = {}
+        self.mask_version = 0  # bumped by every set_mask (caches of flattened masks key on it)
         # parameters whose sum of |clipped per-sample gradient| is wanted per coordinate (``abs_sums``), or per
         # output-neuron group along the given dim (``abs_row_sums``: SPARTA's selection release, fused on Linear-like
         # layers by the row-group abs-sum kernel)
@@ -223,6 +224,7 @@ class GradSampleEngine:
         else:
             mask.check(param)
             self.masks[param] = mask
+        self.mask_version += 1
 
     def _apply_mask(self, grad: PerSampleGrad) -> PerSampleGrad:
         mask = self.masks.get(grad.param)

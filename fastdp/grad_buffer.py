@@ -23,6 +23,7 @@ class GradBuffer:
         for p in self.params:
             groups.setdefault((p.device, acc_dtype(p)), []).append(p)
         self.flats: List[torch.Tensor] = []
+        self.groups: List[List[nn.Parameter]] = []  # the parameters of each flat, in buffer order
         self.views: Dict[nn.Parameter, torch.Tensor] = {}
         for (device, dtype), ps in groups.items():
             flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=device)
@@ -31,6 +32,7 @@ class GradBuffer:
                 self.views[p] = flat[offset:offset + p.numel()].view(p.shape)
                 offset += p.numel()
             self.flats.append(flat)
+            self.groups.append(ps)
         self.touched: set = set()
 
     def matches(self, params: Sequence[nn.Parameter]) -> bool:

@@ -21,6 +21,8 @@ from fastdp.accounting import epsilon_of, get_noise_multiplier, make_accountant
 from fastdp.clipping import make_clip_rule
 from fastdp.engine import GradSampleEngine
 from fastdp.grad_buffer import GradBuffer
+from fastdp.kernels._backend import backend_for_op
+from fastdp.kernels.masked_noise import masked_noise
 from fastdp.noise import gaussian_noise
 
 STATE_VERSION = 1
@@ -101,6 +103,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.max_grad_norm = max_grad_norm
         self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction,
                                        fused_per_layer=fused_per_layer and self.clip_rule.per_param)
+        self._mask_cache = None
+        self._seed_gen: Optional[torch.Generator] = None  # host-side seed stream of a CUDA generator
         self.steps_taken = 0
 
     # torch.optim.Optimizer interface, shared with the wrapped optimizer
@@ -187,14 +191,57 @@ class DPOptimizer(torch.optim.Optimizer):
         return self.noise_multiplier * self.clip_rule.sensitivity
 
     def add_noise(self, grads: GradBuffer) -> None:
-        """Add N(0, noise_std^2) to every trainable coordinate (one draw per buffer); masked coordinates
-        (``engine.masks``) are then zeroed, so the noise lands on the mask only."""
+        """Add N(0, noise_std^2) to every trainable coordinate that trains: all of them, except the coordinates
+        outside ``engine.masks``, which stay exactly zero.
+
+        Unmasked: one draw per flat buffer. Masked, where the Triton masked-noise kernel runs (CUDA fp32 buffers, or
+        ``FASTDP_BACKEND=triton``) and not in ``secure_mode``: counter-based Philox noise written only on the kept
+        coordinates (no full-size noise tensor; the per-step seed comes from ``generator``). Otherwise a full draw
+        whose masked coordinates are then zeroed. The distributions are the same."""
         std = self.noise_std()
+        masks = self.engine.masks
+        if masks and not self.secure_mode:
+            kernel = [f.dtype == torch.float32 and backend_for_op("masked_noise", f) == "triton" for f in grads.flats]
+            if any(kernel):
+                flat_masks = self._flat_masks(grads)
+                for flat, fmask, k in zip(grads.flats, flat_masks, kernel):
+                    if k:
+                        masked_noise(flat, std, self._noise_seed(), mask=fmask)
+                    else:
+                        flat += gaussian_noise(flat, std, generator=self.generator) * fmask
+                return
         for flat in grads.flats:
             flat += gaussian_noise(flat, std, generator=self.generator, secure=self.secure_mode)
-        for p, mask in self.engine.masks.items():
+        for p, mask in masks.items():
             if p in grads.views:
                 grads.views[p].mul_(mask.dense)
+
+    def _flat_masks(self, grads: GradBuffer):
+        """One bool tensor per flat buffer: True where a coordinate trains (cached until the masks change)."""
+        key = (id(grads), self.engine.mask_version)
+        if self._mask_cache is None or self._mask_cache[0] != key:
+            out = []
+            for flat, params in zip(grads.flats, grads.groups):
+                m = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                offset = 0
+                for p in params:
+                    mask = self.engine.masks.get(p)
+                    if mask is not None:
+                        m[offset:offset + p.numel()] = mask.dense.reshape(-1)
+                    offset += p.numel()
+                out.append(m)
+            self._mask_cache = (key, out)
+        return self._mask_cache[1]
+
+    def _noise_seed(self) -> int:
+        """A 62-bit seed for the counter-based noise of one step, from ``generator`` (no device sync: a CUDA
+        generator seeds a host-side stream once, kept in ``state_dict``), else from torch's default generator."""
+        gen = self.generator
+        if gen is not None and gen.device.type != "cpu":
+            if self._seed_gen is None:
+                self._seed_gen = torch.Generator().manual_seed(gen.initial_seed())
+            gen = self._seed_gen
+        return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
 
     def scale_grad(self, grads: GradBuffer) -> None:
         for flat in grads.flats:
@@ -262,6 +309,7 @@ class DPOptimizer(torch.optim.Optimizer):
                 "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate,
                 "generator_state": self.generator.get_state() if self.generator is not None else None,
+                "seed_generator_state": self._seed_gen.get_state() if self._seed_gen is not None else None,
             },
         }
 
@@ -280,6 +328,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self.steps_taken = st["steps_taken"]
         if self.generator is not None and st["generator_state"] is not None:
             self.generator.set_state(st["generator_state"])
+        if st.get("seed_generator_state") is not None:
+            self._seed_gen = torch.Generator()
+            self._seed_gen.set_state(st["seed_generator_state"])
 
 
 def _trainable_named(model: nn.Module):

@@ -74,6 +74,7 @@ def masked_noise(g: torch.Tensor, std: float, seed: int, mask: Optional[torch.Te
         return g
     d = g.numel()
     if d:
-        _masked_noise_kernel[(triton.cdiv(d, _BLOCK),)](g, mask.reshape(-1).to(torch.uint8), d, float(std), seed,
-                                                        BLOCK=_BLOCK)
+        m = mask.reshape(-1)
+        m = m.view(torch.uint8) if m.dtype == torch.bool else m.to(torch.uint8)  # bool: no copy
+        _masked_noise_kernel[(triton.cdiv(d, _BLOCK),)](g, m, d, float(std), seed, BLOCK=_BLOCK)
     return g
