@@ -900,12 +900,23 @@ def output_stem(out_dir: str, name: str, env: dict, device: torch.device, tiny: 
     return os.path.join(out_dir, f"{name}_{env['date']}{suffix}")
 
 
+def _upgrade_legacy(result: dict) -> dict:
+    """Results written by the earlier ``gpu_step`` harness (comma-separated lists, one batch size per workload,
+    no ``trained`` or launch columns) in this harness's layout, so ``--from-json`` renders them too."""
+    cfg = result["config"]
+    for key in ("workloads", "dtypes", "variants"):
+        if isinstance(cfg.get(key), str):
+            cfg[key] = [v for v in cfg[key].split(",") if v]
+    cfg["batch_sizes"] = {w: b if isinstance(b, list) else [b] for w, b in cfg.get("batch_sizes", {}).items()}
+    return result
+
+
 def main(argv=None, prog: Optional[str] = None) -> dict:
     """Run the suite from command-line arguments; returns the result dict with ``paths`` (files written)."""
     args = build_parser(prog).parse_args(argv)
     if args.from_json:  # e.g. plots for a GPU run made where matplotlib was not installed
         with open(args.from_json) as f:
-            result = json.load(f)
+            result = _upgrade_legacy(json.load(f))
         os.makedirs(args.out_dir, exist_ok=True)
         stem = os.path.join(args.out_dir, os.path.basename(args.from_json).removesuffix(".json"))
         result["paths"] = write_outputs(result, stem, with_plots=True)

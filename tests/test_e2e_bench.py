@@ -160,3 +160,15 @@ def test_time_budget_turns_runs_into_skipped_rows(tmp_path, restore_threads):
                               "--time-budget", "0", "--out-dir", str(tmp_path)])
     assert [r["status"] for r in result["rows"]] == ["skipped", "skipped"]
     assert all("time budget" in r["error"] for r in result["rows"])
+
+
+def test_from_json_renders_the_earlier_gpu_step_results(tmp_path):
+    """The H100 v3 results (written by the earlier gpu_step harness) render with --from-json: table and plots."""
+    src = os.path.join(ROOT, "benchmarks", "results", "h100_2026-11-26_v3", "gpu_step_2026-11-26.json")
+    result = e2e.main(["--from-json", src, "--out-dir", str(tmp_path)])
+    md = open(tmp_path / "gpu_step_2026-11-26.md").read()
+    assert "H100" in md and md.count("| fastdp |") == 6  # 3 workloads x 2 dtypes
+    vit = next(r for r in result["rows"] if (r["workload"], r["dtype"], r["variant"]) == ("vit", "fp32", "fastdp"))
+    assert vit["time_ratio"] == pytest.approx(1.303, abs=1e-3)
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "gpu_step_2026-11-26_time_ratio.png").read_bytes()[:4] == b"\x89PNG"
