@@ -351,7 +351,7 @@ class GradSampleEngine:
         red = float(batch) if self.loss_reduction == "mean" else 1.0
         buf = self._buffer() if not self._pass_fused else self.buffer
         small = self._small(ready, buf)  # flat rules: explicit small gradients as one [B, S] block
-        block = torch.cat([ready[p][0].g.reshape(batch, -1) for p in small], 1) if small else None
+        block = torch.cat([ready[p][0].g.reshape(batch, p.numel()) for p in small], 1) if small else None
         in_small = set(small)  # (a set: ``in`` on a list of tensors would compare values)
         sq = {p: self._param_sq_norm(uses) for p, uses in ready.items() if p not in in_small}
         parts = list(sq.values()) + ([block.pow(2).sum(1)] if small else [])

@@ -128,12 +128,16 @@ def test_gradient_accumulation_over_micro_batches_equals_one_batch():
         assert_close(a.detach(), b.detach(), 1e-10, 1e-12)
 
 
-def test_empty_poisson_batch_steps_with_noise_only():
-    m = nn.Linear(3, 2)
+@pytest.mark.parametrize("model", ["linear", "mlp-with-layernorm"])
+def test_empty_poisson_batch_steps_with_noise_only(model):
+    if model == "linear":
+        m = nn.Linear(3, 2)
+    else:  # several biases and norm affines: their norms and sums are batched in one block
+        m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Tanh(), nn.Linear(4, 2))
     opt = make(m, sigma=1.0, R=1.0, B=8, generator=torch.Generator().manual_seed(0))
     ce(m(torch.randn(0, 3)), torch.zeros(0, dtype=torch.long)).backward()
     opt.step()
-    assert m.weight.grad.abs().sum() > 0 and opt.steps_taken == 1
+    assert all(p.grad.abs().sum() > 0 for p in m.parameters()) and opt.steps_taken == 1
 
 
 def test_seeded_noise_is_reproducible():
