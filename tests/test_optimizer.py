@@ -298,3 +298,37 @@ def test_copying_a_dp_optimizer_is_refused_and_harms_no_other_instance():
         pickle.dumps(opt)
     m(torch.randn(8, 3)).sum().backward()
     opt.step()  # still works
+
+
+def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed():
+    """Masked Philox noise takes one seed per step; a CUDA generator seeds a host-side stream once (no device sync),
+    which is reproducible from the generator's seed and resumes from state_dict."""
+    class DeviceGenerator:  # what _noise_seed reads of a CUDA torch.Generator
+        device = torch.device("cuda")
+
+        def __init__(self, seed):
+            self.seed = seed
+
+        def initial_seed(self):
+            return self.seed
+
+        def get_state(self):
+            return torch.tensor([self.seed])
+
+        def set_state(self, state):
+            self.seed = int(state[0])
+
+    def make_opt(seed):
+        opt = make(nn.Linear(3, 2), sigma=1.0, R=1.0, B=8)
+        opt.generator = DeviceGenerator(seed)
+        return opt
+
+    a, b = make_opt(5), make_opt(5)
+    seeds = [a._noise_seed() for _ in range(3)]
+    assert seeds == [b._noise_seed() for _ in range(3)] and len(set(seeds)) == 3
+    assert make_opt(6)._noise_seed() != seeds[0]
+    state = a.state_dict()
+    nxt = a._noise_seed()
+    c = make_opt(99)
+    c.load_state_dict(state)
+    assert c._noise_seed() == nxt
