@@ -24,15 +24,13 @@ import torch
 from fastdp.kernels import (
     conv_per_sample_grad_ref,
     direct_dot_ref,
-    embedding_accumulate_ref,
-    embedding_dot_ref,
     embedding_linear_dot_ref,
-    embedding_norm_ref,
 )
 from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
 from fastdp.kernels.clip_accumulate import clip_accumulate
 from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
+from fastdp.kernels.embedding_norm import embedding_accumulate, embedding_dot, embedding_norm
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
 from fastdp.kernels.masked_direct_norm import masked_direct_norm
 from fastdp.kernels.row_abs_sum import row_abs_sum
@@ -207,7 +205,7 @@ class EmbeddingGrad(PerSampleGrad):
         self.batch_size = idx.shape[0]
 
     def sq_norm(self):
-        return embedding_norm_ref(self.idx, self.dy)
+        return embedding_norm(self.idx, self.dy)
 
     def materialize(self):
         B, T, d = self.dy.shape
@@ -218,7 +216,7 @@ class EmbeddingGrad(PerSampleGrad):
         return out.view(B, V, d)
 
     def clipped_sum(self, scale, out):
-        return embedding_accumulate_ref(self.idx, self.dy, scale, self.num_embeddings, out)
+        return embedding_accumulate(self.idx, self.dy, scale, self.num_embeddings, out)
 
     def release(self):
         self.idx = self.dy = None
@@ -405,7 +403,7 @@ def _linear_linear(a: LinearGrad, b: LinearGrad):
 
 @register_dot(EmbeddingGrad, EmbeddingGrad)
 def _embedding_embedding(a: EmbeddingGrad, b: EmbeddingGrad):
-    return embedding_dot_ref(a.idx, a.dy, b.idx, b.dy.to(a.dy.dtype))
+    return embedding_dot(a.idx, a.dy, b.idx, b.dy.to(a.dy.dtype))
 
 
 @register_dot(EmbeddingGrad, LinearGrad)

@@ -11,6 +11,11 @@ head's per-sample gradient ``dL_i^T H_i`` [V, d] is
 
 built from two T x T matrices: the head's output gradient gathered at the input tokens, and the
 product of the head input with the embedding-output gradient.
+
+Triton kernels (``embedding_dot`` / ``embedding_norm``, ``embedding_accumulate``): the index-equality ghost norm
+tiles (t, s) like the ghost norm, with the [T, T] ``dY dY^T`` tile in registers masked by ``idx_t == idx_s``;
+the clipped sum adds ``c_i dY[i, t]`` into row ``idx[i, t]`` with fp32 atomics (the summation order, hence the
+last bits, may differ from run to run). The tied cross term stays on the reference path.
 """
 from __future__ import annotations
 
@@ -18,7 +23,88 @@ from typing import Optional
 
 import torch
 
+from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import acc_dtype, batch_chunks, bmm_acc, upcast
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .ghost_norm import _gram_tile
+
+    @triton.jit
+    def _embedding_dot_kernel(ia, dya, ib, dyb, out, sia_b, sia_t, sya_b, sya_t, sya_k, sib_b, sib_t,
+                              syb_b, syb_t, syb_k, Ta, Tb, D, SYMMETRIC: tl.constexpr, BT: tl.constexpr,
+                              BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """out[b] += sum over one (t, s) tile of [idx_a[t] == idx_b[s]] * (dY_a dY_b^T)[t, s]."""
+        bidx = tl.program_id(0)
+        ti = tl.program_id(1)
+        si = tl.program_id(2)
+        if SYMMETRIC and si < ti:  # self-norm: upper triangle, off-diagonal tiles counted twice
+            return
+        t = ti * BT + tl.arange(0, BT)
+        s = si * BT + tl.arange(0, BT)
+        gy = _gram_tile(dya, dyb, sya_b, sya_t, sya_k, syb_b, syb_t, syb_k, bidx, t, s, Ta, Tb, D, BT, BK, UPCAST,
+                        IEEE)
+        va = tl.load(ia + bidx * sia_b + t * sia_t, mask=t < Ta, other=-1)
+        vb = tl.load(ib + bidx * sib_b + s * sib_t, mask=s < Tb, other=-2)
+        part = tl.sum(tl.where(va[:, None] == vb[None, :], gy, 0.0))
+        if SYMMETRIC and si > ti:
+            part = part * 2.0
+        tl.atomic_add(out + bidx, part)
+
+    @triton.jit
+    def _embedding_accumulate_kernel(idx, dy, scale, out, T, D, si_b, si_t, sy_b, sy_t, sy_k, so_v, so_k,
+                                     BD: tl.constexpr):
+        """out[idx[b, t], :] += scale[b] * dy[b, t, :] for one (b, t) and a block of BD columns."""
+        r = tl.program_id(0)
+        b = r // T
+        t = r % T
+        k = tl.program_id(1) * BD + tl.arange(0, BD)
+        v = tl.load(idx + b * si_b + t * si_t)
+        c = tl.load(scale + b)
+        g = tl.load(dy + b * sy_b + t * sy_t + k * sy_k, mask=k < D, other=0.0).to(tl.float32)
+        tl.atomic_add(out + v * so_v + k * so_k, c * g, mask=k < D)
+
+
+def embedding_dot(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``embedding_dot_ref`` / the Triton kernel (same arguments and result)."""
+    if backend_for_op("embedding_norm", dy_a) == "reference" or dy_a.dtype == torch.float64:
+        return embedding_dot_ref(idx_a, dy_a, idx_b, dy_b)
+    B, Ta, Tb, D = idx_a.shape[0], idx_a.shape[1], idx_b.shape[1], dy_a.shape[-1]
+    dy_b = dy_b.to(dy_a.dtype)
+    out = torch.zeros(B, dtype=torch.float32, device=dy_a.device)
+    if B == 0 or Ta == 0 or Tb == 0:
+        return out
+    symmetric = idx_a is idx_b and dy_a is dy_b
+    BT, BK = 32, 32
+    grid = (B, triton.cdiv(Ta, BT), triton.cdiv(Tb, BT))
+    _embedding_dot_kernel[grid](idx_a, dy_a, idx_b, dy_b, out, *idx_a.stride(), *dy_a.stride(), *idx_b.stride(),
+                                *dy_b.stride(), Ta, Tb, D, SYMMETRIC=symmetric, BT=BT, BK=BK,
+                                UPCAST=interpreting(), IEEE=dy_a.dtype == torch.float32)
+    return out
+
+
+def embedding_norm(idx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``embedding_norm_ref`` / the Triton kernel."""
+    return embedding_dot(idx, dy, idx, dy)
+
+
+def embedding_accumulate(idx: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, num_embeddings: int,
+                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Dispatching ``embedding_accumulate_ref`` / the Triton kernel (fp32 ``out``; fp64 takes the reference)."""
+    d = dy.shape[-1]
+    if out is None:
+        out = torch.zeros(num_embeddings, d, dtype=acc_dtype(dy), device=dy.device)
+    if backend_for_op("embedding_accumulate", dy) == "reference" or out.dtype != torch.float32:
+        return embedding_accumulate_ref(idx, dy, scale, num_embeddings, out)
+    B, T = idx.shape[0], idx.shape[1]
+    if B * T == 0:
+        return out
+    BD = 128
+    _embedding_accumulate_kernel[(B * T, triton.cdiv(d, BD))](idx, dy, scale.float().contiguous(), out, T, d,
+                                                              *idx.stride(), *dy.stride(), *out.stride(), BD=BD)
+    return out
 
 
 def embedding_dot_ref(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:

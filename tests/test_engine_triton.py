@@ -65,3 +65,26 @@ def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
         assert_close(eng.summed[named[n]], v, 1e-4, 1e-5 * scale, n)
     n_conv = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
     assert len(calls) == n_conv > 0  # every conv weight's norm came from the kernel
+
+
+def test_engine_embedding_norms_and_sums_with_the_kernels(monkeypatch):
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    import importlib
+    en = importlib.import_module("fastdp.kernels.embedding_norm")
+    calls = []
+    for name in ("_embedding_dot_kernel", "_embedding_accumulate_kernel"):
+        orig = getattr(en, name)
+        monkeypatch.setattr(en, name, type("K", (), {"__getitem__": lambda s, g, n=name, o=orig: (
+            calls.append(n), o[g])[1]})())
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Embedding(13, 6, padding_idx=0), torch.nn.Flatten(), torch.nn.Linear(6 * 5, 3))
+    x, y = torch.randint(0, 13, (4, 5)), torch.randint(0, 3, (4,))
+    ref, norms = clipped_sum_reference(m, F.cross_entropy, x, y, max_grad_norm=0.2)
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(0.2))
+    F.cross_entropy(m(x), y).backward()
+    eng.detach()
+    assert_close(eng.last_norms, norms, 1e-5, 1e-6 * norms.max().item(), "norms")
+    named = dict(m.named_parameters())
+    for n, v in ref.items():
+        assert_close(eng.summed[named[n]], v, 1e-4, 1e-5 * v.abs().max().item(), n)
+    assert sorted(set(calls)) == ["_embedding_accumulate_kernel", "_embedding_dot_kernel"]

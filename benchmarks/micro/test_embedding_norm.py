@@ -1,9 +1,9 @@
-"""Embedding per-sample gradient norms through token equality (``kernels/embedding_norm.py``, reference only: no
-Triton kernel yet) vs dense per-sample gradients [B, V, d]."""
+"""Embedding per-sample gradient norms through token equality (``kernels/embedding_norm.py``: reference and Triton)
+vs dense per-sample gradients [B, V, d]."""
 import pytest
 import torch
 
-from fastdp.kernels.embedding_norm import embedding_norm_ref
+from fastdp.kernels.embedding_norm import embedding_norm, embedding_norm_ref
 
 
 def dense_grads(idx, dy, V):
@@ -12,7 +12,7 @@ def dense_grads(idx, dy, V):
     return torch.zeros(B, V, d, dtype=dy.dtype, device=dy.device).scatter_add_(1, idx.unsqueeze(-1).expand(-1, -1, d), dy)
 
 
-@pytest.mark.parametrize("impl", ["reference", "naive"])
+@pytest.mark.parametrize("impl", ["reference", "triton", "naive"])
 def test_embedding_norm(micro, embedding_shape, dtype, impl):
     s = embedding_shape
     micro.setup("embedding_norm", s.name, impl, dtype)
@@ -24,7 +24,7 @@ def test_embedding_norm(micro, embedding_shape, dtype, impl):
         def fn(idx, dy):
             return dense_grads(idx, dy, s.V).float().pow(2).sum((1, 2))
     else:
-        fn = embedding_norm_ref
+        fn = embedding_norm_ref if impl == "reference" else embedding_norm
     truth = torch.cat([dense_grads(idx[i:i + 1], dy[i:i + 1].double(), s.V).pow(2).sum((1, 2)) for i in range(s.B)])
     micro.assert_close(fn(idx, dy), truth)
     ghost = 2 * s.B * s.T ** 2 * s.d + 2 * s.B * s.T ** 2
