@@ -16,13 +16,9 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _direct_norm_kernel(x, dy, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, T, D, P,
-                            BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
-                            IEEE: tl.constexpr):
-        """out[b] += ||tile of dY_b^T X_b||^2 for one [BM, BN] tile; the tile lives in registers only."""
-        bidx = tl.program_id(0)
-        m = tl.program_id(1) * BM + tl.arange(0, BM)
-        n = tl.program_id(2) * BN + tl.arange(0, BN)
+    def _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM: tl.constexpr,
+                   BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """[BM, BN] fp32 tile (rows m, columns n) of sample ``bidx``'s gradient ``dY_b^T X_b``, reduced over T."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for t0 in range(0, T, BT):
             t = t0 + tl.arange(0, BT)
@@ -37,6 +33,17 @@ if HAS_TRITON:
                 acc += tl.dot(tl.trans(a), b, input_precision="ieee")
             else:
                 acc += tl.dot(tl.trans(a), b)
+        return acc
+
+    @triton.jit
+    def _direct_norm_kernel(x, dy, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, T, D, P,
+                            BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
+                            IEEE: tl.constexpr):
+        """out[b] += ||tile of dY_b^T X_b||^2 for one [BM, BN] tile; the tile lives in registers only."""
+        bidx = tl.program_id(0)
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        n = tl.program_id(2) * BN + tl.arange(0, BN)
+        acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)
         tl.atomic_add(out + bidx, tl.sum(acc * acc))
 
 

@@ -22,6 +22,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .direct_norm import _grad_tile
+
     @triton.jit
     def _masked_direct_norm_kernel(x, dy, mask, center, scale, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k,
                                    sm_p, sm_d, sa_p, sa_d, sb_p, sb_d, T, D, P,
@@ -31,20 +33,7 @@ if HAS_TRITON:
         bidx = tl.program_id(0)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for t0 in range(0, T, BT):
-            t = t0 + tl.arange(0, BT)
-            a = tl.load(dy + bidx * sy_b + t[:, None] * sy_t + m[None, :] * sy_k,
-                        mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
-            b = tl.load(x + bidx * sx_b + t[:, None] * sx_t + n[None, :] * sx_k,
-                        mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), b)
+        acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)
         inside = (m[:, None] < P) & (n[None, :] < D)
         keep = tl.load(mask + m[:, None] * sm_p + n[None, :] * sm_d, mask=inside, other=0).to(tl.float32)
         if AFFINE:

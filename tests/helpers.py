@@ -65,3 +65,15 @@ def check_bf16_autocast(model, idx, tgt, loss_fn, device_type, max_grad_norm=0.3
     num = sum((eng.summed[named[n]].double() - v.double()).pow(2).sum() for n, v in ref.items()).sqrt()
     den = sum(v.double().pow(2).sum() for v in ref.values()).sqrt()
     assert num / den < rtol, f"relative error {num / den:.3e}"
+
+
+def count_launches(monkeypatch, module: str, *kernels: str) -> list:
+    """Wrap Triton kernels of ``fastdp.kernels.<module>``: each launch appends the kernel's name to the list."""
+    import importlib
+    mod = importlib.import_module(f"fastdp.kernels.{module}")
+    calls = []
+    for name in kernels:
+        orig = getattr(mod, name)
+        monkeypatch.setattr(mod, name, type("K", (), {"__getitem__": lambda s, grid, n=name, o=orig: (
+            calls.append(n), o[grid])[1]})())
+    return calls

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fastdp
 from fastdp.grad_sample import NormRule
 from fastdp.models import MLP, TinyTransformer, lm_loss
-from helpers import assert_close, clipped_sum_reference
+from helpers import assert_close, clipped_sum_reference, count_launches
 
 pytestmark = pytest.mark.interpreter
 
@@ -17,12 +17,7 @@ pytestmark = pytest.mark.interpreter
 def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
     monkeypatch.setattr(NormRule, "mode", mode)
-    import importlib
-    gn = importlib.import_module("fastdp.kernels.ghost_norm")
-    calls = []
-    orig = gn._ghost_dot_kernel
-    monkeypatch.setattr(gn, "_ghost_dot_kernel", type("K", (), {"__getitem__": lambda s, g: (
-        calls.append(g), orig[g])[1]})())
+    calls = count_launches(monkeypatch, "ghost_norm", "_ghost_dot_kernel")
     torch.manual_seed(0)
     if name == "mlp":
         m, x, y, loss = MLP(12, 3, hidden=(9,)), torch.randn(5, 12), torch.randint(0, 3, (5,)), F.cross_entropy
@@ -43,14 +38,8 @@ def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
 def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
     monkeypatch.setattr(NormRule, "mode", "direct")
-    import importlib
-
     from fastdp.models import SmallCNN
-    cn = importlib.import_module("fastdp.kernels.conv_norm")
-    calls = []
-    orig = cn._conv_direct_norm_kernel
-    monkeypatch.setattr(cn, "_conv_direct_norm_kernel", type("K", (), {"__getitem__": lambda s, g: (
-        calls.append(g), orig[g])[1]})())
+    calls = count_launches(monkeypatch, "conv_norm", "_conv_direct_norm_kernel")
     torch.manual_seed(0)
     m = SmallCNN(in_channels=1, num_classes=4, width=4, image_size=8)
     x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 4, (3,))
@@ -69,13 +58,7 @@ def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
 
 def test_engine_embedding_norms_and_sums_with_the_kernels(monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
-    import importlib
-    en = importlib.import_module("fastdp.kernels.embedding_norm")
-    calls = []
-    for name in ("_embedding_dot_kernel", "_embedding_accumulate_kernel"):
-        orig = getattr(en, name)
-        monkeypatch.setattr(en, name, type("K", (), {"__getitem__": lambda s, g, n=name, o=orig: (
-            calls.append(n), o[g])[1]})())
+    calls = count_launches(monkeypatch, "embedding_norm", "_embedding_dot_kernel", "_embedding_accumulate_kernel")
     torch.manual_seed(0)
     m = torch.nn.Sequential(torch.nn.Embedding(13, 6, padding_idx=0), torch.nn.Flatten(), torch.nn.Linear(6 * 5, 3))
     x, y = torch.randint(0, 13, (4, 5)), torch.randint(0, 3, (4,))

@@ -8,7 +8,7 @@ import fastdp
 from fastdp.grad_sample import NormRule
 from fastdp.masks import Mask
 from fastdp.models import SmallCNN, TinyTransformer, lm_loss
-from helpers import assert_close, per_sample_grads
+from helpers import assert_close, count_launches, per_sample_grads
 
 
 def masked_reference(model, loss_fn, masks, x, y, R):
@@ -204,12 +204,7 @@ def test_masked_noise_kernel_path_in_the_optimizer(kind, monkeypatch):
         return out
 
     opt = make()
-    calls = []
-    import importlib
-    mn = importlib.import_module("fastdp.kernels.masked_noise")
-    orig = mn._masked_noise_kernel
-    monkeypatch.setattr(mn, "_masked_noise_kernel", type("K", (), {"__getitem__": lambda s, g: (
-        calls.append(g), orig[g])[1]})())
+    calls = count_launches(monkeypatch, "masked_noise", "_masked_noise_kernel")
     g1 = noisy_grads(opt)
     assert len(calls) == 1  # one launch over the whole flat buffer
     kept = torch.cat([masks[p].dense.flatten() if p in masks else torch.ones(p.numel(), dtype=torch.bool)
