@@ -31,14 +31,11 @@ sample std over seeds per method and epsilon, the papers' numbers beside ours) a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -49,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+
+from benchmarks.run_env import commit, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
@@ -290,27 +289,6 @@ def paths(out_dir: str) -> Dict[str, str]:
             **{f"png_{s}": os.path.join(out_dir, f"methods_{s}.png") for s in STUDIES}}
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _commit() -> Optional[str]:
-    with contextlib.suppress(Exception):
-        git = ["git", "--no-optional-locks", "-C", ROOT]  # read-only: never takes the index lock
-        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "fastdp"],
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ training
 _DATA: Dict[tuple, tuple] = {}
 _SIGMA: Dict[tuple, float] = {}
@@ -500,7 +478,7 @@ def _run(args, study: str, configs: List[dict], records: List[dict], out: Dict[s
                   "epochs": config["epochs"], "lr": config["lr"], "accuracy": result["accuracy"],
                   "epsilon_spent": result["epsilon_spent"], "wall_s": time.perf_counter() - start,
                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                  "machine": _machine(), "torch": torch.__version__, "fastdp_commit": _commit(),
+                  "machine": machine(), "torch": torch.__version__, "fastdp_commit": commit(),
                   "config": config, **result}
         os.makedirs(os.path.dirname(out["jsonl"]) or ".", exist_ok=True)
         with open(out["jsonl"], "a") as f:

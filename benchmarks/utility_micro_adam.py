@@ -33,15 +33,15 @@ import io
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import traceback
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from benchmarks.run_env import commit, machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
@@ -142,29 +142,6 @@ def load_records(path: str) -> List[dict]:
     return out
 
 
-def _machine() -> dict:
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    return {"platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def _commit() -> Optional[str]:
-    """HEAD (and +dirty if fastdp/ or kernels/ differ from it); taken once when the process starts, since the
-    code a process runs is what it imported then."""
-    with contextlib.suppress(Exception):
-        git = ["git", "--no-optional-locks", "-C", ROOT]  # read-only: never takes the index lock
-        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "fastdp", "kernels"],
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
-
-
 # ------------------------------------------------------------------------------------------------ one run
 @contextlib.contextmanager
 def _validation_split(fraction: float):
@@ -224,7 +201,7 @@ def run_one(config: dict, data_dir: str, quiet: bool) -> dict:
     record["wall_s"] = time.perf_counter() - start
     record["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     record["torch"] = torch.__version__
-    record["machine"] = _machine()
+    record["machine"] = machine()
     record["fastdp_commit"] = _START_COMMIT
     return record
 
@@ -483,7 +460,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def _main(args) -> dict:
     global _START_COMMIT
     import fastdp.cli  # noqa: F401 - imported now, with the code of the commit recorded here
-    _START_COMMIT = _START_COMMIT or _commit()
+    _START_COMMIT = _START_COMMIT or commit()
     out = paths(args.out_dir, args.dataset)
     os.makedirs(args.out_dir, exist_ok=True)
     stages = ("lr", "main", "clip", "report") if args.stage == "all" else (args.stage,)
