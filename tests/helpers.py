@@ -77,3 +77,15 @@ def count_launches(monkeypatch, module: str, *kernels: str) -> list:
         monkeypatch.setattr(mod, name, type("K", (), {"__getitem__": lambda s, grid, n=name, o=orig: (
             calls.append(n), o[grid])[1]})())
     return calls
+
+
+def tiny_hf_gpt2(vocab: int, seed: int = 0):
+    """A 2-layer fp64 HF GPT-2 LM (tied embedding / head, no dropout, eager attention); skips without transformers."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = transformers.GPT2LMHeadModel(cfg).double()
+    model.config._attn_implementation = "eager"
+    return model

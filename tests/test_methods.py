@@ -10,6 +10,7 @@ import fastdp
 from fastdp.methods import SPARTA, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 from fastdp.methods.baselines import keep_rows
 from fastdp.models import SmallCNN
+from helpers import tiny_hf_gpt2
 
 B, N = 8, 40  # expected batch, dataset size: 5 steps per epoch
 
@@ -230,12 +231,7 @@ def test_methods_are_deterministic_under_a_seed():
 
 
 def tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=29, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    m = transformers.GPT2LMHeadModel(cfg).double()
-    m.config._attn_implementation = "eager"
+    m = tiny_hf_gpt2(vocab=29)
 
     def step(opt, seed):
         idx = torch.randint(0, 29, (B, 9), generator=torch.Generator().manual_seed(seed))

@@ -10,7 +10,7 @@ from torch import nn
 import fastdp
 from fastdp.engine import NonFiniteNormError
 from fastdp.models import MLP, SmallCNN, TinyTransformer
-from tests.helpers import assert_close, per_sample_grads
+from helpers import assert_close, per_sample_grads, tiny_hf_gpt2
 
 
 def ce(out, y):
@@ -219,12 +219,7 @@ def test_fused_per_layer_needs_a_per_layer_rule():
 
 
 def test_fused_per_layer_on_hf_gpt2_with_tied_and_shared_position_embeddings():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(5)
-    cfg = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=2, n_head=2,
-                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = transformers.GPT2LMHeadModel(cfg).double()
-    model.config._attn_implementation = "eager"
+    model = tiny_hf_gpt2(vocab=37, seed=5)
     idx = torch.randint(0, 37, (4, 9))
     results = {}
     for fused in (True, False):
