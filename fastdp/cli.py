@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-sample clipping threshold (default: %(default)s)")
     t.add_argument("--model", choices=("mlp", "cnn"), default="cnn",
                    help="cnn: SmallCNN, two conv + GroupNorm blocks; mlp: one hidden layer (default: %(default)s)")
-    t.add_argument("--clipping", choices=("flat", "automatic"), default="flat",
-                   help="flat: min(1, R/||g||); automatic: R/(||g|| + 0.01) (default: %(default)s)")
+    t.add_argument("--clipping", choices=("flat", "automatic", "per_layer"), default="flat",
+                   help="flat: min(1, R/||g||); automatic: R/(||g|| + 0.01); per_layer: each of the model's n "
+                        "parameter tensors clipped to R/sqrt(n) inside backward (total sensitivity <= R) "
+                        "(default: %(default)s)")
     t.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="(default: %(default)s)")
     t.add_argument("--seed", type=int, default=0, help="seeds the model, the sampling and the noise (default: %(default)s)")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="(default: cuda if available, else cpu)")
@@ -233,8 +235,12 @@ def train(args: argparse.Namespace) -> dict:
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus, calibration search
             if args.noise_multiplier == 0:  # the warning is replaced by the epsilon line below
                 warnings.filterwarnings("ignore", message="noise_multiplier=0")
+            max_grad_norm = args.max_grad_norm
+            if args.clipping == "per_layer":  # equal thresholds: sqrt(sum R_k^2) = R over all the model's tensors
+                names = [n for n, _ in model.named_parameters()]
+                max_grad_norm = {n: args.max_grad_norm / len(names) ** 0.5 for n in names}
             model, optimizer, loader = make_private(
-                module=model, optimizer=base_opt, data_loader=loader, max_grad_norm=args.max_grad_norm,
+                module=model, optimizer=base_opt, data_loader=loader, max_grad_norm=max_grad_norm,
                 noise_multiplier=args.noise_multiplier,
                 target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
                 target_delta=args.delta, epochs=args.epochs, clipping=args.clipping, accountant=args.accountant,
