@@ -22,6 +22,7 @@ Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOpti
 """
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
@@ -56,6 +57,22 @@ def _leading_dim(args, kwargs) -> Optional[int]:
     return None
 
 
+class PendingCounts:
+    """Per parameter, the uses recorded in forward whose gradient has not arrived. Updated from the forward thread,
+    the autograd threads (one per device) and the garbage collector: under a lock."""
+
+    def __init__(self):
+        self._counts: Dict[nn.Parameter, int] = {}
+        self._lock = threading.Lock()
+
+    def add(self, param: nn.Parameter, delta: int) -> None:
+        with self._lock:
+            self._counts[param] = self._counts.get(param, 0) + delta
+
+    def get(self, param: nn.Parameter) -> int:
+        return self._counts.get(param, 0)
+
+
 class PendingUse:
     """One use of a parameter recorded in a forward whose per-sample gradient has not reached the engine.
 
@@ -66,21 +83,21 @@ class PendingUse:
 
     __slots__ = ("counts", "param", "arrived")
 
-    def __init__(self, counts: Dict[nn.Parameter, int], param: nn.Parameter):
+    def __init__(self, counts: PendingCounts, param: nn.Parameter):
         self.counts, self.param, self.arrived = counts, param, False
-        counts[param] = counts.get(param, 0) + 1
+        counts.add(param, 1)
 
     def arrive(self) -> bool:
         """Mark the gradient as arrived; False if it had arrived before (a retained graph run again)."""
         if self.arrived:
             return False
         self.arrived = True
-        self.counts[self.param] -= 1
+        self.counts.add(self.param, -1)
         return True
 
     def __del__(self):
         if not self.arrived:
-            self.counts[self.param] -= 1
+            self.counts.add(self.param, -1)
 
 
 class GradSampleEngine:
@@ -126,7 +143,7 @@ class GradSampleEngine:
         self.abs_row_sums: Dict[nn.Parameter, torch.Tensor] = {}
         self._ready: Dict[nn.Parameter, List[PerSampleGrad]] = {}  # this pass's uses not yet accumulated
         self._callback_queued = None  # graph task id of the backward pass whose callback is queued
-        self._pending: Dict[nn.Parameter, int] = {}  # uses recorded in forward whose gradient has not arrived
+        self._pending = PendingCounts()  # uses recorded in forward whose gradient has not arrived
         self.poisoned = False  # a failed pass left partial sums in a buffer holding earlier micro-batches
         self._new_pass_state()
         self.batch_size: Optional[int] = None  # leading dim of the root module's input in this forward
@@ -290,7 +307,7 @@ class GradSampleEngine:
             deferred = type(grad) is DenseGrad and not self.clip_rule.per_param
             grad.sq_self = None if deferred else grad.sq_norm()
         self._ready.setdefault(grad.param, []).append(grad)
-        if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param, 0) == 0:
+        if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param) == 0:
             self._clip_in_backward(grad.param)
 
     def _clip_in_backward(self, p: nn.Parameter) -> None:
