@@ -47,7 +47,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -61,6 +60,7 @@ from torch import nn
 
 import fastdp
 from benchmarks import workloads
+from benchmarks.run_env import git
 from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 
 DTYPES = ("fp32", "bf16")
@@ -466,18 +466,10 @@ def _version(mod):
         return None
 
 
-def _git(*cmd):
-    try:
-        env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # read-only: never refresh the index
-        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=10, env=env)
-    except Exception:
-        return None
-
-
 def environment(device: torch.device) -> dict:
     """Device name, Python and package versions, today's date, the repo's git commit (and whether it is dirty)."""
-    head = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("diff", "--quiet", "HEAD", "--")
+    head = git("rev-parse", "--short", "HEAD")
+    dirty = git("diff", "--quiet", "HEAD", "--")
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name(device)} (torch.version.cuda {torch.version.cuda})"
     else:

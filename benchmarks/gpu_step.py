@@ -21,6 +21,7 @@ from benchmarks.e2e import (
     DTYPES,
     REPO,
     Config,
+    _csv_arg,
     environment,
     flop_floor,
     markdown,
@@ -34,14 +35,6 @@ from benchmarks.e2e import (
 VARIANTS = ("nonprivate", "fastdp")
 # the harness used to live here: re-exported for code that imports it from gpu_step
 __all__ = ["DTYPES", "VARIANTS", "environment", "flop_floor", "main", "markdown", "run_variant", "time_steps"]
-
-
-def _csv(s, allowed, what):
-    items = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed]
-    if bad or not items:
-        raise SystemExit(f"--{what}: unknown {bad or s!r}; choose from {', '.join(allowed)}")
-    return items
 
 
 def main(argv=None) -> dict:
@@ -59,15 +52,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
     ap.add_argument("--commit", default=None, help="record this commit (for runs from a copy without .git)")
     args = ap.parse_args(argv)
-    names = _csv(args.workloads, workloads.WORKLOADS, "workloads")
+    names = _csv_arg(args.workloads, workloads.WORKLOADS, "workloads")
     if args.steps < 1 or args.warmup < 1:
         raise SystemExit("--steps and --warmup must be >= 1")
     batch_sizes = dict(workloads.TINY_BATCH if args.tiny else workloads.DEFAULT_BATCH)
     for kv in filter(None, args.batch.split(",")):
         k, v = kv.split("=")
         batch_sizes[k.strip()] = int(v)
-    cfg = Config(workloads=names, dtypes=_csv(args.dtypes, DTYPES, "dtypes"),
-                 variants=_csv(args.variants, VARIANTS, "variants"),
+    cfg = Config(workloads=names, dtypes=_csv_arg(args.dtypes, DTYPES, "dtypes"),
+                 variants=_csv_arg(args.variants, VARIANTS, "variants"),
                  batch_sizes={w: [batch_sizes[w]] for w in names}, device=torch.device(args.device), tiny=args.tiny,
                  steps=args.steps, warmup=args.warmup, launches=False)
     setup_device(cfg.device, args.threads)

@@ -5,7 +5,7 @@ import contextlib
 import os
 import platform
 import subprocess
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -23,13 +23,31 @@ def machine() -> dict:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def git(*args: str) -> Optional[subprocess.CompletedProcess]:
+    """``git <args>`` in the repo, read-only (never takes the index lock); None if git cannot run."""
+    try:
+        return subprocess.run(["git", "--no-optional-locks", "-C", ROOT, *args], capture_output=True, text=True,
+                              timeout=10)
+    except Exception:
+        return None
+
+
 def commit() -> Optional[str]:
     """HEAD, with "+dirty" if fastdp/ or kernels/ differ from it (None outside a git checkout)."""
-    with contextlib.suppress(Exception):
-        git = ["git", "--no-optional-locks", "-C", ROOT]  # read-only: never takes the index lock
-        out = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no", "fastdp", "kernels"],
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
+    out = git("rev-parse", "--short", "HEAD")
+    if out is None or out.returncode != 0:
+        return None
+    dirty = git("status", "--porcelain", "--untracked-files=no", "fastdp", "kernels")
+    return out.stdout.strip() + ("+dirty" if dirty is not None and dirty.stdout.strip() else "")
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """Run with ``n`` torch CPU threads (unchanged if ``n`` is falsy), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

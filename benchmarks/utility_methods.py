@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.run_env import commit, machine
+from benchmarks.run_env import commit, machine, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
@@ -728,12 +728,8 @@ def _plot(args, study: str, rows, path: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args) -> dict:

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.run_env import commit, machine
+from benchmarks.run_env import commit, machine, torch_threads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
@@ -448,13 +448,8 @@ def _plot(args, s: dict, path: str) -> None:
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _main(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _main(args) -> dict:
