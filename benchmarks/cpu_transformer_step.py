@@ -4,6 +4,8 @@ Workload (issue: fastdp core): d=128, T=64, B=32, 3 blocks, 4 heads, vocab 256, 
 A step is forward + backward + optimizer step + zero_grad on a fixed synthetic batch.
 
     python -m benchmarks.cpu_transformer_step [--steps 20] [--threads 2] [--out benchmarks/results/cpu_transformer_step.json]
+
+Every variant runs with glibc keeping freed memory (``fastdp.cpu_memory``; ``--default-malloc`` to compare).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import traceback
 import torch
 
 import fastdp
+from fastdp.cpu_memory import retain_freed_memory
 from fastdp.models import TinyTransformer, lm_loss
 
 
@@ -79,8 +82,11 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--variants", default="nonprivate,fastdp,opacus_hooks,opacus_ghost")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--default-malloc", action="store_true",
+                    help="keep glibc's default trim/mmap thresholds (see fastdp.cpu_memory)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    retained = False if args.default_malloc else retain_freed_memory()  # for every variant alike
     torch.manual_seed(0)
     model = TinyTransformer(vocab=256, d=128, layers=3, heads=4, max_len=args.seq)
     idx = torch.randint(0, 256, (args.batch, args.seq))
@@ -111,7 +117,7 @@ def main(argv=None):
                      "ratio_to_nonprivate": med / base if base else None, "steps": len(samples[v])})
     result = {"workload": f"TinyTransformer d=128 T={args.seq} B={args.batch} 3 blocks vocab=256 tied, fp32",
               "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(), "rows": rows}
+              "torch": torch.__version__, "retain_freed_memory": retained, "date": datetime.date.today().isoformat(), "rows": rows}
     print(f"{'variant':<14} {'median ms':>10} {'x nonprivate':>13}")
     for r in rows:
         if "error" in r:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fastdp.cpu_memory import retain_freed_memory
 from fastdp.data import DATASETS, load_dataset
 from fastdp.engine import NonFiniteNormError
 from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
@@ -217,6 +218,8 @@ def train(args: argparse.Namespace) -> dict:
         device = torch.device(args.device)
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         error("--amp bf16: this GPU does not support bfloat16")
+    if device.type == "cpu":
+        retain_freed_memory()  # this process only trains: no page faults per step (fastdp.cpu_memory)
 
     try:
         train_set, test_set, meta = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit)
