@@ -1,12 +1,15 @@
-"""Clip factors from per-sample squared norms: flat, automatic and per-layer clipping.
+"""Clip factors from per-sample norms: flat, automatic and per-layer clipping.
 
-A rule turns ``{param: [B] squared norms}`` into ``{param: [B] factors c_i}`` such that each
-sample's scaled gradient has L2 norm at most ``sensitivity`` (the noise is calibrated to it).
+A rule turns per-sample gradient norms into factors ``c_i`` such that each sample's scaled gradient has L2 norm
+at most ``sensitivity`` (the noise is calibrated to it). The engine records gradients at ``1 / scale`` of the
+per-sample gradients (``scale`` = B for a mean-reduced loss), so rules take the recorded norms ``n_i`` (true norm
+``scale * n_i``) and return ``scale * c_i``, the factor to apply to the recorded gradients: three elementwise ops
+per call (add, divide, clamp), which matters when per-layer rules run once per parameter inside backward.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, Sequence, Union
 
 import torch
 
@@ -20,26 +23,28 @@ class ClipRule:
     per_param = False
     sensitivity: float
 
-    def factors(self, sq_norms: Dict[torch.nn.Parameter, torch.Tensor],
-                total: Optional[torch.Tensor] = None) -> Dict[torch.nn.Parameter, torch.Tensor]:
-        """Clip factors [B] per parameter; ``total``: the flat squared norms if already summed."""
-        if self.per_param:
-            raise NotImplementedError
-        c = self.shared_factor(total_sq_norm(sq_norms) if total is None else total)
-        return {p: c for p in sq_norms}
+    def factors(self, norms: Dict[torch.nn.Parameter, torch.Tensor],
+                scale: float = 1.0) -> Dict[torch.nn.Parameter, torch.Tensor]:
+        """Per-parameter rules: ``scale * c_i`` [B] per parameter from its recorded per-sample norms [B]."""
+        raise NotImplementedError
 
-    def shared_factor(self, total: torch.Tensor) -> torch.Tensor:
-        """Flat rules: the [B] factors every parameter shares, from the flat squared norms ``total``."""
+    def shared_factor(self, norm: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Flat rules: ``scale * c_i`` [B] shared by every parameter, from the recorded flat per-sample norms."""
         raise NotImplementedError
 
 
-def total_sq_norm(sq_norms) -> torch.Tensor:
-    """[B] sum of the per-parameter squared norms (the flat per-sample squared norm)."""
-    it = iter(sq_norms.values())
-    total = next(it).clone()
-    for v in it:
-        total += v
-    return total
+def _scaled_min_factor(threshold: torch.Tensor, norm: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * min(1, R / (scale * n + margin))`` = ``min(scale, R / (n + margin / scale))``. ``threshold``: R as a
+    0-dim CPU tensor, so the division is one op on any device (a Python scalar divided by a tensor is two)."""
+    return torch.div(threshold, norm + _offset(_MARGIN, scale)).clamp_(max=scale)
+
+
+def _offset(margin: float, scale: float) -> float:
+    return margin / scale if scale else margin  # scale 0: an empty batch (norm has no elements)
+
+
+def _scalar(r: float) -> torch.Tensor:
+    return torch.tensor(r, dtype=torch.float64)  # 0-dim: takes the other operand's dtype and device
 
 
 class FlatClip(ClipRule):
@@ -48,9 +53,10 @@ class FlatClip(ClipRule):
     def __init__(self, max_grad_norm: float):
         _check_norm(max_grad_norm)
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
+        self._threshold = _scalar(self.max_grad_norm)
 
-    def shared_factor(self, total):
-        return (self.max_grad_norm / (total.sqrt() + _MARGIN)).clamp(max=1.0)
+    def shared_factor(self, norm, scale=1.0):
+        return _scaled_min_factor(self._threshold, norm, scale)
 
     def __repr__(self):
         return f"FlatClip(max_grad_norm={self.max_grad_norm})"
@@ -65,9 +71,11 @@ class AutomaticClip(ClipRule):
             raise ValueError(f"automatic clipping needs gamma > 0, got {gamma}")
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
         self.gamma = float(gamma)
+        self._threshold = _scalar(self.max_grad_norm)
 
-    def shared_factor(self, total):
-        return self.max_grad_norm / (total.sqrt() + self.gamma)
+    def shared_factor(self, norm, scale=1.0):
+        # scale * R / (scale * n + gamma) = R / (n + gamma / scale)
+        return torch.div(self._threshold, norm + _offset(self.gamma, scale))
 
     def __repr__(self):
         return f"AutomaticClip(max_grad_norm={self.max_grad_norm}, gamma={self.gamma})"
@@ -86,15 +94,30 @@ class PerLayerClip(ClipRule):
             _check_norm(r)
         self.thresholds = dict(thresholds)
         self.sensitivity = math.sqrt(sum(r * r for r in self.thresholds.values()))
+        self._threshold = {p: _scalar(r) for p, r in self.thresholds.items()}
+        self._stacked = None  # (key, [k] thresholds on the device) of the last stacked_factors call
 
-    def factors(self, sq_norms, total=None):
+    def factors(self, norms, scale=1.0):
         out = {}
-        for p, sq in sq_norms.items():
-            if p not in self.thresholds:
+        for p, n in norms.items():
+            r = self._threshold.get(p)
+            if r is None:
                 raise KeyError("per-layer clipping has no threshold for a trainable parameter "
                                "(did its requires_grad change after the optimizer was built?)")
-            out[p] = (self.thresholds[p] / (sq.sqrt() + _MARGIN)).clamp(max=1.0)
+            out[p] = _scaled_min_factor(r, n, scale)
         return out
+
+    def stacked_factors(self, params, norms, scale=1.0):
+        """``scale * c_ik`` [B, k] for the k ``params`` at once from their recorded norms ``norms`` [B, k]."""
+        key = (tuple(map(id, params)), norms.device, norms.dtype)
+        if self._stacked is None or self._stacked[0] != key:
+            missing = [p for p in params if p not in self.thresholds]
+            if missing:
+                raise KeyError("per-layer clipping has no threshold for a trainable parameter "
+                               "(did its requires_grad change after the optimizer was built?)")
+            self._stacked = (key, torch.tensor([self.thresholds[p] for p in params], dtype=norms.dtype,
+                                                  device=norms.device))
+        return torch.div(self._stacked[1], norms + _offset(_MARGIN, scale)).clamp_(max=scale)
 
     def __repr__(self):
         return f"PerLayerClip({len(self.thresholds)} thresholds, sensitivity={self.sensitivity:.4g})"

@@ -38,6 +38,10 @@ from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerErr
 
 LOSS_REDUCTIONS = ("mean", "sum")
 
+# Explicit per-sample gradients of parameters up to this many elements (biases, norm affines) are batched at the end
+# of backward: one [B, S] block, a few ops for all of them (per-layer rules too: their [B, numel] is small).
+SMALL_NUMEL = 1 << 16
+
 # Modules whose forward flattens a [B, T, d] input to [B*T, d] rows in sample order before a matmul.
 SAMPLE_MAJOR_FLATTENERS = {"transformers.pytorch_utils.Conv1D"}
 
@@ -128,8 +132,9 @@ class GradSampleEngine:
         self._dirty = False  # the buffer holds sums not yet taken by a step
         self.num_samples = 0
         self.num_backward = 0
-        self.last_norms: Optional[torch.Tensor] = None  # [B] flat per-sample norms of the last backward
-        self.last_factors: Optional[Dict[nn.Parameter, torch.Tensor]] = None
+        # the last backward's flat per-sample norms and factors at the recorded scale, and that scale (the loss
+        # reduction's B): ``last_norms`` / ``last_factors`` convert them when read
+        self._last = None
         self.last_fused = 0  # parameters the last backward clipped during backward (fused per-layer clipping)
         self.stale_grad_check = False  # set by the optimizer after writing .grad; cleared by zero_grad
         self.masks: Dict[nn.Parameter, Mask] = {}
@@ -303,11 +308,10 @@ class GradSampleEngine:
         else:
             if mask is not None:
                 grad = self._apply_mask(grad)
-            # small explicit gradients (biases, norm affines) under flat rules: batched at the end (``_small``)
-            deferred = type(grad) is DenseGrad and not self.clip_rule.per_param
-            grad.sq_self = None if deferred else grad.sq_norm()
+            grad.sq_self = None if _is_small(grad) else grad.sq_norm()  # small: batched at the end (``_small``)
         self._ready.setdefault(grad.param, []).append(grad)
-        if self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param) == 0:
+        if (self.fused_per_layer and not self._pass_no_fuse and self._pending.get(grad.param) == 0
+                and not _is_small(grad)):
             self._clip_in_backward(grad.param)
 
     def _clip_in_backward(self, p: nn.Parameter) -> None:
@@ -322,9 +326,9 @@ class GradSampleEngine:
             self._pass_fused = True
         self._pass_batch = batch
         red = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = self._param_sq_norm(uses) * (red * red)
-        c = self.clip_rule.factors({p: sq})[p]
-        self._accumulate(p, uses, c * red if red != 1.0 else c, self.buffer)
+        sq = self._param_sq_norm(uses)  # of the recorded gradients, 1/red of the per-sample ones
+        c = self.clip_rule.factors({p: sq.sqrt()}, red)[p]  # red * c_i: applies to the recorded gradients
+        self._accumulate(p, uses, c, self.buffer)
         self._pass_sq[p] = sq
         self._pass_factors[p] = c
 
@@ -367,48 +371,70 @@ class GradSampleEngine:
         batch = self._batch_size([g for uses in ready.values() for g in uses], self._pass_batch)
         red = float(batch) if self.loss_reduction == "mean" else 1.0
         buf = self._buffer() if not self._pass_fused else self.buffer
-        small = self._small(ready, buf)  # flat rules: explicit small gradients as one [B, S] block
+        small = self._small(ready, buf)  # explicit small gradients as one [B, S] block
         block = torch.cat([ready[p][0].g.reshape(batch, p.numel()) for p in small], 1) if small else None
         in_small = set(small)  # (a set: ``in`` on a list of tensors would compare values)
+        per_param = self.clip_rule.per_param
+        # squared norms of the recorded gradients (per-sample gradients are ``red`` times them: factors and the
+        # reported norms account for it)
         sq = {p: self._param_sq_norm(uses) for p, uses in ready.items() if p not in in_small}
-        parts = list(sq.values()) + ([block.pow(2).sum(1)] if small else [])
-        if parts:
-            total = _stack_sum(parts)
-            if red != 1.0:  # per-sample gradients are B times the gradients of the mean loss
-                total = total * (red * red)
-                if self.clip_rule.per_param:
-                    sq = {p: v * (red * red) for p, v in sq.items()}
-        if self._pass_sq:  # parameters clipped during backward (their norms carry the factor already)
-            done = _stack_sum(list(self._pass_sq.values()))
-            total = done if not parts else total + done
+        parts = list(sq.values()) + list(self._pass_sq.values())  # (the latter: clipped during backward)
+        if small:
+            block_sq = block.pow(2)
+            if per_param:  # [B, k] squared norms of the k small parameters, one segment sum
+                segments = self._segments(small, block.device)
+                small_sq = block_sq.new_zeros(batch, len(small)).index_add_(1, segments, block_sq)
+                parts.append(small_sq.sum(1))
+            else:
+                parts.append(block_sq.sum(1))
+        total = _stack_sum(parts)
         self._check_finite(total, {**self._pass_sq, **sq}, small and {p: ready[p][0] for p in small})
-        if self.clip_rule.per_param:
-            factors = self.clip_rule.factors(sq, total) if sq else {}
+        norm = total.sqrt()
+        if per_param:
+            factors = self.clip_rule.factors({p: v.sqrt() for p, v in sq.items()}, red)
+            if small:
+                small_c = self.clip_rule.stacked_factors(small, small_sq.sqrt(), red)  # [B, k]
+                factors.update(zip(small, small_c.unbind(1)))
         else:
-            c = self.clip_rule.shared_factor(total)
-            factors = dict.fromkeys(ready, c)
-        scaled = {}  # flat rules share one factor tensor across parameters: scale it once
+            factors = dict.fromkeys(ready, self.clip_rule.shared_factor(norm, red))
         for p, uses in ready.items():
-            c = factors[p]
-            if red != 1.0:
-                if id(c) not in scaled:
-                    scaled[id(c)] = c * red
-                c = scaled[id(c)]
-            if p in in_small:
-                continue
-            self._accumulate(p, uses, c, buf)
-        if small:  # sum_i c_i g_i of every small parameter: one GEMV, one foreach add into their views
-            c = scaled.get(id(factors[small[0]]), factors[small[0]])
-            sums = torch.mv(block.t(), c.to(block.dtype)).split([p.numel() for p in small])
-            torch._foreach_add_([buf.view(p).view(-1) for p in small], list(sums))
+            if p not in in_small:
+                self._accumulate(p, uses, factors[p], buf)
+        if small:  # sum_i c_i g_i of every small parameter at once, one foreach add into their views
+            if per_param:  # factor of coordinate s's parameter, per sample
+                sums = (block * small_c.index_select(1, segments).to(block.dtype)).sum(0)
+            else:
+                sums = torch.mv(block.t(), factors[small[0]].to(block.dtype))
+            torch._foreach_add_([buf.view(p).view(-1) for p in small], list(sums.split([p.numel() for p in small])))
             for p in small:
                 ready[p][0].release()
-        self.last_factors = {**self._pass_factors, **factors}
+        self._last = (norm, {**self._pass_factors, **factors}, red)
         self.last_fused = len(self._pass_factors)
-        self.last_norms = total.sqrt()
         self.num_samples += batch
         self.num_backward += 1
         self._dirty = True
+
+    @property
+    def last_norms(self) -> Optional[torch.Tensor]:
+        """[B] flat per-sample gradient norms of the last backward pass (None before the first)."""
+        if self._last is None:
+            return None
+        norm, _, red = self._last
+        return norm * red if red not in (0.0, 1.0) else norm
+
+    @property
+    def last_factors(self) -> Optional[Dict[nn.Parameter, torch.Tensor]]:
+        """{param: [B] clip factors c_i} of the last backward pass (the clipped sum is ``sum_i c_i g_i``)."""
+        if self._last is None:
+            return None
+        _, factors, red = self._last
+        if red in (0.0, 1.0):  # 0: an empty batch (no factors)
+            return dict(factors)
+        unscaled = {}  # flat rules share one tensor: divide it once
+        for c in factors.values():
+            if id(c) not in unscaled:
+                unscaled[id(c)] = c / red
+        return {p: unscaled[id(c)] for p, c in factors.items()}
 
     def _accumulate(self, p: nn.Parameter, uses: List[PerSampleGrad], c: torch.Tensor, buf: GradBuffer) -> None:
         """Add ``sum_i c_i g_i`` of ``p``'s uses into ``buf`` and free them (``c``: [B] factors, loss scale in)."""
@@ -457,20 +483,28 @@ class GradSampleEngine:
         return next(iter(sizes))
 
     def _small(self, ready: Dict[nn.Parameter, List[PerSampleGrad]], buf: GradBuffer) -> List[nn.Parameter]:
-        """Parameters whose norm and clipped sum are batched (flat rules only): one plain explicit use, no abs sums,
-        the accumulation dtype of the buffer. At least two, else nothing is gained."""
-        if self.clip_rule.per_param:
-            return []
+        """Parameters whose norms and clipped sums are batched: one small plain explicit use, no abs sums, the
+        accumulation dtype of the buffer. At least two, else nothing is gained."""
         small, dtype = [], None
         for p, uses in ready.items():
             g = uses[0]
-            if len(uses) != 1 or type(g) is not DenseGrad or p in self.collect_abs or p in self.collect_abs_rows:
+            if len(uses) != 1 or not _is_small(g) or p in self.collect_abs or p in self.collect_abs_rows:
                 continue
             if g.g.dtype != buf.views[p].dtype or (dtype is not None and g.g.dtype != dtype):
                 continue
             dtype = g.g.dtype
             small.append(p)
         return small if len(small) > 1 else []
+
+    def _segments(self, params: List[nn.Parameter], device: torch.device) -> torch.Tensor:
+        """[S] int64: for each coordinate of the concatenated ``params``, the index of its parameter (cached)."""
+        key = (tuple(map(id, params)), device)
+        cache = getattr(self, "_segment_cache", None)
+        if cache is None or cache[0] != key:
+            sizes = torch.tensor([p.numel() for p in params])
+            idx = torch.repeat_interleave(torch.arange(len(params)), sizes).to(device)
+            self._segment_cache = cache = (key, idx)
+        return cache[1]
 
     @staticmethod
     def _param_sq_norm(uses: List[PerSampleGrad]) -> torch.Tensor:
@@ -518,6 +552,11 @@ class _InertEngine:
     _swapped = None
     batch_size = None
     _taps: dict = {}
+
+
+def _is_small(grad: PerSampleGrad) -> bool:
+    """A plain explicit per-sample gradient of a small parameter: batched with the others at the end of backward."""
+    return type(grad) is DenseGrad and grad.param.numel() <= SMALL_NUMEL
 
 
 def _abs_sum(uses: List[PerSampleGrad], c: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,12 @@ def per_layer_reference(model, loss_fn, x, y, R):
     return out
 
 
+def n_clipped_in_backward(model):
+    """Parameters clipped inside backward: all but the small explicit ones (biases, norm affines: 1-D here), which
+    are batched at the end of backward."""
+    return sum(1 for p in model.parameters() if p.dim() > 1)
+
+
 def summed_by_name(model, opt):
     named = dict(model.named_parameters())
     return {n: opt.engine.summed[p].clone() for n, p in named.items() if p in opt.engine.summed}
@@ -66,7 +72,8 @@ def test_fused_per_layer_matches_reference_and_end_of_backward(name, model, x, y
         assert opt.engine.fused_per_layer is fused
         ce(model(x), y).backward()
         results[fused] = summed_by_name(model, opt)
-        assert opt.engine.last_fused == (len(results[fused]) if fused else 0)
+        assert opt.engine.last_fused == (n_clipped_in_backward(model) if fused else 0)
+        assert len(opt.engine.last_factors) == len(results[fused])
         opt.detach()
     assert set(results[True]) == set(ref)
     for n, v in ref.items():
@@ -75,7 +82,8 @@ def test_fused_per_layer_matches_reference_and_end_of_backward(name, model, x, y
 
 
 def test_fused_clips_each_parameter_during_backward_and_frees_its_activations():
-    """When backward reaches the first layer's input, every parameter has been clipped and nothing is held."""
+    """When backward reaches the first layer's input, every weight has been clipped and its activations freed; only
+    the biases' small [B, numel] per-sample gradients are held, for one batched clip at the end of backward."""
     torch.manual_seed(1)
     model = MLP(5, 3, hidden=(7, 4))
     x, y = torch.randn(6, 5, requires_grad=True), torch.randint(0, 3, (6,))
@@ -95,10 +103,11 @@ def test_fused_clips_each_parameter_during_backward_and_frees_its_activations():
         ce(model(xi), y).backward()
         seen[(fused, "peak")] = max(live)
         opt.detach()
-    n_params = len(list(model.parameters()))
-    assert seen[True] == (0, n_params)  # all clipped before backward ended
+    n_params, n_weights = len(list(model.parameters())), n_clipped_in_backward(model)
+    assert seen[True] == (n_params - n_weights, n_weights)  # weights clipped before backward ended
     assert seen[False] == (n_params, 0)  # all waiting for the end of backward
-    assert seen[(True, "peak")] == 0 and seen[(False, "peak")] == n_params  # held after each submit
+    assert seen[(True, "peak")] == n_params - n_weights  # held after each submit: biases only
+    assert seen[(False, "peak")] == n_params
 
 
 def test_step_with_fused_per_layer_bounds_each_sample_and_layer():
@@ -137,7 +146,8 @@ def test_unused_graph_and_retained_graph():
     del kept
     opt.zero_grad()
     ce(model(x), y).backward()  # now every use arrives: fused
-    assert opt.engine.last_fused == len(list(model.parameters())) == len(opt.engine.last_factors)
+    assert opt.engine.last_fused == n_clipped_in_backward(model)
+    assert len(opt.engine.last_factors) == len(list(model.parameters()))
     for n, p in model.named_parameters():
         assert_close(opt.engine.summed[p], ref[n], 1e-9, 1e-12, n)
     # a retained graph run backward twice: two micro-batches of the same samples, as without fusion
@@ -227,8 +237,38 @@ def test_fused_per_layer_on_hf_gpt2_with_tied_and_shared_position_embeddings():
         out = model(idx).logits
         ce(out[:, :-1], idx[:, 1:]).backward()
         results[fused] = summed_by_name(model, opt)
-        n = len(results[fused])
-        assert opt.engine.last_fused == (n if fused else 0)
+        assert len(opt.engine.last_factors) == len(results[fused])
+        assert opt.engine.last_fused == (n_clipped_in_backward(model) if fused else 0)
         opt.detach()
     for name, v in results[False].items():
         assert_close(results[True][name], v, 1e-12, 1e-14, name)
+
+
+class ScaledInput(nn.Module):
+    """An elementwise parameter above the small-parameter size (explicit per-sample gradients via broadcasting)
+    next to a small one."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(n, dtype=torch.float64))
+        self.shift = nn.Parameter(0.1 * torch.randn(3, dtype=torch.float64))
+        self.head = nn.Linear(n, 3).double()
+
+    def forward(self, x):
+        return self.head(x * self.scale) + self.shift
+
+
+def test_large_explicit_gradients_are_clipped_in_backward_small_ones_batched():
+    from fastdp.engine import SMALL_NUMEL
+
+    torch.manual_seed(4)
+    model = ScaledInput(SMALL_NUMEL + 5)
+    x, y = torch.randn(3, SMALL_NUMEL + 5, dtype=torch.float64), torch.randint(0, 3, (3,))
+    R = thresholds(model)
+    ref = per_layer_reference(model, ce, x, y, R)
+    opt = make(model, R=R, B=3)
+    ce(model(x), y).backward()
+    # scale (large, explicit) and head.weight clipped inside backward; head.bias and shift batched at the end
+    assert opt.engine.last_fused == 2
+    for n, p in model.named_parameters():
+        assert_close(opt.engine.summed[p], ref[n], 1e-9, 1e-12, n)
