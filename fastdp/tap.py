@@ -91,6 +91,8 @@ class ParamTap(torch.Tensor):
         handler = OP_HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
+        if func in METADATA and isinstance(args[0], ParamTap):  # shape, dtype, dim(), ...: no graph, answer directly
+            return func(args[0]._fdp_value, *args[1:], **kwargs)
         return _generic(func, args, kwargs)
 
 
@@ -128,6 +130,12 @@ ELEMENTWISE = {
     torch.div, _T.div, _T.__truediv__, _T.__rtruediv__, _T.div_, _T.__itruediv__, torch.true_divide,
     torch.where, _T.where, torch.addcmul, _T.addcmul, torch.addcdiv, _T.addcdiv, torch.lerp, _T.lerp,
     torch.maximum, torch.minimum, torch.pow, _T.pow, _T.__pow__, _T.__rpow__,
+}
+# Queries of a tensor's metadata: answered from the tap's value (models ask ``weight.dtype`` or ``weight.shape``).
+METADATA = {
+    _T.dim, _T.ndimension, _T.size, _T.numel, _T.nelement, _T.stride, _T.is_contiguous, _T.element_size,
+    _T.get_device, _T.is_floating_point, _T.is_complex, _T.shape.__get__, _T.dtype.__get__, _T.device.__get__,
+    _T.ndim.__get__, _T.is_cuda.__get__, _T.layout.__get__, _T.is_sparse.__get__,
 }
 # Ops on a parameter alone that replicate it along a new or size-1 leading (batch) dim.
 EXPANDERS = {_T.expand, _T.expand_as, torch.broadcast_to, _T.broadcast_to, _T.repeat}

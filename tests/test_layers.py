@@ -207,6 +207,31 @@ def test_transformed_parameter_is_exact():
     check(TransposedUse(), torch.randn(3, 6, 5))
 
 
+class AsksWeightMetadata(nn.Module):
+    """A forward that reads its weight's metadata (as HF models read ``weight.dtype``): answered from the tap."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+        self.seen = []
+
+    def forward(self, x):
+        w = self.lin.weight
+        self.seen.append(type(w))
+        assert w.shape == (4, 5) and w.size(1) == 5 and w.dim() == w.ndim == 2 and w.numel() == 20
+        assert w.is_contiguous() and w.stride() == (5, 1) and w.is_floating_point() and not w.is_cuda
+        assert w.requires_grad
+        return self.lin(x.to(w.dtype).to(w.device))
+
+
+def test_metadata_queries_on_a_parameter_in_forward():
+    from fastdp.tap import ParamTap
+
+    model = AsksWeightMetadata()
+    check(model, torch.randn(3, 6, 5))
+    assert ParamTap in model.seen  # the engine's forwards asked the tap (the reference's asked the parameter)
+
+
 class TwoParamsCombined(nn.Module):
     def __init__(self):
         super().__init__()
