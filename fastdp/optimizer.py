@@ -20,6 +20,7 @@ from torch import nn
 from fastdp.accounting import epsilon_of, get_noise_multiplier, make_accountant
 from fastdp.clipping import make_clip_rule
 from fastdp.engine import GradSampleEngine
+from fastdp.fused_sgd import FusedSGDStep
 from fastdp.grad_buffer import GradBuffer
 from fastdp.kernels._backend import backend_for_op
 from fastdp.kernels.masked_noise import masked_noise
@@ -62,7 +63,23 @@ class DPOptimizer(torch.optim.Optimizer):
         >>> loss.backward(); opt.step(); opt.zero_grad()
         >>> 0 < opt.epsilon(delta=1e-5) < 1
         True
+
+    Fused SGD step: when the wrapped optimizer is exactly ``torch.optim.SGD`` (plain-number hyper-parameters, not
+    ``differentiable``, no step hooks), the ``noisy_sgd`` kernel backend is active (CUDA once that op is in
+    ``GPU_VALIDATED``, or ``FASTDP_BACKEND=triton``), ``secure_mode`` is off and ``add_noise`` / ``scale_grad`` are
+    this class's own, ``step()`` adds the noise, scales and applies SGD's update in one launch per flat buffer
+    (``fastdp.kernels.noisy_sgd``) instead of ``add_noise``, ``scale_grad`` and ``optimizer.step()``. The maths is
+    the same: Philox noise from a per-step seed (the masked kernel's stream, not ``gaussian_noise``'s values), the
+    gradient left in ``p.grad``, the momentum buffers in ``optimizer.state[p]["momentum_buffer"]`` as torch keeps
+    them (views of one fp32 tensor per flat buffer). A step that the kernel would compute differently falls back to
+    the unfused path: parameters of one flat buffer in param groups with different settings, non-fp32 or
+    non-contiguous parameters (torch keeps a bf16 parameter's gradient and momentum in bf16), masked coordinates
+    that torch's SGD would move (weight decay, or momentum left on them), buffers missing for some parameters only
+    with dampening. ``last_step_fused`` says which path the last step took and ``fused_fallback_reason`` why;
+    set ``fuse_sgd = False`` on an instance to always take the unfused path.
     """
+
+    fuse_sgd: bool = True
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  noise_multiplier: Optional[float] = None, max_grad_norm: Union[float, Sequence[float], dict] = 1.0,
@@ -106,6 +123,9 @@ class DPOptimizer(torch.optim.Optimizer):
         self._mask_cache = None
         self._seed_gen: Optional[torch.Generator] = None  # host-side seed stream of a CUDA generator
         self.steps_taken = 0
+        self._fused_sgd = FusedSGDStep()
+        self._fused_at = -1  # steps_taken after the last fused step
+        self.fused_fallback_reason: Optional[str] = None  # why the last step through DPOptimizer.step was not fused
 
     # torch.optim.Optimizer interface, shared with the wrapped optimizer
     @property
@@ -255,16 +275,33 @@ class DPOptimizer(torch.optim.Optimizer):
         if not self.pre_step():
             return loss
         grads = self.clipped_sums()
-        self.add_noise(grads)
-        self.scale_grad(grads)
+        plan, self.fused_fallback_reason = (self._fused_sgd.plan(self, grads) if self.fuse_sgd
+                                            else (None, "fuse_sgd is off"))
+        if plan is None:
+            self.add_noise(grads)
+            self.scale_grad(grads)
+        else:
+            self._fused_sgd.run(self, plan)
         for p, g in grads.views.items():
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.engine.reset()
         self.engine.stale_grad_check = True
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
-        self.original_optimizer.step()
+        if plan is None:
+            self.original_optimizer.step()
+            self._fused_sgd.after_unfused_step()
+        elif getattr(self.original_optimizer.step, "_wrapped_by_lr_sched", False):
+            self.original_optimizer._opt_called = True  # what the LR scheduler's wrapper of step() records
+        if plan is not None:
+            self._fused_at = self.steps_taken
         return loss
+
+    @property
+    def last_step_fused(self) -> bool:
+        """Whether the last step ran the fused noise + SGD kernel (False after a step a method took on its own,
+        e.g. SPARTA's selection steps, and before any step)."""
+        return self._fused_at == self.steps_taken
 
     def zero_grad(self, set_to_none: bool = True):
         """Clear gradients. ``.grad`` is always set to None (``set_to_none=False`` included): the step's
@@ -326,6 +363,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.original_optimizer.load_state_dict(state_dict["optimizer"])
         self.accountant.load_state_dict(st["accountant_state"])
         self.steps_taken = st["steps_taken"]
+        self._fused_at = -1
         if self.generator is not None and st["generator_state"] is not None:
             self.generator.set_state(st["generator_state"])
         if st.get("seed_generator_state") is not None:

@@ -21,6 +21,7 @@ from .ghost_norm import ghost_dot, ghost_dot_ref, ghost_norm_ref
 from .masked_direct_norm import masked_direct_norm_ref
 from .masked_noise import masked_noise_ref
 from .microadam_update import microadam_update_ref
+from .noisy_sgd import noisy_sgd_ref
 from .row_abs_sum import row_abs_sum_ref
 from .topk_gather import gather_zero, gather_zero_ref
 
@@ -28,6 +29,7 @@ __all__ = [
     "ghost_dot",
     "masked_direct_norm_ref",
     "masked_noise_ref",
+    "noisy_sgd_ref",
     "row_abs_sum_ref",
     "block_minmax",
     "ef_dequant_add",

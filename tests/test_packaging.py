@@ -76,5 +76,5 @@ def test_kernel_modules_are_not_shadowed_by_functions():
 
     import fastdp.kernels as k
     for name in ("clip_accumulate", "conv_norm", "direct_norm", "ef_quant", "embedding_norm", "ghost_norm",
-                 "masked_noise", "microadam_update", "row_abs_sum", "topk_gather"):
+                 "masked_noise", "microadam_update", "noisy_sgd", "row_abs_sum", "topk_gather"):
         assert isinstance(getattr(k, name), types.ModuleType), name
