@@ -64,3 +64,24 @@ def test_engine_embedding_norms_and_sums_with_the_kernels(monkeypatch):
     x, y = torch.randint(0, 13, (4, 5)), torch.randint(0, 3, (4,))
     assert_engine_matches_reference(m, F.cross_entropy, x, y)
     assert sorted(set(calls)) == ["_embedding_accumulate_kernel", "_embedding_dot_kernel"]
+
+
+class NormStack(torch.nn.Module):
+    """LayerNorm over [B, T, d], GroupNorm over [B, C, L] and RMSNorm, each with its affine parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln, self.gn, self.rms = torch.nn.LayerNorm(6), torch.nn.GroupNorm(2, 4), torch.nn.RMSNorm(6)
+        self.head = torch.nn.Linear(6 * 4, 3)
+
+    def forward(self, x):  # x [B, 4, 6]
+        return self.head(self.gn(self.rms(self.ln(x))).flatten(1))  # (GN last: a row norm after it would cancel its weight)
+
+
+def test_engine_norm_layer_gradients_with_the_kernel(monkeypatch):
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    calls = count_launches(monkeypatch, "norm_affine_grad", "_norm_affine_grad_kernel")
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
+    assert_engine_matches_reference(NormStack(), F.cross_entropy, x, y)
+    assert len(calls) == 3  # one launch per norm layer

@@ -43,6 +43,9 @@ bytes per element of x / dy, i and v bytes per ring index / value):
   2BL^2(p+d))`` (the engine's choice), ``impl_flops`` the variant's own; ``op_bytes = B(C_in H W + C_out L)e + 4B``.
 * ``embedding_norm``: ``2BT^2 d + 2BT^2`` FLOPs, ``BTde + 8BT`` bytes (naive: ``2BVd`` FLOPs over the dense
   [B, V, d] per-sample gradients).
+* ``norm_affine_grad`` (x of n elements, B samples, F features): ``2n e + 8BF`` bytes (x and dY read once, the two
+  [B, F] fp32 sums written), plus the statistics (``8B x rows`` for LayerNorm, ``8BG`` for GroupNorm); no FLOPs
+  counted. The naive variant is the reference's formulation in plain PyTorch.
 * ``masked_noise`` (k selected of n coordinates): ``n + 8k`` bytes with a bool mask, ``8k + 8 k_rows`` with rows;
   no FLOPs counted (the normal draw is not a matmul).
 * ``ef_quant``: ``4.5n + 8 n_blocks`` bytes; ``ef_dequant_add``: ``8.5n + 8 n_blocks``.
@@ -140,6 +143,17 @@ class Flat:
     window: int = 10
 
 
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation layer's input [B, ...]: LayerNorm over the last dim (``arg`` = (d,)) or GroupNorm (``arg``
+    groups over [B, C, H, W])."""
+
+    name: str
+    kind: str
+    shape: tuple
+    arg: object
+
+
 # large: the real layers (CUDA default); small: CPU timing runs (< 1 min in all); tiny: odd sizes, for the smoke
 # run through the Triton interpreter.
 SHAPE_SETS = {
@@ -149,6 +163,8 @@ SHAPE_SETS = {
         embedding=[Embedding("gpt2-wte", 16, 256, 50257, 768)],
         grid=[Grid("gpt2-fc1-w", 3072, 768, 0.2), Grid("gpt2-wte", 50257, 768, 0.2)],
         flat=[Flat("gpt2-wte", 50257 * 768)],
+        norm=[Norm("gpt2-ln", "layer", (16, 256, 768), (768,)), Norm("vits-ln", "layer", (64, 197, 384), (384,)),
+              Norm("wrn-gn-64ch-32x32", "group", (256, 64, 32, 32), 16)],
     ),
     "small": dict(
         linear=[Linear("small", 8, 64, 128, 256)],
@@ -156,6 +172,7 @@ SHAPE_SETS = {
         embedding=[Embedding("small", 8, 64, 1000, 64)],
         grid=[Grid("small", 512, 256, 0.2)],
         flat=[Flat("small", 1 << 18, quant_block=10_000)],
+        norm=[Norm("small-ln", "layer", (8, 64, 128), (128,)), Norm("small-gn", "group", (8, 16, 16, 16), 4)],
     ),
     "tiny": dict(
         linear=[Linear("tiny", 2, 17, 40, 24)],
@@ -163,6 +180,7 @@ SHAPE_SETS = {
         embedding=[Embedding("tiny", 2, 9, 50, 12)],
         grid=[Grid("tiny", 301, 101, 0.3)],
         flat=[Flat("tiny", 5003, quant_block=1000, topk_block=1000, density=0.02, window=3)],
+        norm=[Norm("tiny-ln", "layer", (2, 9, 13), (13,)), Norm("tiny-gn", "group", (2, 6, 5, 7), 3)],
     ),
 }
 SHAPE_SET = os.environ.get("FASTDP_MICRO_SHAPES", "large" if DEVICE.type == "cuda" else "small")

@@ -1,7 +1,8 @@
 """Normalisation layers: ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``.
 
 Their affine parameters act elementwise, so per-sample gradients are cheap to form explicitly
-([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias. Forward and the input
+([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias (``kernels/norm_affine_grad.py``: one
+pass over the activation on the GPU). Forward and the input
 gradient use PyTorch's native kernels (LayerNorm, GroupNorm) with the dtype autocast would pick;
 the batch-summed parameter gradients are never formed. BatchNorm mixes samples through batch
 statistics and is refused with a pointer to GroupNorm.
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from fastdp.grad_sample import DenseGrad
 from fastdp.kernels._common import cast, upcast
+from fastdp.kernels.norm_affine_grad import norm_affine_grad
 from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
 from ._autocast import anchor_of, open_uses, plain_input, taps_of, values
@@ -45,14 +47,6 @@ def _group_shape(x, groups):
     return N, C, math.prod(x.shape[2:]), groups
 
 
-def _per_sample(kind, t, nshape):
-    """Sum [B, ...] over every dim the parameter is shared across -> [B, *param.shape]."""
-    if kind == "group":
-        return t.sum(dim=tuple(range(2, t.dim()))) if t.dim() > 2 else t
-    dims = tuple(range(1, t.dim() - len(nshape)))
-    return t.sum(dim=dims) if dims else t
-
-
 class _NormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, b, anchor, wtap, btap, kind, arg, eps):
@@ -80,13 +74,6 @@ class _NormFn(torch.autograd.Function):
         wtap, btap, kind, arg, x_dtype = ctx.args
         dy = cast(dy, xc.dtype)
         gx = None
-        if kind == "group":
-            xg = upcast(xc).reshape(xc.shape[0], arg, math.prod(xc.shape[1:]) // arg)
-            x_hat = ((xg - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(xc.shape)
-        elif kind == "layer":
-            x_hat = (upcast(xc) - mean) * rstd
-        else:
-            x_hat = upcast(xc) * rstd
         if ctx.needs_input_grad[0]:
             if kind == "layer":
                 gx = torch.ops.aten.native_layer_norm_backward(dy, xc, arg, mean, rstd, wc, bc, [True, False, False])[0]
@@ -94,15 +81,17 @@ class _NormFn(torch.autograd.Function):
                 gx = torch.ops.aten.native_group_norm_backward(dy, xc, mean, rstd, wc, *_group_shape(xc, arg),
                                                                [True, False, False])[0]
             else:  # rms: rstd * (g - x_hat * mean(g * x_hat)) with g = dY * w
+                x_hat = upcast(xc) * rstd
                 dims = tuple(range(xc.dim() - len(arg), xc.dim()))
                 g = upcast(dy) * upcast(wc) if wc is not None else upcast(dy)
                 gx = rstd * (g - x_hat * (g * x_hat).mean(dims, keepdim=True))
             gx = cast(gx, x_dtype)
-        if wtap is not None:
-            wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, _per_sample(kind, upcast(dy) * x_hat, arg)),
-                        ctx.uses[0])
-        if btap is not None:
-            btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, _per_sample(kind, upcast(dy), arg)), ctx.uses[1])
+        if wtap is not None or btap is not None:  # per-sample sum dY * x_hat, sum dY (one kernel on the GPU)
+            gw, gb = norm_affine_grad(xc, dy, mean, rstd, kind, arg, weight=wtap is not None)
+            if wtap is not None:
+                wtap.finish(DenseGrad(wtap._fdp_param, wtap._fdp_ctx.owner, gw), ctx.uses[0])
+            if btap is not None:
+                btap.finish(DenseGrad(btap._fdp_param, btap._fdp_ctx.owner, gb), ctx.uses[1])
         return (gx,) + (None,) * 8
 
 
