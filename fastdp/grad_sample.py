@@ -24,13 +24,12 @@ import torch
 from fastdp.kernels import (
     conv_per_sample_grad_ref,
     direct_dot_ref,
-    embedding_linear_dot_ref,
 )
 from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
 from fastdp.kernels.clip_accumulate import clip_accumulate
 from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
-from fastdp.kernels.embedding_norm import embedding_accumulate, embedding_dot, embedding_norm
+from fastdp.kernels.embedding_norm import embedding_accumulate, embedding_dot, embedding_linear_dot, embedding_norm
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_norm
 from fastdp.kernels.masked_direct_norm import masked_direct_norm
 from fastdp.kernels.row_abs_sum import row_abs_sum
@@ -410,4 +409,4 @@ def _embedding_embedding(a: EmbeddingGrad, b: EmbeddingGrad):
 def _embedding_linear(a: EmbeddingGrad, b: LinearGrad):
     if b.transposed or b.rows is not None:
         return None
-    return embedding_linear_dot_ref(a.idx, a.dy, b.x, b.dy)
+    return embedding_linear_dot(a.idx, a.dy, b.x, b.dy)

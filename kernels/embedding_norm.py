@@ -15,7 +15,8 @@ product of the head input with the embedding-output gradient.
 Triton kernels (``embedding_dot`` / ``embedding_norm``, ``embedding_accumulate``): the index-equality ghost norm
 tiles (t, s) like the ghost norm, with the [T, T] ``dY dY^T`` tile in registers masked by ``idx_t == idx_s``;
 the clipped sum adds ``c_i dY[i, t]`` into row ``idx[i, t]`` with fp32 atomics (the summation order, hence the
-last bits, may differ from run to run). The tied cross term stays on the reference path.
+last bits, may differ from run to run). The tied cross term (``embedding_linear_dot``) tiles (s, t) the same way:
+the [Tl, Te] tile of ``H dE^T`` in registers times the head's output gradient gathered at the tile's tokens.
 """
 from __future__ import annotations
 
@@ -54,6 +55,20 @@ if HAS_TRITON:
         tl.atomic_add(out + bidx, part)
 
     @triton.jit
+    def _embedding_linear_dot_kernel(idx, dye, xl, dyl, out, si_b, si_t, se_b, se_t, se_k, sx_b, sx_t, sx_k,
+                                     sl_b, sl_t, sl_v, Te, Tl, D, BT: tl.constexpr, BK: tl.constexpr,
+                                     UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """out[b] += sum over one (s, t) tile of dL[s, idx[t]] * (H dE^T)[s, t] (s: head positions, t: tokens)."""
+        bidx = tl.program_id(0)
+        s = tl.program_id(1) * BT + tl.arange(0, BT)
+        t = tl.program_id(2) * BT + tl.arange(0, BT)
+        hd = _gram_tile(xl, dye, sx_b, sx_t, sx_k, se_b, se_t, se_k, bidx, s, t, Tl, Te, D, BT, BK, UPCAST, IEEE)
+        v = tl.load(idx + bidx * si_b + t * si_t, mask=t < Te, other=0)
+        inside = (s[:, None] < Tl) & (t[None, :] < Te)
+        g = tl.load(dyl + bidx * sl_b + s[:, None] * sl_t + v[None, :].to(tl.int64) * sl_v, mask=inside, other=0.0)
+        tl.atomic_add(out + bidx, tl.sum(g.to(tl.float32) * hd))
+
+    @triton.jit
     def _embedding_accumulate_kernel(idx, dy, scale, out, T, D, si_b, si_t, sy_b, sy_t, sy_k, so_v, so_k,
                                      BD: tl.constexpr):
         """out[idx[b, t], :] += scale[b] * dy[b, t, :] for one (b, t) and a block of BD columns."""
@@ -82,6 +97,24 @@ def embedding_dot(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, 
     _embedding_dot_kernel[grid](idx_a, dy_a, idx_b, dy_b, out, *idx_a.stride(), *dy_a.stride(), *idx_b.stride(),
                                 *dy_b.stride(), Ta, Tb, D, SYMMETRIC=symmetric, BT=BT, BK=BK,
                                 UPCAST=interpreting(), IEEE=dy_a.dtype == torch.float32)
+    return out
+
+
+def embedding_linear_dot(idx: torch.Tensor, dy_emb: torch.Tensor, x_lin: torch.Tensor,
+                         dy_lin: torch.Tensor) -> torch.Tensor:
+    """Dispatching ``embedding_linear_dot_ref`` / the Triton kernel (same arguments and result)."""
+    if backend_for_op("embedding_norm", x_lin) == "reference" or x_lin.dtype == torch.float64:
+        return embedding_linear_dot_ref(idx, dy_emb, x_lin, dy_lin)
+    B, Te, Tl, D = idx.shape[0], idx.shape[1], x_lin.shape[1], x_lin.shape[-1]
+    dy_emb = dy_emb.to(x_lin.dtype)
+    out = torch.zeros(B, dtype=torch.float32, device=x_lin.device)
+    if B == 0 or Te == 0 or Tl == 0:
+        return out
+    BT, BK = 32, 32
+    grid = (B, triton.cdiv(Tl, BT), triton.cdiv(Te, BT))
+    _embedding_linear_dot_kernel[grid](idx, dy_emb, x_lin, dy_lin, out, *idx.stride(), *dy_emb.stride(),
+                                       *x_lin.stride(), *dy_lin.stride(), Te, Tl, D, BT=BT, BK=BK,
+                                       UPCAST=interpreting(), IEEE=x_lin.dtype == torch.float32)
     return out
 
 

@@ -33,6 +33,7 @@ def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
     monkeypatch.setattr(NormRule, "mode", mode)
     calls = count_launches(monkeypatch, "ghost_norm", "_ghost_dot_kernel")
+    tied = count_launches(monkeypatch, "embedding_norm", "_embedding_linear_dot_kernel")
     torch.manual_seed(0)
     if name == "mlp":
         m, x, y, loss = MLP(12, 3, hidden=(9,)), torch.randn(5, 12), torch.randint(0, 3, (5,)), F.cross_entropy
@@ -41,6 +42,7 @@ def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
         x, y, loss = torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7)), lm_loss
     assert_engine_matches_reference(m, loss, x, y)
     assert (len(calls) > 0) == (mode == "ghost")  # the ghost kernel did the ghost norms
+    assert len(tied) == (1 if name == "transformer" else 0)  # the tied embedding x head cross term
 
 
 def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):

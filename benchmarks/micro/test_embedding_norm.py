@@ -3,7 +3,12 @@ vs dense per-sample gradients [B, V, d]."""
 import pytest
 import torch
 
-from fastdp.kernels.embedding_norm import embedding_norm, embedding_norm_ref
+from fastdp.kernels.embedding_norm import (
+    embedding_linear_dot,
+    embedding_linear_dot_ref,
+    embedding_norm,
+    embedding_norm_ref,
+)
 
 
 def dense_grads(idx, dy, V):
@@ -30,3 +35,30 @@ def test_embedding_norm(micro, embedding_shape, dtype, impl):
     ghost = 2 * s.B * s.T ** 2 * s.d + 2 * s.B * s.T ** 2
     micro.time(fn, idx, dy, op_flops=ghost, impl_flops=2 * s.B * s.V * s.d if impl == "naive" else ghost,
                op_bytes=s.B * s.T * s.d * dy.element_size() + 8 * s.B * s.T)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton", "naive"])
+def test_embedding_linear_dot(micro, embedding_shape, dtype, impl):
+    """The tied embedding x LM head cross term (T tokens in, T head positions out) vs the two dense per-sample
+    gradients' inner product."""
+    s = embedding_shape
+    micro.setup("embedding_linear_dot", s.name, impl, dtype)
+    idx = torch.randint(0, s.V, (s.B, s.T), device=micro.device)
+    dy_emb = torch.randn(s.B, s.T, s.d, device=micro.device).to(dtype)
+    x_lin = torch.randn(s.B, s.T, s.d, device=micro.device).to(dtype)
+    dy_lin = torch.randn(s.B, s.T, s.V, device=micro.device).to(dtype)
+    if impl == "naive":
+        def fn(idx, dy_emb, x_lin, dy_lin):
+            head = torch.bmm(dy_lin.transpose(1, 2), x_lin).float()  # [B, V, d]
+            return (dense_grads(idx, dy_emb, s.V).float() * head).sum((1, 2))
+    else:
+        fn = embedding_linear_dot_ref if impl == "reference" else embedding_linear_dot
+    truth = torch.cat([(dense_grads(idx[i:i + 1], dy_emb[i:i + 1].double(), s.V)
+                        * torch.bmm(dy_lin[i:i + 1].double().transpose(1, 2), x_lin[i:i + 1].double())).sum((1, 2))
+                       for i in range(s.B)])
+    micro.assert_close(fn(idx, dy_emb, x_lin, dy_lin), truth, normwise=True)  # a signed sum: some near 0
+    tiles = 2 * s.B * s.T ** 2 * s.d + 2 * s.B * s.T ** 2
+    micro.time(fn, idx, dy_emb, x_lin, dy_lin, op_flops=tiles,
+               impl_flops=2 * s.B * s.T * s.V * s.d + 2 * s.B * s.V * s.d if impl == "naive" else tiles,
+               op_bytes=2 * s.B * s.T * s.d * x_lin.element_size() + s.B * s.T ** 2 * dy_lin.element_size()
+               + 8 * s.B * s.T)

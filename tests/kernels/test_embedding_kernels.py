@@ -8,6 +8,8 @@ from fastdp.kernels.embedding_norm import (
     embedding_accumulate_ref,
     embedding_dot,
     embedding_dot_ref,
+    embedding_linear_dot,
+    embedding_linear_dot_ref,
     embedding_norm,
 )
 
@@ -64,6 +66,27 @@ def test_embedding_accumulate(B, T, V, d, dtype, tol):
     assert embedding_accumulate(idx, dy, c, V, out) is out
     assert ((out - start).double().cpu() - ref).abs().max() <= tol * ref.abs().max()
     assert torch.allclose(got, embedding_accumulate_ref(idx, dy, c, V), rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("B,T,V,d", SHAPES)
+@pytest.mark.parametrize("Tl", [1, 5, 40])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
+def test_embedding_linear_dot(B, T, V, d, Tl, dtype, tol):
+    """Tied table used as embedding (T tokens) and as Linear weight (Tl head positions): the cross term against the
+    explicit per-sample gradients of both uses, and the kernel against the reference (same rounded inputs)."""
+    idx = torch.randint(0, V, (B, T), device=DEVICE)
+    dy_emb = torch.randn(B, T, d, device=DEVICE).to(dtype)
+    x_lin = torch.randn(B, Tl, d, device=DEVICE).to(dtype)
+    dy_lin = torch.randn(B, Tl, V, device=DEVICE).to(dtype)
+    g_emb = explicit(idx, dy_emb, V)
+    g_lin = torch.einsum("btv,btd->bvd", dy_lin.double(), x_lin.double()).cpu()
+    truth = (g_emb * g_lin).sum((1, 2))
+    got = embedding_linear_dot(idx, dy_emb, x_lin, dy_lin)
+    ref = embedding_linear_dot_ref(idx, dy_emb, x_lin, dy_lin)
+    assert got.dtype == torch.float32 and got.shape == (B,)
+    scale = truth.abs().max().item() + 1e-6
+    assert (got.double().cpu() - ref.double().cpu()).abs().max().item() <= 1e-5 * scale  # same rounded inputs
+    assert (got.double().cpu() - truth).abs().max().item() <= tol * scale
 
 
 def test_empty_batch():
