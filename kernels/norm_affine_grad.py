@@ -100,7 +100,7 @@ def norm_affine_grad_ref(x: torch.Tensor, dy: torch.Tensor, mean: Optional[torch
         return None, gb
     xf = upcast(x)
     if kind == "group":
-        xg = xf.reshape(x.shape[0], arg, -1)
+        xg = xf.reshape(x.shape[0], arg, math.prod(x.shape[1:]) // arg)  # explicit: B may be 0
         x_hat = ((xg - mean.reshape(x.shape[0], arg, 1)) * rstd.reshape(x.shape[0], arg, 1)).reshape(x.shape)
     else:
         x_hat = (xf - mean) * rstd if kind == "layer" else xf * rstd
