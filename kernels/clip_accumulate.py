@@ -2,6 +2,15 @@
 
 This is the weight-gradient GEMM of non-private training with each sample's output gradient
 scaled by its clip factor: the same FLOPs, done once, after the clip factors are known.
+
+Where the factor is applied decides whether the clip bound holds for the sum actually computed. Scaling a bf16/fp16
+``dY_i`` by ``C_i`` and rounding it back to 16 bits before the tensor-core product perturbs every element by up to
+2^-8 relative, so a clipped sample's contribution can exceed R (by ~3e-4 relative on random data; unbounded relative
+to R in the worst case, through cancellation). The Triton kernel therefore keeps the 16-bit operands as they are,
+forms each sample's partial product ``dY_i^T X_i`` in fp32 (bf16 x bf16 products are exact in fp32) and multiplies
+the fp32 partial by ``C_i``: the contribution is ``C_i`` times the fp32-accumulated gradient whose norm was measured.
+For sequences shorter than 16 (a per-sample partial would waste most of a tensor-core tile) it upcasts both
+operands and runs an fp32 (IEEE) product instead; fp32 inputs are scaled in fp32 as they are loaded.
 """
 from __future__ import annotations
 
@@ -10,37 +19,56 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import as_btd, upcast
+from ._common import _ACC, as_btd, bmm_acc, upcast
+
+MIN_PER_SAMPLE_T = 16  # shorter sequences take the fp32 product (see the module docstring)
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _clip_accumulate_kernel(x, dy, scale, out, sx_r, sx_k, sy_r, sy_k, so_m, so_n, R, T, D, P,
-                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
-                                IEEE: tl.constexpr):
-        """out[m, n] += sum_r scale[r // T] dY[r, m] X[r, n] over the R = B*T rows: one GEMM, the per-sample
-        scale applied as dY is loaded."""
+    def _clip_accumulate_kernel(x, dy, scale, out, sx_r, sx_k, sy_r, sy_k, so_m, so_n, B, T, D, P,
+                                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """out[m, n] += sum_i scale[i] sum_t dY[i*T + t, m] X[i*T + t, n].
+
+        PER_SAMPLE: each sample's partial product from the unscaled operands, scaled in fp32 (16-bit inputs).
+        Otherwise one GEMM over the B*T rows with the scale applied to dY in fp32 as it is loaded (fp32 inputs, or
+        16-bit inputs with UPCAST and IEEE: an exact fp32 product)."""
         m = tl.program_id(0) * BM + tl.arange(0, BM)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
+        k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for r0 in range(0, R, BK):
-            r = r0 + tl.arange(0, BK)
-            a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=(r[:, None] < R) & (m[None, :] < P),
-                        other=0.0)
-            c = tl.load(scale + r // T, mask=r < R, other=0.0)
-            b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=(r[:, None] < R) & (n[None, :] < D),
-                        other=0.0)
-            a = (a.to(tl.float32) * c[:, None])
-            if not UPCAST:
-                a = a.to(b.dtype)
-            else:
+        if PER_SAMPLE:
+            for i in range(0, B):
+                part = tl.zeros([BM, BN], dtype=tl.float32)
+                for t0 in range(0, T, BK):
+                    r = i * T + t0 + k
+                    ok = (t0 + k) < T
+                    a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=ok[:, None] & (m[None, :] < P),
+                                other=0.0)
+                    b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=ok[:, None] & (n[None, :] < D),
+                                other=0.0)
+                    if UPCAST:  # the interpreter's dot: fp32 operands, the same exact products
+                        a, b = a.to(tl.float32), b.to(tl.float32)
+                    part += tl.dot(tl.trans(a), b)
+                acc += tl.load(scale + i) * part
+        else:
+            R = B * T
+            for r0 in range(0, R, BK):
+                r = r0 + k
+                a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=(r[:, None] < R) & (m[None, :] < P),
+                            other=0.0)
+                c = tl.load(scale + r // T, mask=r < R, other=0.0)
+                b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=(r[:, None] < R) & (n[None, :] < D),
+                            other=0.0)
+                a = a.to(tl.float32) * c[:, None]
                 b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), b)
+                if IEEE:
+                    acc += tl.dot(tl.trans(a), b, input_precision="ieee")
+                else:  # the interpreter (fp32 operands either way)
+                    acc += tl.dot(tl.trans(a), b)
         ptrs = out + m[:, None] * so_m + n[None, :] * so_n
         mask = (m[:, None] < P) & (n[None, :] < D)
         tl.store(ptrs, (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(out.dtype.element_ty),
@@ -61,11 +89,13 @@ def clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     if B * T == 0:
         return out
     x2, dy2 = x.reshape(B * T, D), dy.reshape(B * T, P)
-    BM = BN = BK = 32
+    per_sample = x.dtype != torch.float32 and T >= MIN_PER_SAMPLE_T
+    BM = BN = 32
+    BK = 16 if per_sample and T <= 16 else 32  # per-sample K tiles end at each sample's last row
     grid = (triton.cdiv(P, BM), triton.cdiv(D, BN))
     _clip_accumulate_kernel[grid](x2, dy2, scale.float().contiguous(), out, *x2.stride(), *dy2.stride(),
-                                  *out.stride(), B * T, T, D, P, BM=BM, BN=BN, BK=BK, UPCAST=interpreting(),
-                                  IEEE=x.dtype == torch.float32)
+                                  *out.stride(), B, T, D, P, BM=BM, BN=BN, BK=BK, PER_SAMPLE=per_sample,
+                                  UPCAST=interpreting(), IEEE=not interpreting())
     return out
 
 
@@ -73,13 +103,19 @@ def clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
                         out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``(scale * dY)^T X`` summed over batch and sequence, optionally accumulated into ``out``.
 
+    fp32/fp64 inputs, and 16-bit inputs on the CPU or with T < 16: the scaled operand stays in the accumulation dtype
+    (an fp32 product of the upcast 16-bit operands), so each sample adds ``C_i`` times the gradient whose norm was
+    measured. 16-bit inputs on CUDA with T >= 16: the scaled operand is rounded to 16 bits for the fast tensor-core
+    GEMM (fp32 output); a sample clipped to R then adds up to a few 1e-4 more than R (see the module docstring;
+    the Triton kernel has no such rounding).
+
     Args:
         x: [B, *, d] layer input. dy: [B, *, p] output gradient (cast to x's dtype).
         scale: [B] per-sample factors (fp32), e.g. clip factors.
         out: optional [p, d] tensor (any float dtype, e.g. an fp32 buffer view) to add the result to.
 
     Returns:
-        ``out`` if given, else a new [p, d] tensor in x's dtype (fp32 accumulation inside the GEMM).
+        ``out`` if given, else a new [p, d] tensor in x's accumulation dtype (fp32 for 16-bit inputs).
 
     Examples:
         >>> x, dy, c = torch.randn(3, 4, 5), torch.randn(3, 4, 2), torch.rand(3)
@@ -92,13 +128,17 @@ def clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
         dy = dy.to(x.dtype)
     p, d = dy.shape[-1], x.shape[-1]
     s = scale.view(-1, 1, 1)
+    rounded = x.dtype not in _ACC and x.is_cuda and x.shape[1] >= MIN_PER_SAMPLE_T
+    if not rounded:
+        x, dy = upcast(x), upcast(dy)
     if p <= d:  # scale the narrower operand: (c * dY)^T X == dY^T (c * X)
-        dy = dy * s.to(dy.dtype) if dy.dtype == s.dtype else (upcast(dy) * s).to(x.dtype)
+        dy = (upcast(dy) * s).to(dy.dtype)
     else:
-        x = x * s.to(x.dtype) if x.dtype == s.dtype else (upcast(x) * s).to(dy.dtype)
+        x = (upcast(x) * s).to(x.dtype)
     a, b = dy.reshape(-1, p).t(), x.reshape(-1, d)
+    if rounded:
+        g = bmm_acc(a.unsqueeze(0), b.unsqueeze(0))[0]
+        return g if out is None else out.add_(g)
     if out is None:
         return a.mm(b)
-    if out.dtype == a.dtype:
-        return out.addmm_(a, b)
-    return out.add_(a.mm(b))
+    return out.addmm_(a, b) if out.dtype == a.dtype else out.add_(a.mm(b))
