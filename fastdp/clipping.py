@@ -1,10 +1,11 @@
-"""Clip factors from per-sample norms: flat, automatic and per-layer clipping.
+"""Clip factors from per-sample squared norms: flat, automatic and per-layer clipping.
 
 A rule turns per-sample gradient norms into factors ``c_i`` such that each sample's scaled gradient has L2 norm
 at most ``sensitivity`` (the noise is calibrated to it). The engine records gradients at ``1 / scale`` of the
-per-sample gradients (``scale`` = B for a mean-reduced loss), so rules take the recorded norms ``n_i`` (true norm
-``scale * n_i``) and return ``scale * c_i``, the factor to apply to the recorded gradients: three elementwise ops
-per call (add, divide, clamp), which matters when per-layer rules run once per parameter inside backward.
+per-sample gradients (``scale`` = B for a mean-reduced loss), so rules take the recorded squared norms ``s_i``
+(true norm ``scale * sqrt(s_i)``) and return ``scale * c_i``, the factor to apply to the recorded gradients, through
+``fastdp.kernels.clip_factor`` (one launch with the Triton kernel, four PyTorch ops otherwise): this matters when
+per-layer rules run once per parameter inside backward.
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import math
 from typing import Dict, Sequence, Union
 
 import torch
+
+from fastdp.kernels.clip_factor import clip_factor
 
 # Opacus' margin: c = R / (||g|| + 1e-6) keeps ||c g|| strictly below R.
 _MARGIN = 1e-6
@@ -23,28 +26,23 @@ class ClipRule:
     per_param = False
     sensitivity: float
 
-    def factors(self, norms: Dict[torch.nn.Parameter, torch.Tensor],
+    def factors(self, sq_norms: Dict[torch.nn.Parameter, torch.Tensor],
                 scale: float = 1.0) -> Dict[torch.nn.Parameter, torch.Tensor]:
-        """Per-parameter rules: ``scale * c_i`` [B] per parameter from its recorded per-sample norms [B]."""
+        """Per-parameter rules: ``scale * c_i`` [B] per parameter from its recorded per-sample squared norms [B]."""
         raise NotImplementedError
 
-    def shared_factor(self, norm: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-        """Flat rules: ``scale * c_i`` [B] shared by every parameter, from the recorded flat per-sample norms."""
+    def shared_factor(self, sq_norm: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Flat rules: ``scale * c_i`` [B] shared by every parameter, from the recorded flat squared norms [B]."""
         raise NotImplementedError
 
 
-def _scaled_min_factor(threshold: torch.Tensor, norm: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale * min(1, R / (scale * n + margin))`` = ``min(scale, R / (n + margin / scale))``. ``threshold``: R as a
-    0-dim CPU tensor, so the division is one op on any device (a Python scalar divided by a tensor is two)."""
-    return torch.div(threshold, norm + _offset(_MARGIN, scale)).clamp_(max=scale)
+def _scaled_min_factor(threshold: float, sq: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale * min(1, R / (scale * n + margin))`` = ``min(scale, R / (n + margin / scale))``, ``n = sqrt(sq)``."""
+    return clip_factor(sq, threshold, _offset(_MARGIN, scale), cap=scale)
 
 
 def _offset(margin: float, scale: float) -> float:
     return margin / scale if scale else margin  # scale 0: an empty batch (norm has no elements)
-
-
-def _scalar(r: float) -> torch.Tensor:
-    return torch.tensor(r, dtype=torch.float64)  # 0-dim: takes the other operand's dtype and device
 
 
 class FlatClip(ClipRule):
@@ -53,10 +51,9 @@ class FlatClip(ClipRule):
     def __init__(self, max_grad_norm: float):
         _check_norm(max_grad_norm)
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
-        self._threshold = _scalar(self.max_grad_norm)
 
-    def shared_factor(self, norm, scale=1.0):
-        return _scaled_min_factor(self._threshold, norm, scale)
+    def shared_factor(self, sq_norm, scale=1.0):
+        return _scaled_min_factor(self.max_grad_norm, sq_norm, scale)
 
     def __repr__(self):
         return f"FlatClip(max_grad_norm={self.max_grad_norm})"
@@ -71,11 +68,10 @@ class AutomaticClip(ClipRule):
             raise ValueError(f"automatic clipping needs gamma > 0, got {gamma}")
         self.max_grad_norm = self.sensitivity = float(max_grad_norm)
         self.gamma = float(gamma)
-        self._threshold = _scalar(self.max_grad_norm)
 
-    def shared_factor(self, norm, scale=1.0):
+    def shared_factor(self, sq_norm, scale=1.0):
         # scale * R / (scale * n + gamma) = R / (n + gamma / scale)
-        return torch.div(self._threshold, norm + _offset(self.gamma, scale))
+        return clip_factor(sq_norm, self.max_grad_norm, _offset(self.gamma, scale))
 
     def __repr__(self):
         return f"AutomaticClip(max_grad_norm={self.max_grad_norm}, gamma={self.gamma})"
@@ -94,21 +90,21 @@ class PerLayerClip(ClipRule):
             _check_norm(r)
         self.thresholds = dict(thresholds)
         self.sensitivity = math.sqrt(sum(r * r for r in self.thresholds.values()))
-        self._threshold = {p: _scalar(r) for p, r in self.thresholds.items()}
         self._stacked = None  # (key, [k] thresholds on the device) of the last stacked_factors call
 
-    def factors(self, norms, scale=1.0):
+    def factors(self, sq_norms, scale=1.0):
         out = {}
-        for p, n in norms.items():
-            r = self._threshold.get(p)
+        for p, sq in sq_norms.items():
+            r = self.thresholds.get(p)
             if r is None:
                 raise KeyError("per-layer clipping has no threshold for a trainable parameter "
                                "(did its requires_grad change after the optimizer was built?)")
-            out[p] = _scaled_min_factor(r, n, scale)
+            out[p] = _scaled_min_factor(r, sq, scale)
         return out
 
-    def stacked_factors(self, params, norms, scale=1.0):
-        """``scale * c_ik`` [B, k] for the k ``params`` at once from their recorded norms ``norms`` [B, k]."""
+    def stacked_factors(self, params, sq_norms, scale=1.0):
+        """``scale * c_ik`` [B, k] for the k ``params`` at once from their recorded squared norms [B, k]."""
+        norms = sq_norms
         key = (tuple(map(id, params)), norms.device, norms.dtype)
         if self._stacked is None or self._stacked[0] != key:
             missing = [p for p in params if p not in self.thresholds]
@@ -117,7 +113,7 @@ class PerLayerClip(ClipRule):
                                "(did its requires_grad change after the optimizer was built?)")
             self._stacked = (key, torch.tensor([self.thresholds[p] for p in params], dtype=norms.dtype,
                                                   device=norms.device))
-        return torch.div(self._stacked[1], norms + _offset(_MARGIN, scale)).clamp_(max=scale)
+        return torch.div(self._stacked[1], norms.sqrt() + _offset(_MARGIN, scale)).clamp_(max=scale)
 
     def __repr__(self):
         return f"PerLayerClip({len(self.thresholds)} thresholds, sensitivity={self.sensitivity:.4g})"

@@ -327,7 +327,7 @@ class GradSampleEngine:
         self._pass_batch = batch
         red = float(batch) if self.loss_reduction == "mean" else 1.0
         sq = self._param_sq_norm(uses)  # of the recorded gradients, 1/red of the per-sample ones
-        c = self.clip_rule.factors({p: sq.sqrt()}, red)[p]  # red * c_i: applies to the recorded gradients
+        c = self.clip_rule.factors({p: sq}, red)[p]  # red * c_i: applies to the recorded gradients
         self._accumulate(p, uses, c, self.buffer)
         self._pass_sq[p] = sq
         self._pass_factors[p] = c
@@ -389,14 +389,13 @@ class GradSampleEngine:
                 parts.append(block_sq.sum(1))
         total = _stack_sum(parts)
         self._check_finite(total, {**self._pass_sq, **sq}, small and {p: ready[p][0] for p in small})
-        norm = total.sqrt()
         if per_param:
-            factors = self.clip_rule.factors({p: v.sqrt() for p, v in sq.items()}, red)
+            factors = self.clip_rule.factors(sq, red)
             if small:
-                small_c = self.clip_rule.stacked_factors(small, small_sq.sqrt(), red)  # [B, k]
+                small_c = self.clip_rule.stacked_factors(small, small_sq, red)  # [B, k]
                 factors.update(zip(small, small_c.unbind(1)))
         else:
-            factors = dict.fromkeys(ready, self.clip_rule.shared_factor(norm, red))
+            factors = dict.fromkeys(ready, self.clip_rule.shared_factor(total, red))
         for p, uses in ready.items():
             if p not in in_small:
                 self._accumulate(p, uses, factors[p], buf)
@@ -408,7 +407,7 @@ class GradSampleEngine:
             torch._foreach_add_([buf.view(p).view(-1) for p in small], list(sums.split([p.numel() for p in small])))
             for p in small:
                 ready[p][0].release()
-        self._last = (norm, {**self._pass_factors, **factors}, red)
+        self._last = (total, {**self._pass_factors, **factors}, red)
         self.last_fused = len(self._pass_factors)
         self.num_samples += batch
         self.num_backward += 1
@@ -419,7 +418,8 @@ class GradSampleEngine:
         """[B] flat per-sample gradient norms of the last backward pass (None before the first)."""
         if self._last is None:
             return None
-        norm, _, red = self._last
+        total, _, red = self._last  # squared norms of the recorded gradients
+        norm = total.sqrt()
         return norm * red if red not in (0.0, 1.0) else norm
 
     @property

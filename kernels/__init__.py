@@ -8,6 +8,7 @@ device until a Triton kernel is dispatched for it) and which the parity tests co
 This package is installed as ``fastdp.kernels``; never import it as a top-level ``kernels``.
 """
 from .clip_accumulate import clip_accumulate_ref
+from .clip_factor import clip_factor_ref
 from .conv_norm import conv_norm_ref, conv_per_sample_grad_ref, unfold_patches
 from .direct_norm import direct_dot_ref, direct_norm_ref
 from .ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant_ref
@@ -22,6 +23,7 @@ from .masked_direct_norm import masked_direct_norm_ref
 from .masked_noise import masked_noise_ref
 from .microadam_update import microadam_update_ref
 from .noisy_sgd import noisy_sgd_ref
+from .norm_affine_grad import norm_affine_grad_ref
 from .row_abs_sum import row_abs_sum_ref
 from .topk_gather import gather_zero, gather_zero_ref
 
@@ -39,6 +41,8 @@ __all__ = [
     "gather_zero_ref",
     "microadam_update_ref",
     "clip_accumulate_ref",
+    "clip_factor_ref",
+    "norm_affine_grad_ref",
     "conv_norm_ref",
     "conv_per_sample_grad_ref",
     "direct_dot_ref",

@@ -87,3 +87,25 @@ def test_engine_norm_layer_gradients_with_the_kernel(monkeypatch):
     x, y = torch.randn(5, 4, 6), torch.randint(0, 3, (5,))
     assert_engine_matches_reference(NormStack(), F.cross_entropy, x, y)
     assert len(calls) == 3  # one launch per norm layer
+
+
+@pytest.mark.filterwarnings("ignore:noise_multiplier=0")
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_clip_factors_take_one_launch_per_rule_call(clipping, monkeypatch):
+    """Flat clipping: one factor launch per step; per-layer: one per weight clipped on its own (biases and norm
+    affines share one batched computation in PyTorch), instead of four PyTorch ops each."""
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    calls = count_launches(monkeypatch, "clip_factor", "_clip_factor_kernel")
+    torch.manual_seed(0)
+    m = TinyTransformer(vocab=19, d=16, layers=1, heads=2, max_len=8)
+    x, y = torch.randint(0, 19, (3, 7)), torch.randint(0, 19, (3, 7))
+    R = 0.2 if clipping == "flat" else [0.2] * len(list(m.parameters()))
+    opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=R,
+                             expected_batch_size=3, sample_size=30, clipping=clipping)
+    lm_loss(m(x), y).backward()
+    opt.step()
+    weights = 6  # tied tok/head, pos, qkv, proj, fc1, fc2
+    assert len(calls) == (1 if clipping == "flat" else weights)
+    if clipping == "per_layer":  # and the factors are the rule's
+        sq = opt.engine._last[0]
+        assert torch.isfinite(sq).all() and all((c <= 1).all() for c in opt.engine.last_factors.values())
