@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import statistics
 import time
 
 import torch
 
+from benchmarks.run_env import write_result
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
 from fastdp.kernels.topk_gather import gather_zero, gather_zero_ref
@@ -156,10 +156,7 @@ def main(argv=None):
         print(r)
     for r in result.get("kernels", []):
         print(r)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

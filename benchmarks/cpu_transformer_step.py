@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import platform
 import statistics
 import time
@@ -21,6 +20,7 @@ import traceback
 import torch
 
 import fastdp
+from benchmarks.run_env import write_result
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.models import TinyTransformer, lm_loss
 
@@ -124,10 +124,7 @@ def main(argv=None):
             print(f"{r['variant']:<14} ERROR {r['error']}")
         else:
             print(f"{r['variant']:<14} {r['median_ms']:>10.1f} {r['ratio_to_nonprivate']:>13.3f}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_result(result, args.out)
 
 
 if __name__ == "__main__":

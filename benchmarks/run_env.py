@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
@@ -51,3 +52,13 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def write_result(result: dict, path: Optional[str]) -> dict:
+    """Write ``result`` as JSON to ``path`` (nothing if None), adding the machine and commit where it lacks them."""
+    if path:
+        result.setdefault("machine", machine())
+        result.setdefault("commit", commit())
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+    return result

@@ -122,11 +122,15 @@ def build_vit(tiny: bool = False):
     return model, *_image_task(1000, 224)
 
 
-def build_gpt2(tiny: bool = False, seq_len: int | None = None):
+def build_gpt2(tiny: bool = False, seq_len: int | None = None, narrow: bool = False):
+    """GPT-2 small; ``tiny``: 2 blocks of width 64; ``narrow``: GPT-2 small's 12 blocks at width 64, vocabulary 500."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0)
-    if tiny:
+    if narrow:
+        cfg = GPT2Config(n_embd=64, n_head=2, vocab_size=500, bos_token_id=499, eos_token_id=499, **no_dropout)
+        T = seq_len or 256
+    elif tiny:
         cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64, bos_token_id=499,
                          eos_token_id=499, **no_dropout)
         T = seq_len or 32

@@ -35,7 +35,7 @@ def test_triton_matches_reference(shape, cap, monkeypatch):
     sq.view(-1)[0] = 0.0  # a zero norm: R / offset, capped
     got, ref = clip_factor(sq, 0.7, 1e-6 / 16, cap), clip_factor_ref(sq, 0.7, 1e-6 / 16, cap)
     assert got.shape == sq.shape and got.dtype == torch.float32
-    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)  # IEEE sqrt and division: the same rounding
+    torch.testing.assert_close(got, ref, rtol=2.5e-7, atol=0)  # IEEE sqrt and division: within 1 ulp (measured)
     assert ((got * sq.sqrt()) <= 0.7 * (1 + 1e-6)).all()
 
 
