@@ -27,6 +27,7 @@ from fastdp.kernels import (
 )
 from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
 from fastdp.kernels.clip_accumulate import clip_accumulate
+from fastdp.kernels.conv_clip_accumulate import conv_clip_accumulate
 from fastdp.kernels.conv_norm import conv_norm
 from fastdp.kernels.direct_norm import direct_norm
 from fastdp.kernels.embedding_norm import embedding_accumulate, embedding_dot, embedding_linear_dot, embedding_norm
@@ -267,14 +268,11 @@ class ConvGrad(PerSampleGrad):
         return g
 
     def clipped_sum(self, scale, out):
-        scaled = (upcast(self.dy) * upcast(scale).view(-1, *([1] * (self.dy.dim() - 1)))).to(self.x.dtype)
-        weight = torch.empty(self.weight_shape, dtype=self.x.dtype, device=self.x.device)
-        g = torch.ops.aten.convolution_backward(
-            scaled, self.x, weight, None, list(self.stride), list(self.padding), list(self.dilation),
-            False, [0] * len(self.stride), self.groups, [False, True, False])[1]
-        if self.rows is not None:
+        geometry = (self.weight_shape, self.stride, self.padding, self.dilation, self.groups)
+        if self.rows is not None:  # only the kept filters: their sum, added at their rows
+            g = conv_clip_accumulate(self.x, self.dy, scale, *geometry)
             return out.index_add_(0, self.rows, g.to(out.dtype))
-        return out.add_(g)
+        return conv_clip_accumulate(self.x, self.dy, scale, *geometry, out)
 
     def release(self):
         self.x = self.dy = None

@@ -34,6 +34,27 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L, COG, CG,
+                    SH, SW, PH, PW, DH, DW, BL: tl.constexpr):
+        """One sample's operands over output positions ``l0 .. l0 + BL``: dY [BL, BM] at the channels ``m`` and the
+        patches [BL, BN] at the columns ``n``, each loaded from x at its input coordinate (zero outside the
+        image: the padding; columns n = (c, i, j) over CG * KH * KW, the weight's layout). Positions ``>= L`` load
+        zeros (``L = 0``: a sample past the batch)."""
+        c = n // (KH * KW)
+        i = (n % (KH * KW)) // KW
+        j = n % KW
+        lpos = l0 + tl.arange(0, BL)
+        oh = lpos // Wo
+        ow = lpos % Wo
+        a = tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
+                    mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
+        ih = oh[:, None] * SH - PH + i[None, :] * DH
+        iw = ow[:, None] * SW - PW + j[None, :] * DW
+        inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        p = tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
+        return a, p
+
+    @triton.jit
     def _conv_direct_norm_kernel(x, dy, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
                                  H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
                                  BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr,
@@ -41,31 +62,19 @@ if HAS_TRITON:
         """out[b] += ||tile of dY_{b,g}^T X_{b,g}||^2 for one [BM, BN] tile of group g's weight gradient.
 
         Rows m: output channels of the group (COG); columns n = (c, i, j) over CG * KH * KW; the reduction runs
-        over the L = Ho * Wo output positions, loading each patch value from x at its input coordinate
-        (zero outside the image: the padding).
+        over the L = Ho * Wo output positions (``_conv_tiles``: the implicit im2col).
         """
         pid = tl.program_id(0)
         b = pid // GROUPS
         g = pid % GROUPS
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
-        c = n // (KH * KW)
-        ij = n % (KH * KW)
-        i = ij // KW
-        j = ij % KW
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         x_base = x + b * sx_b + (g * CG) * sx_c
         y_base = dy + b * sy_b + (g * COG) * sy_c
         for l0 in range(0, L, BL):
-            lpos = l0 + tl.arange(0, BL)
-            oh = lpos // Wo
-            ow = lpos % Wo
-            a = tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
-                        mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
-            ih = oh[:, None] * SH - PH + i[None, :] * DH
-            iw = ow[:, None] * SW - PW + j[None, :] * DW
-            inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            p = tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
+            a, p = _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L,
+                               COG, CG, SH, SW, PH, PW, DH, DW, BL)
             if UPCAST:
                 a = a.to(tl.float32)
                 p = p.to(tl.float32)
@@ -75,7 +84,6 @@ if HAS_TRITON:
                 acc += tl.dot(tl.trans(a), p)
         tl.atomic_add(out + b, tl.sum(acc * acc))
 
-
 def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
               groups: int, ghost: bool) -> torch.Tensor:
     """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernel for the direct norm (same arguments).
@@ -84,10 +92,7 @@ def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], st
     """
     if ghost or x.dtype == torch.float64 or backend_for_op("conv_norm", x) == "reference":
         return conv_norm_ref(x, dy, weight_shape, stride, padding, dilation, groups, ghost)
-    if len(weight_shape) == 3:  # conv1d as a conv2d of height 1
-        x, dy = x.unsqueeze(2), dy.unsqueeze(2)
-        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
-        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    x, dy, weight_shape, stride, padding, dilation = as_conv2d(x, dy, weight_shape, stride, padding, dilation)
     c_out, cg, kh, kw = weight_shape
     B, _, H, W = x.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
@@ -101,6 +106,15 @@ def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], st
         x, dy, out, *x.stride(), *dy.stride(), H, W, Wo, Ho * Wo, cog, cg, kh, kw, *stride, *padding, *dilation,
         groups, BM=BM, BN=BN, BL=BL, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
     return out
+
+
+def as_conv2d(x, dy, weight_shape, stride, padding, dilation):
+    """A conv1d's tensors and geometry as a conv2d of height 1 (a conv2d's unchanged): what the kernels take."""
+    if len(weight_shape) == 3:
+        x, dy = x.unsqueeze(2), dy.unsqueeze(2)
+        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
+        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    return x, dy, tuple(weight_shape), tuple(stride), tuple(padding), tuple(dilation)
 
 
 def unfold_patches(x: torch.Tensor, kernel_size: Sequence[int], stride: Sequence[int], padding: Sequence[int],
@@ -159,10 +173,7 @@ def conv_norm_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int]
             g = conv_per_sample_grad_ref(x[sl], dy[sl], weight_shape, stride, padding, dilation, groups)
             out[sl] = upcast(g).flatten(1).pow(2).sum(1)
         return out
-    if len(weight_shape) == 3:  # conv1d as a conv2d of height 1
-        x, dy = x.unsqueeze(2), dy.unsqueeze(2)
-        weight_shape = (*weight_shape[:2], 1, weight_shape[2])
-        stride, padding, dilation = (1, *stride), (0, *padding), (1, *dilation)
+    x, dy, weight_shape, stride, padding, dilation = as_conv2d(x, dy, weight_shape, stride, padding, dilation)
     c_out, cg, kh, kw = weight_shape
     L = dy.shape[2] * dy.shape[3]
     per_sample = (cg * groups * kh * kw + c_out) * L + (2 * groups * L * L if ghost else c_out * cg * kh * kw)

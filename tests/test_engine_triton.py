@@ -50,12 +50,13 @@ def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
     monkeypatch.setattr(NormRule, "mode", "direct")
     from fastdp.models import SmallCNN
     calls = count_launches(monkeypatch, "conv_norm", "_conv_direct_norm_kernel")
+    sums = count_launches(monkeypatch, "conv_clip_accumulate", "_conv_clip_accumulate_kernel")
     torch.manual_seed(0)
     m = SmallCNN(in_channels=1, num_classes=4, width=4, image_size=8)
     x, y = torch.randn(3, 1, 8, 8), torch.randint(0, 4, (3,))
     assert_engine_matches_reference(m, F.cross_entropy, x, y, atol_by_model=True)  # conv biases before GroupNorm
     n_conv = sum(isinstance(mod, torch.nn.Conv2d) for mod in m.modules())
-    assert len(calls) == n_conv > 0  # every conv weight's norm came from the kernel
+    assert len(calls) == len(sums) == n_conv > 0  # every conv weight's norm and clipped sum came from the kernels
 
 
 def test_engine_embedding_norms_and_sums_with_the_kernels(monkeypatch):

@@ -41,6 +41,8 @@ bytes per element of x / dy, i and v bytes per ring index / value):
 * ``row_abs_sum``: ``2BTpd + 3Bpd`` FLOPs, ``BT(d+p)e + 4B + 4p`` bytes.
 * ``conv_norm`` (per group: d = C_in/g kh kw, p = C_out/g, T = L output positions): ``op_flops = g min(2BLpd,
   2BL^2(p+d))`` (the engine's choice), ``impl_flops`` the variant's own; ``op_bytes = B(C_in H W + C_out L)e + 4B``.
+* ``conv_clip_accumulate`` (3x3, into an fp32 weight buffer): ``2BLpd`` FLOPs, ``B(C_in H W + C_out L)e + 4B + 8pd``
+  bytes.
 * ``embedding_norm``: ``2BT^2 d + 2BT^2`` FLOPs, ``BTde + 8BT`` bytes (naive: ``2BVd`` FLOPs over the dense
   [B, V, d] per-sample gradients).
 * ``norm_affine_grad`` (x of n elements, B samples, F features): ``2n e + 8BF`` bytes (x and dY read once, the two
