@@ -1,12 +1,14 @@
 """Per-sample conv weight-gradient norms at WRN-16-4 shapes (B=256): direct (grouped weight-gradient conv)
-vs ghost (strided unfold + Gram) vs the implicit-im2col Triton kernel (CUDA only) vs the non-private
-weight-gradient conv they add to. The Triton column is checked against the reference (relative error < 2e-2).
+vs ghost (strided unfold + Gram) vs the implicit-im2col Triton kernels, direct and ghost (CUDA only, forced with
+FASTDP_BACKEND=triton whatever the environment says; tiles autotuned unless FASTDP_AUTOTUNE=0), vs the non-private
+weight-gradient conv they add to. The Triton columns are checked against the reference (relative error < 2e-2).
 
     python -m benchmarks.bench_conv_norm [--device cuda] [--batch 256]
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -41,10 +43,11 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--dtypes", default="fp32,bf16")
     args = ap.parse_args(argv)
+    os.environ["FASTDP_BACKEND"] = "triton" if args.device == "cuda" and HAS_TRITON else "reference"
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     print(f"device {torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}, B={args.batch}")
     print(f"{'dtype':5} {'C_in':>4} {'C_out':>5} {'HW':>3} {'s':>1} {'wgrad ms':>9} {'grouped ms':>10} "
-          f"{'unfold ms':>9} {'ghost ms':>9} {'triton ms':>9}")
+          f"{'unfold ms':>9} {'ghost ms':>9} {'triton ms':>9} {'tr-ghost ms':>11}")
     for dname in args.dtypes.split(","):
         dt = torch.float32 if dname == "fp32" else torch.bfloat16
         for cin, cout, hw, s in SHAPES:
@@ -64,17 +67,19 @@ def main(argv=None):
                                      args.device))
                 except torch.OutOfMemoryError:
                     row.append(float("nan"))
-            row.append(float("nan"))
-            if args.device == "cuda" and HAS_TRITON:
-                def triton_norm():
-                    return conv_norm(x, dy, ws, (s, s), (1, 1), (1, 1), 1, ghost=False)
-                ref = conv_norm_ref(x, dy, ws, (s, s), (1, 1), (1, 1), 1, False, "unfold")
-                err = ((triton_norm() - ref).abs() / ref).max().item()
-                if err > 2e-2:
-                    raise AssertionError(f"Triton conv norm differs from the reference by {err:.2e} at {ws}")
-                row[-1] = bench(triton_norm, args.device)
+            for ghost in (False, True):
+                row.append(float("nan"))
+                if args.device == "cuda" and HAS_TRITON:
+                    def triton_norm(ghost=ghost):
+                        return conv_norm(x, dy, ws, (s, s), (1, 1), (1, 1), 1, ghost=ghost)
+                    ref = conv_norm_ref(x, dy, ws, (s, s), (1, 1), (1, 1), 1, False, "unfold")
+                    err = ((triton_norm() - ref).abs() / ref).max().item()
+                    if err > 2e-2:
+                        raise AssertionError(f"Triton conv norm (ghost={ghost}) differs from the reference by "
+                                             f"{err:.2e} at {ws}")
+                    row[-1] = bench(triton_norm, args.device)
             print(f"{dname:5} {cin:4d} {cout:5d} {hw:3d} {s:1d} {row[0]:9.3f} {row[1]:10.3f} {row[2]:9.3f} "
-                  f"{row[3]:9.3f} {row[4]:9.3f}", flush=True)
+                  f"{row[3]:9.3f} {row[4]:9.3f} {row[5]:11.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,11 @@
 # Usage on the device (from the repo root, with the opacus wheel carried in .whl/). A device call runs at most
 # 600 s and a session has ~15 min of device time including the machine's start, so run it as two calls:
 #   STAGES="tests norms" bash benchmarks/device_check.sh     # <= 325 s
-#   STAGES="bench" bash benchmarks/device_check.sh           # <= 360 s
+#   STAGES="bench" bash benchmarks/device_check.sh           # <= 390 s
+#   STAGES="tiles" bash benchmarks/device_check.sh           # optional, <= 150 s: every autotune candidate compiled
 #   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
+# The test stage runs the default tiles (FASTDP_AUTOTUNE=0: no candidate timing per test shape); the triton e2e
+# run autotunes (kernels/_tuning.py) and records the tiles it picked in its JSON ("autotuned_tiles").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -17,10 +20,15 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 if [[ $STAGES == *tests* ]]; then
   # compiled Triton kernels against their references, then the engine with every kernel forced
   # (~14 kernels, each compiled for several dtypes and shape specialisations: give compilation room)
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels tests/test_gpu.py 2>&1 \
-    | tail -25 | tee "$OUT/tests_kernels.txt"
-  FASTDP_BACKEND=triton timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
+  FASTDP_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels \
+    tests/test_gpu.py -k "not every_candidate_tile" 2>&1 | tail -25 | tee "$OUT/tests_kernels.txt"
+  FASTDP_AUTOTUNE=0 FASTDP_BACKEND=triton timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
     2>&1 | tail -5 | tee "$OUT/tests_engine_triton.txt"
+fi
+if [[ $STAGES == *tiles* ]]; then
+  # each autotune candidate of each kernel, compiled, against the reference (fp32 and bf16)
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_tile_configs.py 2>&1 \
+    | tail -15 | tee "$OUT/tests_tiles.txt"
 fi
 if [[ $STAGES == *norms* ]]; then
   timeout 45 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
@@ -34,12 +42,10 @@ if [[ $STAGES == *bench* ]]; then
   timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 200 \
     --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
     ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
-  # the engine with every Triton kernel forced, beside non-private, same harness
-  FASTDP_BACKEND=triton timeout 60 python3 -m benchmarks.e2e --out-dir "$OUT/triton" --variants nonprivate,fastdp \
-    --steps 20 --warmup 3 --no-launches --time-budget 40 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
+  # the engine with every Triton kernel forced (tiles autotuned in the warm-up steps), beside non-private
+  FASTDP_BACKEND=triton timeout 150 python3 -m benchmarks.e2e --out-dir "$OUT/triton" --variants nonprivate,fastdp \
+    --steps 20 --warmup 3 --no-launches --time-budget 120 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
     | tee "$OUT/e2e_triton_log.txt" | tail -12
-  timeout 60 python3 -m benchmarks.bench_micro_adam --out "$OUT/micro_adam.json" 2>&1 | tail -10 \
-    | tee "$OUT/micro_adam.txt"
 fi
 if [[ $STAGES == *micro* ]]; then
   # kernel microbenchmarks: reference vs Triton vs naive PyTorch at GPT-2 / ViT-S / WRN shapes, fp32 and bf16, each

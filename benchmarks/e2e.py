@@ -62,6 +62,7 @@ import fastdp
 from benchmarks import workloads
 from benchmarks.run_env import git
 from fastdp.cpu_memory import retain_freed_memory
+from fastdp.kernels._tuning import chosen_tiles
 from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 
 DTYPES = ("fp32", "bf16")
@@ -480,6 +481,7 @@ def environment(device: torch.device) -> dict:
     return {"device": name, "python": platform.python_version(),
             "versions": {m: _version(m) for m in ("torch", "triton", "opacus", "transformers", "timm", "fastdp")},
             "date": datetime.date.today().isoformat(),
+            "kernels": {k: os.environ.get(k, "unset") for k in ("FASTDP_BACKEND", "FASTDP_AUTOTUNE")},
             "git_commit": head.stdout.strip() if head is not None and head.returncode == 0 else None,
             "git_dirty": dirty.returncode == 1 if dirty is not None and dirty.returncode in (0, 1) else None}
 
@@ -578,6 +580,7 @@ def run_suite(cfg: Config, env: dict, checkpoint: Callable[[dict], None] = lambd
                                                      else row["error"][:300]))
                     result["rows"].append(row)
         _add_ratios(result["rows"])
+        result["autotuned_tiles"] = chosen_tiles()  # the autotuner's pick per kernel and shape (CUDA), else {}
         checkpoint(result)
 
     if cfg.launches:  # pass 2: kernels / aten ops per step, after all timing

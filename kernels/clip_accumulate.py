@@ -20,6 +20,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import _ACC, as_btd, bmm_acc, upcast
+from ._tuning import Tile, Tiles, mma_tiles
 
 MIN_PER_SAMPLE_T = 16  # shorter sequences take the fp32 product (see the module docstring)
 
@@ -74,6 +75,11 @@ if HAS_TRITON:
         tl.store(ptrs, (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(out.dtype.element_ty),
                  mask=mask)
 
+    # K tiles of 16 for per-sample partials of 16-row samples (a 32-row tile would be half padding)
+    CLIP_TILES = Tiles("clip_accumulate", _clip_accumulate_kernel, key=("T", "D", "P", "PER_SAMPLE"),
+                       default=mma_tiles("BM", "BN", "BK")[0],
+                       candidates=mma_tiles("BM", "BN", "BK") + [Tile.of(BM=64, BN=64, BK=16, num_stages=3)])
+
 
 def clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -90,12 +96,9 @@ def clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
         return out
     x2, dy2 = x.reshape(B * T, D), dy.reshape(B * T, P)
     per_sample = x.dtype != torch.float32 and T >= MIN_PER_SAMPLE_T
-    BM = BN = 32
-    BK = 16 if per_sample and T <= 16 else 32  # per-sample K tiles end at each sample's last row
-    grid = (triton.cdiv(P, BM), triton.cdiv(D, BN))
-    _clip_accumulate_kernel[grid](x2, dy2, scale.float().contiguous(), out, *x2.stride(), *dy2.stride(),
-                                  *out.stride(), B, T, D, P, BM=BM, BN=BN, BK=BK, PER_SAMPLE=per_sample,
-                                  UPCAST=interpreting(), IEEE=not interpreting())
+    grid = lambda meta: (triton.cdiv(P, meta["BM"]), triton.cdiv(D, meta["BN"]))  # noqa: E731
+    CLIP_TILES[grid](x2, dy2, scale.float().contiguous(), out, *x2.stride(), *dy2.stride(), *out.stride(), B, T, D,
+                     P, PER_SAMPLE=per_sample, UPCAST=interpreting(), IEEE=not interpreting())
     return out
 
 

@@ -16,6 +16,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import upcast
+from ._tuning import Tiles, mma_tiles
 from .conv_norm import as_conv2d
 
 if HAS_TRITON:
@@ -26,12 +27,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _conv_clip_accumulate_kernel(x, dy, scale, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w, so_m,
-                                     B, SPB, H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
+                                     B, H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
                                      BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, FP32_DOT: tl.constexpr,
                                      IEEE: tl.constexpr):
-        """out[g*COG + m, n] += sum over this program's SPB samples b of scale[b] * (dY_b^T X_b)[m, n].
+        """out[g*COG + m, n] += sum over this program's samples b of scale[b] * (dY_b^T X_b)[m, n].
 
         Program (chunk * GROUPS + g, m tile, n tile); n = (c, i, j) over CG * KH * KW, the weight's own layout.
+        The batch is split into as many chunks of consecutive samples as the grid's first dim has per group.
         FP32_DOT: fp32 operands (fp32 inputs, short L, the interpreter); else the 16-bit tensor-core product.
         """
         pid = tl.program_id(0)
@@ -40,6 +42,7 @@ if HAS_TRITON:
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        SPB = tl.cdiv(B, tl.num_programs(0) // GROUPS)  # samples per chunk
         for s in range(0, SPB):
             b = chunk * SPB + s
             L_b = tl.where(b < B, L, 0)  # a chunk's tail past the batch loads nothing
@@ -60,6 +63,10 @@ if HAS_TRITON:
             acc += cb * part
         mask = (m[:, None] < COG) & (n[None, :] < CG * KH * KW)
         tl.atomic_add(out + (g * COG + m)[:, None] * so_m + n[None, :], acc, mask=mask)
+
+    CONV_CLIP_TILES = Tiles("conv_clip_accumulate", _conv_clip_accumulate_kernel,
+                            key=("L", "COG", "CG", "KH", "KW", "FP32_DOT"), default=mma_tiles("BM", "BN", "BL")[0],
+                            candidates=mma_tiles("BM", "BN", "BL"))
 
 
 def _check(x, dy, scale, weight_shape, groups, out):
@@ -137,17 +144,18 @@ def conv_clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     if B == 0 or L == 0:
         return target
     cog, K = c_out // groups, cg * kh * kw
-    BM, BN, BL = 32, 32, 32
-    tiles = groups * triton.cdiv(cog, BM) * triton.cdiv(K, BN)
-    # enough programs to fill the device (4 per SM) by splitting the batch; two chunks at least in the interpreter,
-    # so the tests cover the atomics
-    want = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2 * tiles
-    chunks = max(1, min(B, triton.cdiv(want, tiles)))
-    spb = triton.cdiv(B, chunks)
-    chunks = triton.cdiv(B, spb)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 0
+
+    def grid(meta):
+        # enough programs to fill the device (4 per SM) by splitting the batch into chunks; two chunks at least
+        # in the interpreter, so the tests cover the atomics
+        tiles = groups * triton.cdiv(cog, meta["BM"]) * triton.cdiv(K, meta["BN"])
+        chunks = max(1, min(B, triton.cdiv(4 * sms if sms else 2 * tiles, tiles)))
+        chunks = triton.cdiv(B, triton.cdiv(B, chunks))  # no empty chunk
+        return chunks * groups, triton.cdiv(cog, meta["BM"]), triton.cdiv(K, meta["BN"])
+
     fp32_dot = x.dtype == torch.float32 or L < 16 or interpreting()
-    _conv_clip_accumulate_kernel[(chunks * groups, triton.cdiv(cog, BM), triton.cdiv(K, BN))](
-        x2, dy2, scale.float().contiguous(), target, *x2.stride(), *dy2.stride(), K, B, spb, H, W, Wo, L, cog, cg,
-        kh, kw, *st, *pad, *dil, groups, BM=BM, BN=BN, BL=BL, FP32_DOT=fp32_dot,
-        IEEE=fp32_dot and not interpreting())
+    CONV_CLIP_TILES[grid](x2, dy2, scale.float().contiguous(), target, *x2.stride(), *dy2.stride(), K, B, H, W, Wo, L,
+                          cog, cg, kh, kw, *st, *pad, *dil, groups, FP32_DOT=fp32_dot,
+                          IEEE=fp32_dot and not interpreting())
     return target

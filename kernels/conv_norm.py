@@ -11,10 +11,10 @@ and ``dY_i`` [L, C_out/g] per group, sample i's weight gradient is ``dY_i^T X_i`
 * ghost: ``sum_{l,l'} (X X^T)[l,l'] (dY dY^T)[l,l']`` from patches gathered by one strided copy
   (``as_strided``; ``F.unfold`` on CUDA launches one kernel per sample).
 
-The engine picks the cheaper by FLOPs (``T (p + d) < p d`` with T = L). ``conv_norm`` dispatches the
-direct norm to a Triton kernel that forms each per-sample tile ``dY_i^T X_i`` in registers with an implicit
-im2col (patch addresses computed in the kernel: no patch buffer, no per-sample gradient in memory); the
-ghost norm over patches stays on the reference path.
+The engine picks the cheaper by FLOPs (``T (p + d) < p d`` with T = L). ``conv_norm`` dispatches both to
+Triton kernels with an implicit im2col (patch addresses computed in the kernel: no patch buffer): the direct
+norm forms each per-sample tile ``dY_i^T X_i`` in registers, the ghost norm tiles of the two L x L Grams
+(neither a per-sample gradient nor a Gram reaches memory).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import acc_dtype, batch_chunks, upcast
+from ._tuning import Tiles, gram_tiles, mma_tiles
 from .direct_norm import direct_norm_ref
 from .ghost_norm import ghost_norm_ref
 
@@ -33,25 +34,40 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .ghost_norm import _gram_step
+
+    @triton.jit
+    def _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG):
+        """One sample's output gradient [BL, BM] at output positions ``lpos`` and channels ``m`` (zero past
+        ``L`` or ``COG``)."""
+        oh = lpos // Wo
+        ow = lpos % Wo
+        return tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
+                       mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
+
+    @triton.jit
+    def _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW):
+        """One sample's patches [BL, BN] at output positions ``lpos`` and columns ``n = (c, i, j)`` over
+        CG * KH * KW (the weight's layout), each loaded from x at its input coordinate: the implicit im2col
+        (zero outside the image, i.e. the padding, and past ``L`` or the last column)."""
+        c = n // (KH * KW)
+        i = (n % (KH * KW)) // KW
+        j = n % KW
+        oh = lpos // Wo
+        ow = lpos % Wo
+        ih = oh[:, None] * SH - PH + i[None, :] * DH
+        iw = ow[:, None] * SW - PW + j[None, :] * DW
+        inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        return tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
+
     @triton.jit
     def _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L, COG, CG,
                     SH, SW, PH, PW, DH, DW, BL: tl.constexpr):
         """One sample's operands over output positions ``l0 .. l0 + BL``: dY [BL, BM] at the channels ``m`` and the
-        patches [BL, BN] at the columns ``n``, each loaded from x at its input coordinate (zero outside the
-        image: the padding; columns n = (c, i, j) over CG * KH * KW, the weight's layout). Positions ``>= L`` load
-        zeros (``L = 0``: a sample past the batch)."""
-        c = n // (KH * KW)
-        i = (n % (KH * KW)) // KW
-        j = n % KW
+        patches [BL, BN] at the columns ``n``. Positions ``>= L`` load zeros (``L = 0``: a sample past the batch)."""
         lpos = l0 + tl.arange(0, BL)
-        oh = lpos // Wo
-        ow = lpos % Wo
-        a = tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
-                    mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
-        ih = oh[:, None] * SH - PH + i[None, :] * DH
-        iw = ow[:, None] * SW - PW + j[None, :] * DW
-        inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        p = tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
+        a = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG)
+        p = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
         return a, p
 
     @triton.jit
@@ -84,27 +100,75 @@ if HAS_TRITON:
                 acc += tl.dot(tl.trans(a), p)
         tl.atomic_add(out + b, tl.sum(acc * acc))
 
+    @triton.jit
+    def _conv_ghost_norm_kernel(x, dy, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
+                                H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
+                                BL: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """out[b] += sum over one (t, s) tile of (P P^T) * (dY dY^T) for group g of sample b.
+
+        P: the sample's patches [L, CG * KH * KW] (implicit im2col, never stored); dY: [L, COG]. Both [BL, BL]
+        Grams stay in registers; only the upper triangle of tiles runs, off-diagonal tiles counted twice.
+        """
+        pid = tl.program_id(0)
+        b = pid // GROUPS
+        g = pid % GROUPS
+        ti = tl.program_id(1)
+        si = tl.program_id(2)
+        if si < ti:
+            return
+        t = ti * BL + tl.arange(0, BL)
+        s = si * BL + tl.arange(0, BL)
+        x_base = x + b * sx_b + (g * CG) * sx_c
+        y_base = dy + b * sy_b + (g * COG) * sy_c
+        gx = tl.zeros([BL, BL], dtype=tl.float32)
+        for k0 in range(0, CG * KH * KW, BK):
+            n = k0 + tl.arange(0, BK)
+            pt = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, t, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
+            ps = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, s, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
+            gx = _gram_step(gx, pt, ps, UPCAST, IEEE)
+        gy = tl.zeros([BL, BL], dtype=tl.float32)
+        for m0 in range(0, COG, BK):
+            m = m0 + tl.arange(0, BK)
+            at = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, t, Wo, L, COG)
+            as_ = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, s, Wo, L, COG)
+            gy = _gram_step(gy, at, as_, UPCAST, IEEE)
+        part = tl.sum(gx * gy)
+        if si > ti:
+            part = part * 2.0
+        tl.atomic_add(out + b, part)
+
+    _CONV_KEY = ("L", "COG", "CG", "KH", "KW")
+    CONV_DIRECT_TILES = Tiles("conv_direct_norm", _conv_direct_norm_kernel, key=_CONV_KEY,
+                              default=mma_tiles("BM", "BN", "BL")[0], candidates=mma_tiles("BM", "BN", "BL"))
+    CONV_GHOST_TILES = Tiles("conv_ghost_norm", _conv_ghost_norm_kernel, key=_CONV_KEY,
+                             default=gram_tiles("BL", "BK")[0], candidates=gram_tiles("BL", "BK"))
+
 def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
               groups: int, ghost: bool) -> torch.Tensor:
-    """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernel for the direct norm (same arguments).
+    """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernels (same arguments): the direct norm
+    (per-sample tiles ``dY_i^T P_i``) or, with ``ghost``, the ghost norm (tiles of the two L x L Grams).
 
-    The ghost norm (``ghost=True``) and fp64 inputs always take the reference.
+    fp64 inputs always take the reference.
     """
-    if ghost or x.dtype == torch.float64 or backend_for_op("conv_norm", x) == "reference":
+    if x.dtype == torch.float64 or backend_for_op("conv_norm", x) == "reference":
         return conv_norm_ref(x, dy, weight_shape, stride, padding, dilation, groups, ghost)
     x, dy, weight_shape, stride, padding, dilation = as_conv2d(x, dy, weight_shape, stride, padding, dilation)
     c_out, cg, kh, kw = weight_shape
     B, _, H, W = x.shape
     Ho, Wo = dy.shape[2], dy.shape[3]
     out = torch.zeros(B, dtype=torch.float32, device=x.device)
-    if B == 0 or Ho * Wo == 0:
+    L = Ho * Wo
+    if B == 0 or L == 0:
         return out
     cog, K = c_out // groups, cg * kh * kw
-    BM, BN, BL = 32, 32, 32
-    grid = (B * groups, triton.cdiv(cog, BM), triton.cdiv(K, BN))
-    _conv_direct_norm_kernel[grid](
-        x, dy, out, *x.stride(), *dy.stride(), H, W, Wo, Ho * Wo, cog, cg, kh, kw, *stride, *padding, *dilation,
-        groups, BM=BM, BN=BN, BL=BL, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    geometry = (H, W, Wo, L, cog, cg, kh, kw, *stride, *padding, *dilation, groups)
+    flags = dict(UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    if ghost:
+        grid = lambda meta: (B * groups, triton.cdiv(L, meta["BL"]), triton.cdiv(L, meta["BL"]))  # noqa: E731
+        CONV_GHOST_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), *geometry, **flags)
+        return out
+    grid = lambda meta: (B * groups, triton.cdiv(cog, meta["BM"]), triton.cdiv(K, meta["BN"]))  # noqa: E731
+    CONV_DIRECT_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), *geometry, **flags)
     return out
 
 

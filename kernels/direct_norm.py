@@ -10,6 +10,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc
+from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
     import triton
@@ -46,6 +47,9 @@ if HAS_TRITON:
         acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)
         tl.atomic_add(out + bidx, tl.sum(acc * acc))
 
+    DIRECT_TILES = Tiles("direct_norm", _direct_norm_kernel, key=("T", "D", "P"), default=mma_tiles("BM", "BN", "BT")[0],
+                         candidates=mma_tiles("BM", "BN", "BT"))
+
 
 def direct_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Dispatching ``direct_norm_ref`` / the Triton kernel (per-sample tiles never stored)."""
@@ -56,10 +60,9 @@ def direct_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(B, dtype=torch.float32, device=x.device)
     if B == 0 or T == 0:
         return out
-    BM = BN = BT = 32
-    grid = (B, triton.cdiv(P, BM), triton.cdiv(D, BN))
-    _direct_norm_kernel[grid](x, dy, out, *x.stride(), *dy.stride(), T, D, P, BM=BM, BN=BN, BT=BT,
-                              UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    grid = lambda meta: (B, triton.cdiv(P, meta["BM"]), triton.cdiv(D, meta["BN"]))  # noqa: E731
+    DIRECT_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), T, D, P, UPCAST=interpreting(),
+                       IEEE=x.dtype == torch.float32)
     return out
 
 

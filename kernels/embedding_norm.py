@@ -26,6 +26,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import acc_dtype, batch_chunks, bmm_acc, upcast
+from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
     import triton
@@ -68,6 +69,11 @@ if HAS_TRITON:
         g = tl.load(dyl + bidx * sl_b + s[:, None] * sl_t + v[None, :].to(tl.int64) * sl_v, mask=inside, other=0.0)
         tl.atomic_add(out + bidx, tl.sum(g.to(tl.float32) * hd))
 
+    EMBEDDING_DOT_TILES = Tiles("embedding_dot", _embedding_dot_kernel, key=("Ta", "Tb", "D", "SYMMETRIC"),
+                                default=gram_tiles("BT", "BK")[0], candidates=gram_tiles("BT", "BK"))
+    EMBEDDING_LINEAR_TILES = Tiles("embedding_linear_dot", _embedding_linear_dot_kernel, key=("Te", "Tl", "D"),
+                                   default=gram_tiles("BT", "BK")[0], candidates=gram_tiles("BT", "BK"))
+
     @triton.jit
     def _embedding_accumulate_kernel(idx, dy, scale, out, T, D, si_b, si_t, sy_b, sy_t, sy_k, so_v, so_k,
                                      BD: tl.constexpr):
@@ -92,11 +98,10 @@ def embedding_dot(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, 
     if B == 0 or Ta == 0 or Tb == 0:
         return out
     symmetric = idx_a is idx_b and dy_a is dy_b
-    BT, BK = 32, 32
-    grid = (B, triton.cdiv(Ta, BT), triton.cdiv(Tb, BT))
-    _embedding_dot_kernel[grid](idx_a, dy_a, idx_b, dy_b, out, *idx_a.stride(), *dy_a.stride(), *idx_b.stride(),
-                                *dy_b.stride(), Ta, Tb, D, SYMMETRIC=symmetric, BT=BT, BK=BK,
-                                UPCAST=interpreting(), IEEE=dy_a.dtype == torch.float32)
+    grid = lambda meta: (B, triton.cdiv(Ta, meta["BT"]), triton.cdiv(Tb, meta["BT"]))  # noqa: E731
+    EMBEDDING_DOT_TILES[grid](idx_a, dy_a, idx_b, dy_b, out, *idx_a.stride(), *dy_a.stride(), *idx_b.stride(),
+                              *dy_b.stride(), Ta, Tb, D, SYMMETRIC=symmetric, UPCAST=interpreting(),
+                              IEEE=dy_a.dtype == torch.float32)
     return out
 
 
@@ -110,11 +115,10 @@ def embedding_linear_dot(idx: torch.Tensor, dy_emb: torch.Tensor, x_lin: torch.T
     out = torch.zeros(B, dtype=torch.float32, device=x_lin.device)
     if B == 0 or Te == 0 or Tl == 0:
         return out
-    BT, BK = 32, 32
-    grid = (B, triton.cdiv(Tl, BT), triton.cdiv(Te, BT))
-    _embedding_linear_dot_kernel[grid](idx, dy_emb, x_lin, dy_lin, out, *idx.stride(), *dy_emb.stride(),
-                                       *x_lin.stride(), *dy_lin.stride(), Te, Tl, D, BT=BT, BK=BK,
-                                       UPCAST=interpreting(), IEEE=x_lin.dtype == torch.float32)
+    grid = lambda meta: (B, triton.cdiv(Tl, meta["BT"]), triton.cdiv(Te, meta["BT"]))  # noqa: E731
+    EMBEDDING_LINEAR_TILES[grid](idx, dy_emb, x_lin, dy_lin, out, *idx.stride(), *dy_emb.stride(),
+                                 *x_lin.stride(), *dy_lin.stride(), Te, Tl, D, UPCAST=interpreting(),
+                                 IEEE=x_lin.dtype == torch.float32)
     return out
 
 

@@ -17,10 +17,21 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _gram_step(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """``acc + a b^T`` for [BT, BK] operands (fp32 products; IEEE fp32 dots for fp32 inputs)."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            return acc + tl.dot(a, tl.trans(b), input_precision="ieee")
+        return acc + tl.dot(a, tl.trans(b))
 
     @triton.jit
     def _gram_tile(a_ptr, b_ptr, sa_b, sa_t, sa_k, sb_b, sb_t, sb_k, bidx, t, s, Ta, Tb, K,
@@ -33,13 +44,7 @@ if HAS_TRITON:
                         mask=(t[:, None] < Ta) & (k[None, :] < K), other=0.0)
             b = tl.load(b_ptr + bidx * sb_b + s[:, None] * sb_t + k[None, :] * sb_k,
                         mask=(s[:, None] < Tb) & (k[None, :] < K), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(a, tl.trans(b), input_precision="ieee")
-            else:
-                acc += tl.dot(a, tl.trans(b))
+            acc = _gram_step(acc, a, b, UPCAST, IEEE)
         return acc
 
     @triton.jit
@@ -63,6 +68,9 @@ if HAS_TRITON:
             part = part * 2.0
         tl.atomic_add(out + bidx, part)
 
+    GHOST_TILES = Tiles("ghost_dot", _ghost_dot_kernel, key=("Ta", "Tb", "D", "P", "SYMMETRIC"),
+                        default=gram_tiles("BT", "BK")[0], candidates=gram_tiles("BT", "BK"))
+
 
 def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
     """Dispatching ``ghost_dot_ref`` / the fused Triton kernel (same signature and result)."""
@@ -74,11 +82,9 @@ def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
     if B == 0 or Ta == 0 or Tb == 0:
         return out
     symmetric = x_a is x_b and dy_a is dy_b
-    BT, BK = 32, 32
-    grid = (B, triton.cdiv(Ta, BT), triton.cdiv(Tb, BT))
-    _ghost_dot_kernel[grid](x_a, dy_a, x_b, dy_b, out, *x_a.stride(), *dy_a.stride(), *x_b.stride(), *dy_b.stride(),
-                            Ta, Tb, D, P, SYMMETRIC=symmetric, BT=BT, BK=BK,
-                            UPCAST=interpreting(), IEEE=x_a.dtype == torch.float32)
+    grid = lambda meta: (B, triton.cdiv(Ta, meta["BT"]), triton.cdiv(Tb, meta["BT"]))  # noqa: E731
+    GHOST_TILES[grid](x_a, dy_a, x_b, dy_b, out, *x_a.stride(), *dy_a.stride(), *x_b.stride(), *dy_b.stride(),
+                      Ta, Tb, D, P, SYMMETRIC=symmetric, UPCAST=interpreting(), IEEE=x_a.dtype == torch.float32)
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
     import triton
@@ -43,6 +44,9 @@ if HAS_TRITON:
         acc = acc * keep
         tl.atomic_add(out + bidx, tl.sum(acc * acc))
 
+    MASKED_TILES = Tiles("masked_direct_norm", _masked_direct_norm_kernel, key=("T", "D", "P", "AFFINE"),
+                         default=mma_tiles("BM", "BN", "BT")[0], candidates=mma_tiles("BM", "BN", "BT"))
+
 
 def masked_direct_norm(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor, center: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -60,13 +64,12 @@ def masked_direct_norm(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor, ce
         center, scale = center.float(), scale.float()
     else:
         center = scale = out  # unused (AFFINE=False); any tensor argument
-    BM = BN = BT = 32
-    grid = (B, triton.cdiv(P, BM), triton.cdiv(D, BN))
+    grid = lambda meta: (B, triton.cdiv(P, meta["BM"]), triton.cdiv(D, meta["BN"]))  # noqa: E731
     mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
-    _masked_direct_norm_kernel[grid](
+    MASKED_TILES[grid](
         x, dy, mask_arg, center, scale, out, *x.stride(), *dy.stride(), *mask.stride(),
         *(center.stride() if affine else (0, 0)), *(scale.stride() if affine else (0, 0)), T, D, P,
-        BM=BM, BN=BN, BT=BT, AFFINE=affine, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+        AFFINE=affine, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
     return out
 
 

@@ -10,6 +10,7 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import as_btd, batch_chunks, bmm_acc
+from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
     import triton
@@ -28,7 +29,9 @@ if HAS_TRITON:
         c = tl.load(scale + bidx)
         tl.atomic_add(out + m, c * tl.sum(tl.abs(acc), axis=1), mask=m < P)
 
-_BT = 32
+    ROW_ABS_TILES = Tiles("row_abs_sum", _row_abs_sum_kernel, key=("T", "D", "P"),
+                          default=mma_tiles("BM", "BN", "BT")[0], candidates=mma_tiles("BM", "BN", "BT"))
+
 
 
 def row_abs_sum_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -51,7 +54,7 @@ def row_abs_sum(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch
     out = torch.zeros(P, dtype=torch.float32, device=x.device)
     if B == 0 or T == 0:
         return out
-    grid = (B, triton.cdiv(P, 32), triton.cdiv(D, 32))
-    _row_abs_sum_kernel[grid](x, dy, scale.float().contiguous(), out, *x.stride(), *dy.stride(), T, D, P,
-                              BM=32, BN=32, BT=_BT, UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    grid = lambda meta: (B, triton.cdiv(P, meta["BM"]), triton.cdiv(D, meta["BN"]))  # noqa: E731
+    ROW_ABS_TILES[grid](x, dy, scale.float().contiguous(), out, *x.stride(), *dy.stride(), T, D, P,
+                        UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
     return out

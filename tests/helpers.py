@@ -70,12 +70,17 @@ def check_bf16_autocast(model, idx, tgt, loss_fn, device_type, max_grad_norm=0.3
 def count_launches(monkeypatch, module: str, *kernels: str) -> list:
     """Wrap Triton kernels of ``fastdp.kernels.<module>``: each launch appends the kernel's name to the list."""
     import importlib
+
+    from fastdp.kernels._tuning import REGISTRY
     mod = importlib.import_module(f"fastdp.kernels.{module}")
     calls = []
     for name in kernels:
         orig = getattr(mod, name)
-        monkeypatch.setattr(mod, name, type("K", (), {"__getitem__": lambda s, grid, n=name, o=orig: (
-            calls.append(n), o[grid])[1]})())
+        counting = type("K", (), {"__getitem__": lambda s, grid, n=name, o=orig: (calls.append(n), o[grid])[1]})()
+        monkeypatch.setattr(mod, name, counting)
+        for tiles in REGISTRY.values():  # kernels launched through their tile registry (kernels/_tuning.py)
+            if tiles.fn is orig:
+                monkeypatch.setattr(tiles, "fn", counting)
     return calls
 
 

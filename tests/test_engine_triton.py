@@ -45,11 +45,12 @@ def test_engine_parity_with_triton_kernels(name, mode, monkeypatch):
     assert len(tied) == (1 if name == "transformer" else 0)  # the tied embedding x head cross term
 
 
-def test_engine_conv_norms_with_the_implicit_im2col_kernel(monkeypatch):
+@pytest.mark.parametrize("mode", ["direct", "ghost"])
+def test_engine_conv_norms_with_the_implicit_im2col_kernels(mode, monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
-    monkeypatch.setattr(NormRule, "mode", "direct")
+    monkeypatch.setattr(NormRule, "mode", mode)
     from fastdp.models import SmallCNN
-    calls = count_launches(monkeypatch, "conv_norm", "_conv_direct_norm_kernel")
+    calls = count_launches(monkeypatch, "conv_norm", f"_conv_{mode}_norm_kernel")
     sums = count_launches(monkeypatch, "conv_clip_accumulate", "_conv_clip_accumulate_kernel")
     torch.manual_seed(0)
     m = SmallCNN(in_channels=1, num_classes=4, width=4, image_size=8)

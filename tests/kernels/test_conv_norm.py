@@ -60,8 +60,10 @@ def test_unfold_patches_matches_F_unfold():
                                           (3, 40, (5, 5), (1, 1), (1, 1), (0, 0), (1, 1), 1),
                                           (36, 4, (4, 4), (3, 3), (1, 1), (1, 1), (1, 1), 1)], ids=str)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=str)
-def test_triton_implicit_im2col_direct_norm(case, dtype, tol, monkeypatch):
-    """Implicit-im2col Triton kernel (interpreter on the CPU) vs the reference; odd sizes, padding, groups, 1-D."""
+@pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
+def test_triton_implicit_im2col_norms(case, dtype, tol, ghost, monkeypatch):
+    """Implicit-im2col Triton kernels, direct and ghost (interpreter on the CPU), vs explicit per-sample gradients;
+    odd sizes, padding, groups, 1-D, channels-last, an empty batch."""
     from fastdp.kernels.conv_norm import conv_norm
 
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
@@ -72,11 +74,11 @@ def test_triton_implicit_im2col_direct_norm(case, dtype, tol, monkeypatch):
     dy = torch.randn(3, cout, *out_sp, device=dev).to(dtype)
     ws = (cout, cin // g, *k)
     ref = explicit(x.double().cpu(), dy.double().cpu(), ws, s, p, d, g).flatten(1).pow(2).sum(1)
-    got = conv_norm(x, dy, ws, s, p, d, g, ghost=False)
+    got = conv_norm(x, dy, ws, s, p, d, g, ghost=ghost)
     assert got.dtype == torch.float32
     assert ((got.double().cpu() - ref).abs() / ref).max() < tol
     # non-contiguous input (channels-last) and an empty batch
     if x.dim() == 4:
-        got_cl = conv_norm(x.to(memory_format=torch.channels_last), dy, ws, s, p, d, g, ghost=False)
+        got_cl = conv_norm(x.to(memory_format=torch.channels_last), dy, ws, s, p, d, g, ghost=ghost)
         assert ((got_cl.double().cpu() - ref).abs() / ref).max() < tol
-    assert conv_norm(x[:0], dy[:0], ws, s, p, d, g, ghost=False).shape == (0,)
+    assert conv_norm(x[:0], dy[:0], ws, s, p, d, g, ghost=ghost).shape == (0,)
