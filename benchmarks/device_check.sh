@@ -43,7 +43,8 @@ if [[ $STAGES == *bench* ]]; then
     --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
     ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
   # the engine with every Triton kernel forced (tiles autotuned in the warm-up steps), beside non-private
-  FASTDP_BACKEND=triton timeout 150 python3 -m benchmarks.e2e --out-dir "$OUT/triton" --variants nonprivate,fastdp \
+  FASTDP_BACKEND=triton timeout 150 python3 -m benchmarks.e2e --out-dir "$OUT/triton" \
+    --variants nonprivate,fastdp,fastdp-per-layer \
     --steps 20 --warmup 3 --no-launches --time-budget 120 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
     | tee "$OUT/e2e_triton_log.txt" | tail -12
 fi

@@ -272,3 +272,29 @@ def test_large_explicit_gradients_are_clipped_in_backward_small_ones_batched():
     assert opt.engine.last_fused == 2
     for n, p in model.named_parameters():
         assert_close(opt.engine.summed[p], ref[n], 1e-9, 1e-12, n)
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tied-transformer"])
+def test_fused_per_layer_with_the_triton_kernels(name, monkeypatch):
+    """fp32 models, every kernel forced (interpreter on the CPU): the per-layer clipped sums formed inside backward
+    by the norm, factor and clip-accumulate kernels match torch.func's per-sample gradients."""
+    from helpers import count_launches
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    sums = count_launches(monkeypatch, "clip_accumulate", "_clip_accumulate_kernel")
+    sums += count_launches(monkeypatch, "conv_clip_accumulate", "_conv_clip_accumulate_kernel")
+    factors = count_launches(monkeypatch, "clip_factor", "_clip_factor_kernel")
+    _, model, x, y = next(c for c in cases() if c[0] == name)
+    model = model.float()
+    x = x.float() if x.is_floating_point() else x
+    R = thresholds(model)
+    ref = per_layer_reference(model, ce, x, y, R)
+    opt = make(model, R=R)
+    ce(model(x), y).backward()
+    got = summed_by_name(model, opt)
+    assert opt.engine.last_fused == n_clipped_in_backward(model)
+    assert len(factors) == n_clipped_in_backward(model) and len(sums) > 0
+    model_max = max(v.abs().max().item() for v in ref.values())  # (conv biases before GroupNorm: gradients ~0)
+    for n, v in ref.items():
+        assert_close(got[n], v, 1e-4, 1e-5 * model_max, n)
+    opt.detach()
