@@ -1,8 +1,9 @@
 """Convolutions: ``F.conv1d`` / ``F.conv2d`` (nn.Conv1d, nn.Conv2d and subclasses).
 
 Backward computes the input gradient with the conv backward (weight gradient masked off) and
-records a ``ConvGrad``: per-sample norms over unfolded patches, clipped sum by one weight-gradient
-conv of the clip-scaled output gradient (the non-private weight-gradient cost, paid once).
+records a ``ConvGrad``: per-sample norms over the patches (direct or ghost; implicit im2col in the Triton
+kernels), clipped sum by one weight-gradient pass with the clip factors applied (the non-private
+weight-gradient cost, paid once).
 """
 from __future__ import annotations
 
