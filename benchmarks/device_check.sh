@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared device run (see ../.library/device): everything that needs a GPU, results under $OUT.
 # Usage on the device (from the repo root, with the opacus wheel carried in .whl/). A device call runs at most
-# 600 s and a session has ~15 min of device time including the machine's start, so run it as two calls:
-#   STAGES="tests norms" bash benchmarks/device_check.sh     # <= 325 s
-#   STAGES="bench" bash benchmarks/device_check.sh           # <= 390 s
+# 600 s and a session has ~15 min of device time including the machine's start, so run it as separate calls, in
+# this order of priority, as far as the budget goes:
+#   STAGES="tests norms" bash benchmarks/device_check.sh     # <= 325 s: compiled kernels vs references
+#   STAGES="bench" bash benchmarks/device_check.sh           # <= 240 s: e2e suite (fastdp reference path, Opacus)
+#   STAGES="triton" bash benchmarks/device_check.sh          # <= 240 s: e2e with every Triton kernel, autotuned
 #   STAGES="tiles" bash benchmarks/device_check.sh           # optional, <= 150 s: every autotune candidate compiled
 #   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
 # The test stage runs the default tiles (FASTDP_AUTOTUNE=0: no candidate timing per test shape); the triton e2e
@@ -14,7 +16,7 @@ mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1
 [ -e fastdp/kernels ] || ln -s ../kernels fastdp/kernels   # fastdp.kernels without installing the package
-STAGES=${STAGES:-"tests norms bench"}
+STAGES=${STAGES:-"tests norms bench triton"}
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a "$OUT/device.txt"
 if [[ $STAGES == *tests* ]]; then
@@ -34,7 +36,7 @@ if [[ $STAGES == *norms* ]]; then
   timeout 45 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
 fi
 if [[ $STAGES == *bench* ]]; then
-  # <= 6 minutes in all. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
+  # <= 4 minutes. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
   # per-layer, the sparse methods, DP-MicroAdam, Opacus hooks/ghost), 20 timed steps after 3 warm-up, then the
   # profiled pass (kernels per step), then, in what is left of 200 s, the largest bf16 batch of non-private,
   # fastdp and Opacus. Runs past the budget become 'skipped' rows; the JSON/CSV/MD are rewritten after every
@@ -42,10 +44,14 @@ if [[ $STAGES == *bench* ]]; then
   timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 200 \
     --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
     ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
-  # the engine with every Triton kernel forced (tiles autotuned in the warm-up steps), beside non-private
-  FASTDP_BACKEND=triton timeout 150 python3 -m benchmarks.e2e --out-dir "$OUT/triton" \
+fi
+if [[ $STAGES == *triton* ]]; then
+  # the engine with every Triton kernel forced, beside non-private. The first step of each workload and dtype
+  # compiles ~4 tile candidates per kernel and times them (kernels/_tuning.py; by compile_check.py ~0.5-1 s per
+  # compilation, ~20 per workload and dtype), all inside the warm-up steps; the picks land in the JSON
+  FASTDP_BACKEND=triton timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT/triton" \
     --variants nonprivate,fastdp,fastdp-per-layer \
-    --steps 20 --warmup 3 --no-launches --time-budget 120 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
+    --steps 20 --warmup 3 --no-launches --time-budget 200 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
     | tee "$OUT/e2e_triton_log.txt" | tail -12
 fi
 if [[ $STAGES == *micro* ]]; then
