@@ -94,6 +94,7 @@ def compile_launch(launch: _Launch, arch: int) -> dict:
     usage = _resource_usage(kernel.asm["cubin"])
     shared = max(kernel.metadata.shared, usage.get("SHARED", 0))
     return {"kernel": fn.__name__, "num_warps": options.num_warps, "num_stages": options.num_stages,
+            "fp_fusion": options.enable_fp_fusion,
             "compile_s": round(seconds, 2), "registers": usage.get("REG"), "spill_bytes": usage.get("LOCAL"),
             "shared_bytes": shared, "shared_fits": shared <= SHARED_LIMIT.get(arch, 49152),
             "wgmma": len(re.findall(r"\bwgmma\.mma_async", ptx)), "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),

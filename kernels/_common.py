@@ -9,6 +9,11 @@ import torch
 # Largest temporary (elements) a reference materialises at once; batches are chunked to fit.
 CHUNK_ELEMENTS = 1 << 26
 
+# Options of every engine kernel launch: no contraction of a multiply and an add into one FMA, so elementwise code
+# rounds as the PyTorch references' separate ops do, whatever Triton's default (3.9 contracts and warns; 3.10 will
+# not). Dots are unaffected (tensor-core or IEEE FMA accumulation either way).
+LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ACC = (torch.float32, torch.float64)
 

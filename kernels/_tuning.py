@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ._backend import HAS_TRITON, interpreting
+from ._common import LAUNCH_OPTIONS
 
 if HAS_TRITON:
     import triton
@@ -85,10 +86,10 @@ class Tiles:
         def launch(*args, **kwargs):
             tile = self.forced
             if tile is None and autotune_enabled():
-                return self.tuned()[lambda meta: grid(meta)](*args, **kwargs)
+                return self.tuned()[lambda meta: grid(meta)](*args, **kwargs, **LAUNCH_OPTIONS)
             tile = tile or self.default
             return self.fn[grid(tile.meta)](*args, **kwargs, **tile.meta, num_warps=tile.num_warps,
-                                            num_stages=tile.num_stages)
+                                            num_stages=tile.num_stages, **LAUNCH_OPTIONS)
         return launch
 
     def chosen(self) -> Dict[str, str]:

@@ -12,6 +12,7 @@ import math
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
+from ._common import LAUNCH_OPTIONS
 
 if HAS_TRITON:
     import triton
@@ -74,5 +75,6 @@ def clip_factor(sq: torch.Tensor, threshold: float, offset: float, cap: float = 
         BLOCK = 128 if n <= 128 else 1024
         has_cap = cap != math.inf
         _clip_factor_kernel[(triton.cdiv(n, BLOCK),)](src, out, n, float(threshold), float(offset),
-                                                     float(cap) if has_cap else 0.0, HAS_CAP=has_cap, BLOCK=BLOCK)
+                                                     float(cap) if has_cap else 0.0, HAS_CAP=has_cap, BLOCK=BLOCK,
+                                                     **LAUNCH_OPTIONS)
     return out if sq.dtype == torch.float32 else out.to(sq.dtype)

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import acc_dtype, batch_chunks, bmm_acc, upcast
+from ._common import LAUNCH_OPTIONS, acc_dtype, batch_chunks, bmm_acc, upcast
 from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
@@ -140,7 +140,8 @@ def embedding_accumulate(idx: torch.Tensor, dy: torch.Tensor, scale: torch.Tenso
         return out
     BD = 128
     _embedding_accumulate_kernel[(B * T, triton.cdiv(d, BD))](idx, dy, scale.float().contiguous(), out, T, d,
-                                                              *idx.stride(), *dy.stride(), *out.stride(), BD=BD)
+                                                              *idx.stride(), *dy.stride(), *out.stride(), BD=BD,
+                                                              **LAUNCH_OPTIONS)
     return out
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
+from ._common import LAUNCH_OPTIONS
 
 if HAS_TRITON:
     import triton
@@ -70,11 +71,11 @@ def masked_noise(g: torch.Tensor, std: float, seed: int, mask: Optional[torch.Te
         n = rows.numel() * cols
         if n:
             _row_noise_kernel[(triton.cdiv(n, _BLOCK),)](g, rows.contiguous(), rows.numel(), cols, float(std), seed,
-                                                         BLOCK=_BLOCK)
+                                                         BLOCK=_BLOCK, **LAUNCH_OPTIONS)
         return g
     d = g.numel()
     if d:
         m = mask.reshape(-1)
         m = m.view(torch.uint8) if m.dtype == torch.bool else m.to(torch.uint8)  # bool: no copy
-        _masked_noise_kernel[(triton.cdiv(d, _BLOCK),)](g, m, d, float(std), seed, BLOCK=_BLOCK)
+        _masked_noise_kernel[(triton.cdiv(d, _BLOCK),)](g, m, d, float(std), seed, BLOCK=_BLOCK, **LAUNCH_OPTIONS)
     return g

@@ -41,6 +41,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
+from ._common import LAUNCH_OPTIONS
 
 if HAS_TRITON:
     import triton
@@ -297,7 +298,7 @@ def noisy_sgd(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr: fl
     scalars = (seed, float(lr), float(std), float(scale), float(momentum), float(1 - dampening), float(weight_decay))
     flags = dict(FIRST=bool(first_step), MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                  WD=weight_decay != 0, BLOCK=_BLOCK,
-                 ROUND_BF16=interpreting() and params[0].dtype == torch.bfloat16)
+                 ROUND_BF16=interpreting() and params[0].dtype == torch.bfloat16, **LAUNCH_OPTIONS)
     if rows is not None:
         cols = g[0].numel()
         n = rows.numel() * cols

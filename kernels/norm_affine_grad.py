@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
-from ._common import acc_dtype, upcast
+from ._common import LAUNCH_OPTIONS, acc_dtype, upcast
 
 KINDS = ("layer", "rms", "group")
 
@@ -143,4 +143,5 @@ def _launch(x3, dy3, mean, rstd, gw, gb, R, F, fpg, sx, sy, ss):
     mean_c = mean.contiguous() if mean is not None else rstd_c  # unused without a mean (HAS_MEAN=False)
     BF = 64 if F >= 64 else max(16, triton.next_power_of_2(F))
     _norm_affine_grad_kernel[(x3.shape[0], triton.cdiv(F, BF))](
-        x3, dy3, mean_c, rstd_c, gw, gb, R, F, fpg, *sx, *sy, *ss, BR=32, BF=BF, HAS_MEAN=mean is not None)
+        x3, dy3, mean_c, rstd_c, gw, gb, R, F, fpg, *sx, *sy, *ss, BR=32, BF=BF, HAS_MEAN=mean is not None,
+        **LAUNCH_OPTIONS)

@@ -27,6 +27,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     for r in rows:
         assert r["registers"] > 0 and r["spill_bytes"] == 0 and r["shared_fits"], r
+        assert r["fp_fusion"] is False  # kernels._common.LAUNCH_OPTIONS reached the compiler
     by_tile = {r["tile"]: r for r in rows if r["name"] == "direct_norm"}
     assert by_tile["BM=64,BN=64,BT=32,w4,s3"]["wgmma"] > 0  # Hopper tensor cores
     assert by_tile["BM=32,BN=32,BT=32,w4,s2"]["mma_sync"] > 0  # 32-wide tiles: Ampere-style mma
