@@ -12,7 +12,9 @@ SGD(lr=1e-3) as the base optimizer (DP-MicroAdam: its own). What each variant me
 
 Run order, one process, one device: (1) timing of every (workload, dtype, batch size, variant): ``--warmup``
 untimed steps, then ``--steps`` steps timed with CUDA events (CPU: ``perf_counter``); median, p20, p80 ms; peak
-``torch.cuda.max_memory_allocated`` (weights, optimizer state and warm-up included; None on the CPU).
+``torch.cuda.max_memory_allocated`` over the timed steps (weights and optimizer state included: they stay allocated;
+the warm-up's one-off allocations, e.g. the Triton autotuner's copies of the buffers it times on, are not: they are
+``peak_mem_warmup_bytes``, the peak with the warm-up included; None on the CPU).
 (2) launches: each variant that timed ok is rebuilt, one warm-up step, then one step under ``torch.profiler``:
 ``cuda_kernels_per_step`` counts the CUDA kernels that ran (memcpy/memset excluded; None on the CPU) and
 ``aten_ops_per_step`` counts every ``aten::`` op the host dispatched (nested calls included). This pass runs after
@@ -83,7 +85,11 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> dict:
         loss = step()
         if i == 0:
             loss_first = loss.item()
+    peak_warmup = None
     if cuda:
+        torch.cuda.synchronize(device)
+        peak_warmup = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
         for start, end in events:
             start.record()
@@ -98,7 +104,8 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> dict:
             loss = step()
             times.append(1e3 * (time.perf_counter() - t0))
     return {"times_ms": times, "loss_first": loss_first, "loss_last": loss.item(),
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
+            "peak_mem_warmup_bytes": max(peak_warmup, torch.cuda.max_memory_allocated(device)) if cuda else None}
 
 
 def count_launches(step, device: torch.device) -> dict:
@@ -345,7 +352,8 @@ def search_max_batch(run_at: Callable[[int], dict], start: int, cap: int, *, mem
     """Largest batch size in [1, cap] whose step fits, assuming fitting is monotone in the batch size.
 
     ``run_at(B)`` returns a row (see :func:`run_variant`); B fits if its status is "ok" and, with
-    ``mem_limit_bytes``, its ``peak_mem_bytes`` is at most the limit. Doubling from ``start`` up to ``cap``, then
+    ``mem_limit_bytes``, its peak with the warm-up included (``peak_mem_warmup_bytes``, else ``peak_mem_bytes``) is at
+    most the limit. Doubling from ``start`` up to ``cap``, then
     bisection until the first failing size is within ``resolution * max_batch`` (at least 1) of the largest fit.
     A status other than ok/oom stops the search with that error. ``known``: rows already measured, by batch size.
     Returns {max_batch (None if B=1 fails), first_fail, status ("ok", "capped", "none fits", "error"), probes}.
@@ -354,7 +362,7 @@ def search_max_batch(run_at: Callable[[int], dict], start: int, cap: int, *, mem
 
     def fits(b):
         row = known.pop(b, None) or run_at(b)
-        peak = row.get("peak_mem_bytes")
+        peak = row.get("peak_mem_warmup_bytes") or row.get("peak_mem_bytes")  # the first step must fit too
         over = mem_limit_bytes is not None and peak is not None and peak > mem_limit_bytes
         probes.append({"batch_size": b, "status": row["status"], "peak_mem_bytes": peak, "over_limit": over,
                        "median_ms": row.get("median_ms"), "error": row.get("error")})
@@ -648,7 +656,7 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ outputs
 CSV_COLUMNS = ["workload", "dtype", "variant", "batch_size", "status", "median_ms", "p20_ms", "p80_ms",
-               "samples_per_s", "time_ratio", "peak_mem_bytes", "mem_ratio", "floor_ratio", "cuda_kernels_per_step",
+               "samples_per_s", "time_ratio", "peak_mem_bytes", "peak_mem_warmup_bytes", "mem_ratio", "floor_ratio", "cuda_kernels_per_step",
                "aten_ops_per_step", "trained_fraction", "phase", "max_batch", "claim_holds", "steps", "warmup",
                "loss_first", "loss_last", "error", "launches_error", "measures",
                "device", "date", "git_commit", "torch", "triton", "opacus"]

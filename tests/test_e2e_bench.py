@@ -134,6 +134,15 @@ def test_max_batch_search_with_injected_memory_limit(limit_samples):
     assert [p["over_limit"] for p in out["probes"]] == [b > limit_samples for b in calls]
 
 
+def test_max_batch_search_counts_the_warmup_peak():
+    """A batch whose first step (autotuning copies, lazy state) goes over the limit does not fit, even when its
+    timed steps stay under it."""
+    def run_at(b):
+        return {"status": "ok", "peak_mem_bytes": 100 * b, "peak_mem_warmup_bytes": 100 * b + (500 if b > 8 else 0)}
+    out = e2e.search_max_batch(run_at, 4, 1000, mem_limit_bytes=1500, resolution=0.0)
+    assert out["max_batch"] == 10 and out["first_fail"] == 11  # 100 * 10 + 500 <= 1500 < 100 * 11 + 500
+
+
 def test_max_batch_search_oom_cap_error_and_resolution():
     run_at, calls = _fake_run(fit_below=50)
     out = e2e.search_max_batch(run_at, 4, 1000, resolution=0.0)
