@@ -22,15 +22,17 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 if [[ $STAGES == *tests* ]]; then
   # compiled Triton kernels against their references, then the engine with every kernel forced
   # (~14 kernels, each compiled for several dtypes and shape specialisations: give compilation room)
+  # (per-test results in tests_kernels.xml: which ops may join kernels/_backend.py::GPU_VALIDATED)
   FASTDP_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels \
-    tests/test_gpu.py -k "not every_candidate_tile" 2>&1 | tail -25 | tee "$OUT/tests_kernels.txt"
+    tests/test_gpu.py -k "not every_candidate_tile" --junitxml "$OUT/tests_kernels.xml" 2>&1 | tail -25 \
+    | tee "$OUT/tests_kernels.txt"
   FASTDP_AUTOTUNE=0 FASTDP_BACKEND=triton timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py \
     2>&1 | tail -5 | tee "$OUT/tests_engine_triton.txt"
 fi
 if [[ $STAGES == *tiles* ]]; then
   # each autotune candidate of each kernel, compiled, against the reference (fp32 and bf16)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_tile_configs.py 2>&1 \
-    | tail -15 | tee "$OUT/tests_tiles.txt"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_tile_configs.py \
+    --junitxml "$OUT/tests_tiles.xml" 2>&1 | tail -15 | tee "$OUT/tests_tiles.txt"
 fi
 if [[ $STAGES == *norms* ]]; then
   timeout 45 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
