@@ -45,7 +45,7 @@ if HAS_TRITON:
             for i in range(0, B):
                 part = tl.zeros([BM, BN], dtype=tl.float32)
                 for t0 in range(0, T, BK):
-                    r = i * T + t0 + k
+                    r = (i * T + t0 + k).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
                     ok = (t0 + k) < T
                     a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=ok[:, None] & (m[None, :] < P),
                                 other=0.0)
@@ -58,7 +58,7 @@ if HAS_TRITON:
         else:
             R = B * T
             for r0 in range(0, R, BK):
-                r = r0 + k
+                r = (r0 + k).to(tl.int64)
                 a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=(r[:, None] < R) & (m[None, :] < P),
                             other=0.0)
                 c = tl.load(scale + r // T, mask=r < R, other=0.0)

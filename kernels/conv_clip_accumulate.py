@@ -44,7 +44,7 @@ if HAS_TRITON:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         SPB = tl.cdiv(B, tl.num_programs(0) // GROUPS)  # samples per chunk
         for s in range(0, SPB):
-            b = chunk * SPB + s
+            b = (chunk * SPB + s).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
             L_b = tl.where(b < B, L, 0)  # a chunk's tail past the batch loads nothing
             x_base = x + b * sx_b + (g * CG) * sx_c
             y_base = dy + b * sy_b + (g * COG) * sy_c

@@ -81,7 +81,7 @@ if HAS_TRITON:
         over the L = Ho * Wo output positions (``_conv_tiles``: the implicit im2col).
         """
         pid = tl.program_id(0)
-        b = pid // GROUPS
+        b = (pid // GROUPS).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         g = pid % GROUPS
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
@@ -110,7 +110,7 @@ if HAS_TRITON:
         Grams stay in registers; only the upper triangle of tiles runs, off-diagonal tiles counted twice.
         """
         pid = tl.program_id(0)
-        b = pid // GROUPS
+        b = (pid // GROUPS).to(tl.int64)
         g = pid % GROUPS
         ti = tl.program_id(1)
         si = tl.program_id(2)

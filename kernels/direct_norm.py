@@ -41,7 +41,7 @@ if HAS_TRITON:
                             BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
                             IEEE: tl.constexpr):
         """out[b] += ||tile of dY_b^T X_b||^2 for one [BM, BN] tile; the tile lives in registers only."""
-        bidx = tl.program_id(0)
+        bidx = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)

@@ -39,7 +39,7 @@ if HAS_TRITON:
                               syb_b, syb_t, syb_k, Ta, Tb, D, SYMMETRIC: tl.constexpr, BT: tl.constexpr,
                               BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """out[b] += sum over one (t, s) tile of [idx_a[t] == idx_b[s]] * (dY_a dY_b^T)[t, s]."""
-        bidx = tl.program_id(0)
+        bidx = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         ti = tl.program_id(1)
         si = tl.program_id(2)
         if SYMMETRIC and si < ti:  # self-norm: upper triangle, off-diagonal tiles counted twice
@@ -60,7 +60,7 @@ if HAS_TRITON:
                                      sl_b, sl_t, sl_v, Te, Tl, D, BT: tl.constexpr, BK: tl.constexpr,
                                      UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """out[b] += sum over one (s, t) tile of dL[s, idx[t]] * (H dE^T)[s, t] (s: head positions, t: tokens)."""
-        bidx = tl.program_id(0)
+        bidx = tl.program_id(0).to(tl.int64)
         s = tl.program_id(1) * BT + tl.arange(0, BT)
         t = tl.program_id(2) * BT + tl.arange(0, BT)
         hd = _gram_tile(xl, dye, sx_b, sx_t, sx_k, se_b, se_t, se_k, bidx, s, t, Tl, Te, D, BT, BK, UPCAST, IEEE)
@@ -78,7 +78,7 @@ if HAS_TRITON:
     def _embedding_accumulate_kernel(idx, dy, scale, out, T, D, si_b, si_t, sy_b, sy_t, sy_k, so_v, so_k,
                                      BD: tl.constexpr):
         """out[idx[b, t], :] += scale[b] * dy[b, t, :] for one (b, t) and a block of BD columns."""
-        r = tl.program_id(0)
+        r = tl.program_id(0).to(tl.int64)
         b = r // T
         t = r % T
         k = tl.program_id(1) * BD + tl.arange(0, BD)

@@ -53,7 +53,7 @@ if HAS_TRITON:
                           Ta, Tb, D, P, SYMMETRIC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
                           UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """out[b] += sum over one (t, s) tile of (X_a X_b^T) * (dY_a dY_b^T); the Grams stay in registers."""
-        bidx = tl.program_id(0)
+        bidx = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         ti = tl.program_id(1)
         si = tl.program_id(2)
         if SYMMETRIC and si < ti:  # self-norm: upper triangle, off-diagonal tiles counted twice

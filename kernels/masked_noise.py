@@ -20,7 +20,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _masked_noise_kernel(g_ptr, mask_ptr, d, std, seed, BLOCK: tl.constexpr):
-        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # 64-bit: > 2^31 coordinates
         inb = j < d
         keep = tl.load(mask_ptr + j, mask=inb, other=0) != 0
         sel = inb & keep
@@ -29,7 +29,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _row_noise_kernel(g_ptr, rows_ptr, k, cols, std, seed, BLOCK: tl.constexpr):
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # over the k * cols selected elements
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # over the k * cols selected elements
         inb = e < k * cols
         r = tl.load(rows_ptr + e // cols, mask=inb, other=0)
         j = r * cols + e % cols

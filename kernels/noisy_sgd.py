@@ -82,7 +82,7 @@ if HAS_TRITON:
                           HAS_MASK: tl.constexpr, FIRST: tl.constexpr, MOMENTUM: tl.constexpr,
                           NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr, ROUND_BF16: tl.constexpr,
                           BLOCK: tl.constexpr):
-        j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # int32: masked_noise's counters
+        j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # masked_noise's (64-bit) counters
         sel = j < d
         if HAS_MASK:
             sel = sel & (tl.load(mask_ptr + j, mask=sel, other=0) != 0)
@@ -108,7 +108,7 @@ if HAS_TRITON:
         sel = j < end
         if HAS_MASK:
             sel = sel & (tl.load(mask_ptr + j, mask=sel, other=0) != 0)
-        _update(p_ptr + o, g_ptr + j, b_ptr + j, j.to(tl.int32), sel, seed, lr, std, scale, momentum, damp1, wd,
+        _update(p_ptr + o, g_ptr + j, b_ptr + j, j, sel, seed, lr, std, scale, momentum, damp1, wd,
                 FIRST, MOMENTUM, NESTEROV, MAXIMIZE, WD, ROUND_BF16)
 
     @triton.jit
@@ -116,7 +116,7 @@ if HAS_TRITON:
                                FIRST: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                                MAXIMIZE: tl.constexpr, WD: tl.constexpr, ROUND_BF16: tl.constexpr,
                                BLOCK: tl.constexpr):
-        e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # over the k * cols selected elements
+        e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # over the k * cols selected elements
         inb = e < k * cols
         r = tl.load(rows_ptr + e // cols, mask=inb, other=0)
         j = r * cols + e % cols  # int64, as in masked_noise's row kernel
@@ -135,8 +135,6 @@ def _check(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], lr, std, see
     params = list(p) if multi else [p]
     if not isinstance(g, torch.Tensor) or g.dtype != torch.float32 or not g.is_contiguous():
         raise ValueError("noisy_sgd needs g as a contiguous fp32 tensor")
-    if g.numel() >= 2 ** 31:
-        raise ValueError("noisy_sgd: g has 2^31 or more elements (the noise counters are int32)")
     for name, v in (("lr", lr), ("std", std), ("scale", scale), ("momentum", momentum), ("dampening", dampening),
                     ("weight_decay", weight_decay)):
         if isinstance(v, torch.Tensor) or not isinstance(v, (int, float)) or not math.isfinite(v):

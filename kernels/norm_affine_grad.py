@@ -32,7 +32,7 @@ if HAS_TRITON:
     def _norm_affine_grad_kernel(x, dy, mean, rstd, gw, gb, R, F, fpg, sx_b, sx_r, sx_f, sy_b, sy_r, sy_f,
                                  ss_b, ss_r, ss_g, BR: tl.constexpr, BF: tl.constexpr, HAS_MEAN: tl.constexpr):
         """gw[b, f] = sum_r dy * (x - mean) * rstd, gb[b, f] = sum_r dy for one (sample, feature block)."""
-        b = tl.program_id(0)
+        b = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         f = tl.program_id(1) * BF + tl.arange(0, BF)
         acc_w = tl.zeros([BF], dtype=tl.float32)
         acc_b = tl.zeros([BF], dtype=tl.float32)

@@ -22,7 +22,7 @@ if HAS_TRITON:
     def _row_abs_sum_kernel(x, dy, scale, out, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, T, D, P,
                             BM: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr,
                             IEEE: tl.constexpr):
-        bidx = tl.program_id(0)
+        bidx = tl.program_id(0).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)
