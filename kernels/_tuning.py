@@ -66,7 +66,7 @@ class Tiles:
     candidates: List[Tile]
     restore: Sequence[str] = ("out",)
     forced: Optional[Tile] = None
-    do_bench: Optional[Callable] = None  # the autotuner's timer (None: Triton's; tests pass their own)
+    do_bench: Optional[Callable] = None  # the autotuner's timer (None: _short_bench; tests pass their own)
     _tuned: object = field(default=None, repr=False)
 
     def __post_init__(self):
