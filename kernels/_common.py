@@ -1,6 +1,7 @@
 """Helpers shared by the kernel references: fp32 batched products and batch chunking."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -16,6 +17,22 @@ LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _ACC = (torch.float32, torch.float64)
+
+
+def on_input_device(fn):
+    """Run the dispatcher ``fn`` with the CUDA device of its first tensor argument current.
+
+    Triton launches a kernel on the current CUDA device, whatever its pointers: a model on ``cuda:1`` in a process
+    whose current device is ``cuda:0`` would otherwise run every kernel on the wrong GPU.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is not None and t.is_cuda and t.device.index != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:

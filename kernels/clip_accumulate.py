@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import _ACC, as_btd, bmm_acc, upcast
+from ._common import _ACC, as_btd, bmm_acc, on_input_device, upcast
 from ._tuning import Tile, Tiles, mma_tiles
 
 MIN_PER_SAMPLE_T = 16  # shorter sequences take the fp32 product (see the module docstring)
@@ -81,6 +81,7 @@ if HAS_TRITON:
                        candidates=mma_tiles("BM", "BN", "BK") + [Tile.of(BM=64, BN=64, BK=16, num_stages=3)])
 
 
+@on_input_device
 def clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatching ``clip_accumulate_ref`` / the Triton kernel (same signature and result)."""

@@ -12,7 +12,7 @@ import math
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
-from ._common import LAUNCH_OPTIONS
+from ._common import LAUNCH_OPTIONS, on_input_device
 
 if HAS_TRITON:
     import triton
@@ -63,6 +63,7 @@ def clip_factor_ref(sq: torch.Tensor, threshold: float, offset: float, cap: floa
     return c.clamp_(max=cap) if cap != math.inf else c
 
 
+@on_input_device
 def clip_factor(sq: torch.Tensor, threshold: float, offset: float, cap: float = math.inf) -> torch.Tensor:
     """Dispatching ``clip_factor_ref`` / the Triton kernel (same arguments and result; fp64 takes the reference)."""
     if backend_for_op("clip_factor", sq) == "reference" or sq.dtype == torch.float64:

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import upcast
+from ._common import on_input_device, upcast
 from ._tuning import Tiles, mma_tiles
 from .conv_norm import as_conv2d
 
@@ -123,6 +123,7 @@ def conv_clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Ten
     return g if out is None else out.add_(g.to(out.dtype))
 
 
+@on_input_device
 def conv_clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, weight_shape: Sequence[int],
                          stride, padding, dilation, groups: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatching ``conv_clip_accumulate_ref`` / the implicit-im2col Triton kernel (same arguments and result).

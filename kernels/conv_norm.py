@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import acc_dtype, batch_chunks, upcast
+from ._common import acc_dtype, batch_chunks, on_input_device, upcast
 from ._tuning import Tiles, gram_tiles, mma_tiles
 from .direct_norm import direct_norm_ref
 from .ghost_norm import ghost_norm_ref
@@ -143,6 +143,7 @@ if HAS_TRITON:
     CONV_GHOST_TILES = Tiles("conv_ghost_norm", _conv_ghost_norm_kernel, key=_CONV_KEY,
                              default=gram_tiles("BL", "BK")[0], candidates=gram_tiles("BL", "BK"))
 
+@on_input_device
 def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
               groups: int, ghost: bool) -> torch.Tensor:
     """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernels (same arguments): the direct norm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -51,6 +51,7 @@ if HAS_TRITON:
                          candidates=mma_tiles("BM", "BN", "BT"))
 
 
+@on_input_device
 def direct_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Dispatching ``direct_norm_ref`` / the Triton kernel (per-sample tiles never stored)."""
     if backend_for_op("direct_norm", x) == "reference" or x.dtype == torch.float64:  # kernel: fp32/bf16/fp16

@@ -13,6 +13,7 @@ from typing import Tuple
 import torch
 
 from ._backend import HAS_TRITON, backend_for
+from ._common import on_input_device
 
 if HAS_TRITON:
     import triton
@@ -100,6 +101,7 @@ def ef_dequant_add_ref(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
     return x.add_(q * ((hi - lo) / 15.0) + lo)
 
 
+@on_input_device
 def ef_quant(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size: int) -> torch.Tensor:
     """Dispatching ``ef_quant_ref`` / Triton kernel (``kernels._backend``)."""
     if backend_for(x) == "reference":
@@ -111,6 +113,7 @@ def ef_quant(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size
     return codes
 
 
+@on_input_device
 def ef_dequant_add(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor,
                    block_size: int) -> torch.Tensor:
     """Dispatching ``ef_dequant_add_ref`` / Triton kernel."""

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import LAUNCH_OPTIONS, acc_dtype, batch_chunks, bmm_acc, upcast
+from ._common import LAUNCH_OPTIONS, acc_dtype, batch_chunks, bmm_acc, on_input_device, upcast
 from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
@@ -88,6 +88,7 @@ if HAS_TRITON:
         tl.atomic_add(out + v * so_v + k * so_k, c * g, mask=k < D)
 
 
+@on_input_device
 def embedding_dot(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:
     """Dispatching ``embedding_dot_ref`` / the Triton kernel (same arguments and result)."""
     if backend_for_op("embedding_norm", dy_a) == "reference" or dy_a.dtype == torch.float64:
@@ -105,6 +106,7 @@ def embedding_dot(idx_a: torch.Tensor, dy_a: torch.Tensor, idx_b: torch.Tensor, 
     return out
 
 
+@on_input_device
 def embedding_linear_dot(idx: torch.Tensor, dy_emb: torch.Tensor, x_lin: torch.Tensor,
                          dy_lin: torch.Tensor) -> torch.Tensor:
     """Dispatching ``embedding_linear_dot_ref`` / the Triton kernel (same arguments and result)."""
@@ -127,6 +129,7 @@ def embedding_norm(idx: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     return embedding_dot(idx, dy, idx, dy)
 
 
+@on_input_device
 def embedding_accumulate(idx: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor, num_embeddings: int,
                          out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatching ``embedding_accumulate_ref`` / the Triton kernel (fp32 ``out``; fp64 takes the reference)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device, upcast
 from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
@@ -72,6 +72,7 @@ if HAS_TRITON:
                         default=gram_tiles("BT", "BK")[0], candidates=gram_tiles("BT", "BK"))
 
 
+@on_input_device
 def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
     """Dispatching ``ghost_dot_ref`` / the fused Triton kernel (same signature and result)."""
     if backend_for_op("ghost_norm", x_a) == "reference" or x_a.dtype == torch.float64:  # kernel: fp32/bf16/fp16
@@ -88,6 +89,7 @@ def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
     return out
 
 
+@on_input_device
 def ghost_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Dispatching ``ghost_norm_ref`` / the fused Triton kernel."""
     if backend_for_op("ghost_norm", x) == "reference" or x.dtype == torch.float64:

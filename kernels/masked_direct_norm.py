@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, upcast
+from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device, upcast
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -48,6 +48,7 @@ if HAS_TRITON:
                          default=mma_tiles("BM", "BN", "BT")[0], candidates=mma_tiles("BM", "BN", "BT"))
 
 
+@on_input_device
 def masked_direct_norm(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor, center: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatching ``masked_direct_norm_ref`` / the Triton kernel (same arguments and result)."""

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
-from ._common import LAUNCH_OPTIONS
+from ._common import LAUNCH_OPTIONS, on_input_device
 
 if HAS_TRITON:
     import triton
@@ -56,6 +56,7 @@ def masked_noise_ref(g: torch.Tensor, std: float, seed: int, mask: Optional[torc
     return g
 
 
+@on_input_device
 def masked_noise(g: torch.Tensor, std: float, seed: int, mask: Optional[torch.Tensor] = None,
                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Dispatching ``masked_noise_ref`` / the Philox Triton kernel (``g`` contiguous fp32)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for
+from ._common import on_input_device
 from .topk_gather import global_indices
 
 if HAS_TRITON:
@@ -70,6 +71,7 @@ def microadam_update_ref(p: torch.Tensor, ring_idx: torch.Tensor, ring_val: torc
     return p.copy_(new)
 
 
+@on_input_device
 def microadam_update(p: torch.Tensor, ring_idx: torch.Tensor, ring_val: torch.Tensor, w1: torch.Tensor,
                      w2: torch.Tensor, *, lr: float, eps: float, c1: float, c2: float, decay: float,
                      per_block: int = 0, block_size: int = 0, workspace=None) -> torch.Tensor:

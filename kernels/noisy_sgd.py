@@ -41,7 +41,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import LAUNCH_OPTIONS
+from ._common import LAUNCH_OPTIONS, on_input_device
 
 if HAS_TRITON:
     import triton
@@ -274,6 +274,7 @@ def _block_table(params: List[torch.Tensor], device: torch.device) -> torch.Tens
     return table
 
 
+@on_input_device
 def noisy_sgd(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr: float, std: float, seed: int,
               scale: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
               nesterov: bool = False, maximize: bool = False, first_step: bool = False,

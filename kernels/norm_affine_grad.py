@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op
-from ._common import LAUNCH_OPTIONS, acc_dtype, upcast
+from ._common import LAUNCH_OPTIONS, acc_dtype, on_input_device, upcast
 
 KINDS = ("layer", "rms", "group")
 
@@ -108,6 +108,7 @@ def norm_affine_grad_ref(x: torch.Tensor, dy: torch.Tensor, mean: Optional[torch
     return (gw.sum(dims) if dims else gw), gb
 
 
+@on_input_device
 def norm_affine_grad(x: torch.Tensor, dy: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
                      kind: str, arg, weight: bool = True) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
     """Dispatching ``norm_affine_grad_ref`` / the Triton kernel (same arguments and results; the kernel forms both

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import as_btd, batch_chunks, bmm_acc
+from ._common import as_btd, batch_chunks, bmm_acc, on_input_device
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -45,6 +45,7 @@ def row_abs_sum_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> t
     return out
 
 
+@on_input_device
 def row_abs_sum(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Dispatching ``row_abs_sum_ref`` / the Triton kernel."""
     if backend_for_op("row_abs_sum", x) == "reference" or x.dtype == torch.float64:

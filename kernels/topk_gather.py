@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for
+from ._common import on_input_device
 
 if HAS_TRITON:
     import triton
@@ -51,6 +52,7 @@ def gather_zero_ref(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, per_b
     return out
 
 
+@on_input_device
 def gather_zero(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, per_block: int = 0,
                 block_size: int = 0) -> torch.Tensor:
     """Dispatching ``gather_zero_ref`` / Triton kernel."""
