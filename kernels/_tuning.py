@@ -1,9 +1,11 @@
 """Tile sizes of the GEMM-like kernels: one default tile, or the best of a few candidates timed on the GPU.
 
 Each kernel registers a ``Tiles``: its default configuration (what the interpreter runs, and CUDA runs with
-``FASTDP_AUTOTUNE=0``) and a short list of candidates that Triton's autotuner times on the first call per key
-(the shape dims that decide the best tile, never the batch size, so Poisson batches do not re-tune). Buffers the
-kernel accumulates into are named in ``restore`` so that timing runs leave them as they were.
+``FASTDP_AUTOTUNE=0``) and a short list of candidates that Triton's autotuner times on the first call per key: the
+shape dims that decide the best tile (never the batch size, so Poisson batches do not re-tune), each rounded up to
+a power of two, and the dtypes; so sequences of 300 and 500 tokens share a pick, and dynamic padding re-tunes at
+most once per power of two. Buffers the kernel accumulates into are named in ``restore`` so that timing runs leave
+them as they were.
 
 Every candidate must compute the same result: ``tests/kernels/test_tile_configs.py`` runs each one, forced with
 ``force``, against the reference (through the interpreter in CI, compiled on a GPU).
@@ -68,6 +70,7 @@ class Tiles:
     forced: Optional[Tile] = None
     do_bench: Optional[Callable] = None  # the autotuner's timer (None: _short_bench; tests pass their own)
     _tuned: object = field(default=None, repr=False)
+    _picked: Dict[tuple, Tile] = field(default_factory=dict, repr=False)  # bucketed key -> the autotuner's pick
 
     def __post_init__(self):
         if self.default not in self.candidates:
@@ -82,20 +85,33 @@ class Tiles:
                                           do_bench=self.do_bench or _short_bench)(self.fn)
         return self._tuned
 
+    def bucket(self, args, kwargs) -> tuple:
+        """The tuning key of a launch: each key dim rounded up to a power of two (flags as they are), then the
+        dtypes of the tensor arguments."""
+        bound = {**dict(zip(self.fn.arg_names, args)), **kwargs}
+        dims = tuple(v if isinstance(v, bool) else 1 << max(0, int(v) - 1).bit_length() for v in
+                     (bound[k] for k in self.key))
+        return dims + tuple(str(a.dtype) for a in args if hasattr(a, "dtype"))
+
     def __getitem__(self, grid: Callable[[dict], tuple]):
         def launch(*args, **kwargs):
             tile = self.forced
             if tile is None and autotune_enabled():
-                return self.tuned()[lambda meta: grid(meta)](*args, **kwargs, **LAUNCH_OPTIONS)
+                key = self.bucket(args, kwargs)
+                tile = self._picked.get(key)
+                if tile is None:  # time the candidates (the autotuner launches the fastest), remember its pick
+                    out = self.tuned()[lambda meta: grid(meta)](*args, **kwargs, **LAUNCH_OPTIONS)
+                    best = self._tuned.best_config
+                    self._picked[key] = Tile(tuple(sorted(best.kwargs.items())), best.num_warps, best.num_stages)
+                    return out
             tile = tile or self.default
             return self.fn[grid(tile.meta)](*args, **kwargs, **tile.meta, num_warps=tile.num_warps,
                                             num_stages=tile.num_stages, **LAUNCH_OPTIONS)
         return launch
 
     def chosen(self) -> Dict[str, str]:
-        """The autotuner's pick per key so far (key values joined by ','), for the benchmark records."""
-        cache = getattr(self._tuned, "cache", {}) if self._tuned is not None else {}
-        return {",".join(map(str, k)): str(c) for k, c in cache.items()}
+        """The autotuner's pick per bucketed key so far (key values joined by ','), for the benchmark records."""
+        return {",".join(map(str, k)): str(t) for k, t in self._picked.items()}
 
 
 def _short_bench(fn, quantiles):

@@ -159,31 +159,51 @@ def test_autotuner_names_are_kernel_arguments(name):
         tiles._tuned = saved
 
 
-def test_autotuned_launch_leaves_accumulated_buffers_as_one_launch_would(monkeypatch):
-    """The autotuner runs each candidate several times on the real arguments: a kernel that adds into ``out`` must
-    still add exactly once (``restore``), and the launch after tuning uses the fastest tile."""
+@pytest.fixture
+def fake_timer(monkeypatch):
+    """clip_accumulate's Tiles autotuned (through the interpreter on the CPU) with a timer that runs each launch
+    twice and makes ``fastest`` the fastest; ``timed`` counts the candidates timed. Restores the Tiles after."""
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
     monkeypatch.setattr(_tuning, "autotune_enabled", lambda: True)
     tiles = _tuning.REGISTRY["clip_accumulate"]
-    fastest = tiles.candidates[2]
-    order = iter(tiles.candidates)  # the autotuner times the candidates in their order
+    state = {"tiles": tiles, "fastest": tiles.candidates[2], "timed": 0}
 
     def fake_bench(call, quantiles):
         call()
         call()  # timed runs repeat the launch on the same arguments
-        return [1.0 if next(order) == fastest else 2.0] * len(quantiles)
+        tile = tiles.candidates[state["timed"] % len(tiles.candidates)]  # timed in the candidates' order
+        state["timed"] += 1
+        return [1.0 if tile == state["fastest"] else 2.0] * len(quantiles)
 
-    saved = tiles._tuned, tiles.do_bench
-    tiles._tuned, tiles.do_bench = None, fake_bench
-    try:
-        x, dy, c = torch.randn(3, 20, D, device=DEV), torch.randn(3, 20, P, device=DEV), torch.rand(3, device=DEV)
-        out = torch.randn(P, D, device=DEV)
+    saved = tiles._tuned, tiles.do_bench, tiles._picked
+    tiles._tuned, tiles.do_bench, tiles._picked = None, fake_bench, {}
+    yield state
+    tiles._tuned, tiles.do_bench, tiles._picked = saved
+
+
+def test_autotuned_launch_leaves_accumulated_buffers_as_one_launch_would(fake_timer):
+    """The autotuner runs each candidate several times on the real arguments: a kernel that adds into ``out`` must
+    still add exactly once (``restore``), and the launches use the fastest tile."""
+    tiles, fastest = fake_timer["tiles"], fake_timer["fastest"]
+    x, dy, c = torch.randn(3, 20, D, device=DEV), torch.randn(3, 20, P, device=DEV), torch.rand(3, device=DEV)
+    out = torch.randn(P, D, device=DEV)
+    for _ in range(2):  # the tuning launch, then a launch with the remembered pick
         got = clip_accumulate(x, dy, c, out.clone())
         ref = clip_accumulate_ref(x, dy, c, out.clone())
         assert ((got - ref).abs().max() / ref.abs().max()).item() < 1e-5
-        (picked,) = tiles.tuned().cache.values()
-        assert picked.kwargs == fastest.meta and picked.num_warps == fastest.num_warps
-        assert list(tiles.chosen().values()) == [str(picked)]
-        assert _tuning.chosen_tiles()["clip_accumulate"] == tiles.chosen()
-    finally:
-        tiles._tuned, tiles.do_bench = saved
+    assert fake_timer["timed"] == len(tiles.candidates)  # tuned once
+    (picked,) = tiles.tuned().cache.values()
+    assert picked.kwargs == fastest.meta and picked.num_warps == fastest.num_warps
+    assert list(tiles.chosen().values()) == [str(fastest)]
+    assert _tuning.chosen_tiles()["clip_accumulate"] == tiles.chosen()
+
+
+def test_sequence_lengths_share_a_pick_per_power_of_two(fake_timer):
+    """Dynamic padding: T = 20, 24, 31 tune once (bucket 32), T = 40 once more (bucket 64); B never re-tunes."""
+    tiles = fake_timer["tiles"]
+    for B, T in ((3, 20), (5, 24), (2, 31), (3, 40), (4, 33)):
+        x, dy, c = torch.randn(B, T, D, device=DEV), torch.randn(B, T, P, device=DEV), torch.rand(B, device=DEV)
+        got = clip_accumulate(x, dy, c)
+        assert ((got - clip_accumulate_ref(x, dy, c)).abs().max()).item() < 1e-4
+    assert fake_timer["timed"] == 2 * len(tiles.candidates)
+    assert sorted(k.split(",")[0] for k in tiles.chosen()) == ["32", "64"]  # T's bucket leads the key
