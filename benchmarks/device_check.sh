@@ -6,7 +6,10 @@
 #   STAGES="tests norms" bash benchmarks/device_check.sh     # <= 325 s: compiled kernels vs references
 #   STAGES="bench" bash benchmarks/device_check.sh           # <= 240 s: e2e suite (fastdp reference path, Opacus)
 #   STAGES="triton" bash benchmarks/device_check.sh          # <= 240 s: e2e with every Triton kernel, autotuned
-#   STAGES="tiles" bash benchmarks/device_check.sh           # optional, <= 150 s: every autotune candidate compiled
+#   STAGES="tiles" bash benchmarks/device_check.sh           # <= 150 s: every autotune candidate compiled against
+#                                                            # the reference (the tests stage checks the default
+#                                                            # 32-wide tiles only, which lower to mma.sync; the
+#                                                            # triton stage will pick wgmma tiles: run this to trust it)
 #   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
 # The test stage runs the default tiles (FASTDP_AUTOTUNE=0: no candidate timing per test shape); the triton e2e
 # run autotunes (kernels/_tuning.py) and records the tiles it picked in its JSON ("autotuned_tiles").
