@@ -14,7 +14,8 @@ Run order, one process, one device: (1) timing of every (workload, dtype, batch 
 untimed steps, then ``--steps`` steps timed with CUDA events (CPU: ``perf_counter``); median, p20, p80 ms; peak
 ``torch.cuda.max_memory_allocated`` over the timed steps (weights and optimizer state included: they stay allocated;
 the warm-up's one-off allocations, e.g. the Triton autotuner's copies of the buffers it times on, are not: they are
-``peak_mem_warmup_bytes``, the peak with the warm-up included; None on the CPU).
+``peak_mem_warmup_bytes``, the peak with the warm-up included; None on the CPU); ``first_step_ms``, the wall time
+of the first warm-up step (what compilation, autotuning and lazy allocation cost once).
 (2) launches: each variant that timed ok is rebuilt, one warm-up step, then one step under ``torch.profiler``:
 ``cuda_kernels_per_step`` counts the CUDA kernels that ran (memcpy/memset excluded; None on the CPU) and
 ``aten_ops_per_step`` counts every ``aten::`` op the host dispatched (nested calls included). This pass runs after
@@ -80,11 +81,13 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> dict:
     if cuda:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    loss_first = None
+    loss_first = first_ms = None
     for i in range(warmup):
+        t0 = time.perf_counter()
         loss = step()
         if i == 0:
-            loss_first = loss.item()
+            loss_first = loss.item()  # (synchronises: the first step's wall time includes its compilation/tuning)
+            first_ms = 1e3 * (time.perf_counter() - t0)
     peak_warmup = None
     if cuda:
         torch.cuda.synchronize(device)
@@ -103,7 +106,7 @@ def time_steps(step, device: torch.device, steps: int, warmup: int) -> dict:
             t0 = time.perf_counter()
             loss = step()
             times.append(1e3 * (time.perf_counter() - t0))
-    return {"times_ms": times, "loss_first": loss_first, "loss_last": loss.item(),
+    return {"times_ms": times, "loss_first": loss_first, "loss_last": loss.item(), "first_step_ms": first_ms,
             "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None,
             "peak_mem_warmup_bytes": max(peak_warmup, torch.cuda.max_memory_allocated(device)) if cuda else None}
 
@@ -656,7 +659,7 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ outputs
 CSV_COLUMNS = ["workload", "dtype", "variant", "batch_size", "status", "median_ms", "p20_ms", "p80_ms",
-               "samples_per_s", "time_ratio", "peak_mem_bytes", "peak_mem_warmup_bytes", "mem_ratio", "floor_ratio", "cuda_kernels_per_step",
+               "samples_per_s", "time_ratio", "first_step_ms", "peak_mem_bytes", "peak_mem_warmup_bytes", "mem_ratio", "floor_ratio", "cuda_kernels_per_step",
                "aten_ops_per_step", "trained_fraction", "phase", "max_batch", "claim_holds", "steps", "warmup",
                "loss_first", "loss_last", "error", "launches_error", "measures",
                "device", "date", "git_commit", "torch", "triton", "opacus"]

@@ -53,6 +53,7 @@ def test_every_variant_and_a_forced_failure_on_wrn(tmp_path, monkeypatch, restor
         assert r["status"] == "ok", (v, r.get("error"), r.get("traceback"))
         assert r["median_ms"] > 0 and r["p80_ms"] >= r["p20_ms"] > 0 and r["steps"] == 1 and r["batch_size"] == 2
         assert r["peak_mem_bytes"] is None and r["time_ratio"] > 0 and "mem_ratio" not in r
+        assert r["first_step_ms"] > 0 and r["peak_mem_warmup_bytes"] is None
         assert 1.0 < r["floor_ratio"] < 1.34 and r["measures"] == e2e.VARIANTS[v].measures
         assert r["loss_first"] == pytest.approx(rows["nonprivate"]["loss_first"], rel=1e-5)  # same model and batch
     assert rows["nonprivate"]["time_ratio"] == 1.0 and rows["nonprivate"]["trained_fraction"] == 1.0
