@@ -659,10 +659,10 @@ def _jsonable(d: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ outputs
 CSV_COLUMNS = ["workload", "dtype", "variant", "batch_size", "status", "median_ms", "p20_ms", "p80_ms",
-               "samples_per_s", "time_ratio", "first_step_ms", "peak_mem_bytes", "peak_mem_warmup_bytes", "mem_ratio",
-               "floor_ratio", "cuda_kernels_per_step", "aten_ops_per_step", "trained_fraction", "phase", "max_batch", "claim_holds", "steps", "warmup",
-               "loss_first", "loss_last", "error", "launches_error", "measures",
-               "device", "date", "git_commit", "torch", "triton", "opacus"]
+               "samples_per_s", "time_ratio", "first_step_ms", "peak_mem_bytes", "peak_mem_warmup_bytes",
+               "mem_ratio", "floor_ratio", "cuda_kernels_per_step", "aten_ops_per_step", "trained_fraction", "phase",
+               "max_batch", "claim_holds", "steps", "warmup", "loss_first", "loss_last", "error", "launches_error",
+               "measures", "device", "date", "git_commit", "torch", "triton", "opacus"]
 
 
 def write_csv(result: dict, path: str) -> None:
