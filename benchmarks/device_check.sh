@@ -52,7 +52,7 @@ if [[ $STAGES == *bench* ]]; then
 fi
 if [[ $STAGES == *triton* ]]; then
   # the engine with every Triton kernel forced, beside non-private. The first step of each workload and dtype
-  # compiles ~4 tile candidates per kernel and times them (kernels/_tuning.py; by compile_check.py ~0.5-1 s per
+  # compiles ~4 tile candidates per kernel and times them (kernels/_tuning.py; by compile_check.py 0.2-6 s per
   # compilation, ~20 per workload and dtype), all inside the warm-up steps; the picks land in the JSON
   FASTDP_BACKEND=triton timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT/triton" \
     --variants nonprivate,fastdp,fastdp-per-layer \
