@@ -28,6 +28,8 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .direct_norm import _grad_step
+
     @triton.jit
     def _clip_accumulate_kernel(x, dy, scale, out, sx_r, sx_k, sy_r, sy_k, so_m, so_n, B, T, D, P,
                                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PER_SAMPLE: tl.constexpr,
@@ -51,9 +53,8 @@ if HAS_TRITON:
                                 other=0.0)
                     b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=ok[:, None] & (n[None, :] < D),
                                 other=0.0)
-                    if UPCAST:  # the interpreter's dot: fp32 operands, the same exact products
-                        a, b = a.to(tl.float32), b.to(tl.float32)
-                    part += tl.dot(tl.trans(a), b)
+                    # (UPCAST: the interpreter's dot takes fp32 operands, the same exact products)
+                    part = _grad_step(part, a, b, UPCAST, False)
                 acc += tl.load(scale + i) * part
         else:
             R = B * T
@@ -65,11 +66,7 @@ if HAS_TRITON:
                 b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=(r[:, None] < R) & (n[None, :] < D),
                             other=0.0)
                 a = a.to(tl.float32) * c[:, None]
-                b = b.to(tl.float32)
-                if IEEE:
-                    acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-                else:  # the interpreter (fp32 operands either way)
-                    acc += tl.dot(tl.trans(a), b)
+                acc = _grad_step(acc, a, b, True, IEEE)  # fp32 operands; IEEE off only in the interpreter
         ptrs = out + m[:, None] * so_m + n[None, :] * so_n
         mask = (m[:, None] < P) & (n[None, :] < D)
         tl.store(ptrs, (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(out.dtype.element_ty),

@@ -24,6 +24,7 @@ if HAS_TRITON:
     import triton.language as tl
 
     from .conv_norm import _conv_tiles
+    from .direct_norm import _grad_step
 
     @triton.jit
     def _conv_clip_accumulate_kernel(x, dy, scale, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w, so_m,
@@ -52,13 +53,7 @@ if HAS_TRITON:
             for l0 in range(0, L, BL):
                 a, p = _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W,
                                    Wo, L_b, COG, CG, SH, SW, PH, PW, DH, DW, BL)
-                if FP32_DOT:
-                    a = a.to(tl.float32)
-                    p = p.to(tl.float32)
-                if IEEE:
-                    part += tl.dot(tl.trans(a), p, input_precision="ieee")
-                else:
-                    part += tl.dot(tl.trans(a), p)
+                part = _grad_step(part, a, p, FP32_DOT, IEEE)
             cb = tl.load(scale + tl.minimum(b, B - 1))  # (past the batch: times a zero partial)
             acc += cb * part
         mask = (m[:, None] < COG) & (n[None, :] < CG * KH * KW)

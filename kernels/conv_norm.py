@@ -34,6 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .direct_norm import _grad_step
     from .ghost_norm import _gram_step
 
     @triton.jit
@@ -91,13 +92,7 @@ if HAS_TRITON:
         for l0 in range(0, L, BL):
             a, p = _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L,
                                COG, CG, SH, SW, PH, PW, DH, DW, BL)
-            if UPCAST:
-                a = a.to(tl.float32)
-                p = p.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), p, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), p)
+            acc = _grad_step(acc, a, p, UPCAST, IEEE)
         tl.atomic_add(out + b, tl.sum(acc * acc))
 
     @triton.jit

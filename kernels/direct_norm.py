@@ -17,6 +17,16 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _grad_step(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+        """``acc + a^T b`` for [BK, BM] x [BK, BN] operands (UPCAST: fp32 operands; IEEE: exact fp32 dots)."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            return acc + tl.dot(tl.trans(a), b, input_precision="ieee")
+        return acc + tl.dot(tl.trans(a), b)
+
+    @triton.jit
     def _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM: tl.constexpr,
                    BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
         """[BM, BN] fp32 tile (rows m, columns n) of sample ``bidx``'s gradient ``dY_b^T X_b``, reduced over T."""
@@ -27,13 +37,7 @@ if HAS_TRITON:
                         mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
             b = tl.load(x + bidx * sx_b + t[:, None] * sx_t + n[None, :] * sx_k,
                         mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            if IEEE:
-                acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-            else:
-                acc += tl.dot(tl.trans(a), b)
+            acc = _grad_step(acc, a, b, UPCAST, IEEE)
         return acc
 
     @triton.jit
