@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import importlib
 import math
 import os
+import secrets
 import sys
 import time
 import warnings
@@ -131,7 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "parameter tensors clipped to R/sqrt(n) inside backward (total sensitivity <= R) "
                         "(default: %(default)s)")
     t.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="(default: %(default)s)")
-    t.add_argument("--seed", type=int, default=0, help="seeds the model, the sampling and the noise (default: %(default)s)")
+    t.add_argument("--seed", type=int, default=0,
+                   help="seeds the model's initialisation and the data-independent masks of rs / random-groups; the "
+                        "Poisson sampling and the noise get fresh OS entropy unless --reproducible (default: %(default)s)")
+    t.add_argument("--reproducible", action="store_true",
+                   help="seed the Poisson sampling and the noise from --seed too (two independent streams derived "
+                        "from it): reruns are identical, for debugging and tests. The (epsilon, delta) guarantee "
+                        "then holds only against an adversary who does not know the seed")
+    t.add_argument("--secure-mode", action="store_true",
+                   help="draw the noise from the OS's cryptographically secure generator (fastdp.noise, slower); "
+                        "excludes --reproducible")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="(default: cuda if available, else cpu)")
     t.add_argument("--amp", choices=("none", "bf16"), default="none",
                    help="bf16: bfloat16 autocast for training and evaluation (default: %(default)s)")
@@ -226,6 +237,8 @@ def train(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as err:
         error(str(err))
 
+    if args.reproducible and args.secure_mode:
+        error("--reproducible seeds the noise from --seed; --secure-mode draws it from the OS: choose one")
     torch.manual_seed(args.seed)
     model = _make_model(args.model, meta, defaults).to(device)
     base_opt = BASE_OPTIMIZERS["dpsgd" if args.method in SPARSE_METHODS else args.method](model.parameters(), lr)
@@ -233,6 +246,7 @@ def train(args: argparse.Namespace) -> dict:
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=not private,
                         generator=torch.Generator().manual_seed(args.seed))
     optimizer = base_opt
+    seeds = private_seeds(args.seed if args.reproducible else None)
     if private:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus, calibration search
@@ -247,8 +261,9 @@ def train(args: argparse.Namespace) -> dict:
                 noise_multiplier=args.noise_multiplier,
                 target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
                 target_delta=args.delta, epochs=args.epochs, clipping=args.clipping, accountant=args.accountant,
-                noise_generator=torch.Generator(device).manual_seed(args.seed),
-                sample_generator=torch.Generator().manual_seed(args.seed), optimizer_class=method_class,
+                noise_generator=None if args.secure_mode else torch.Generator(device).manual_seed(seeds["noise"]),
+                secure_mode=args.secure_mode, sample_generator=torch.Generator().manual_seed(seeds["sampling"]),
+                optimizer_class=method_class,
                 **method_args(args))
         print(f"noise_multiplier {optimizer.noise_multiplier:.4f}, sample_rate {optimizer.sample_rate:.4g}, "
               f"expected batch size {optimizer.expected_batch_size}, {len(loader)} steps per epoch", flush=True)
@@ -266,7 +281,9 @@ def train(args: argparse.Namespace) -> dict:
         except NonFiniteNormError as err:
             sys.exit(f"fastdp train: error: training diverged in epoch {epoch} ({err}). Try a smaller --lr.")
         samples, steps, train_time = samples + n, steps + k, train_time + secs
-        print(f"epoch {epoch}/{args.epochs}: train_loss {loss:.4f}, {n} samples in {secs:.2f} s", flush=True)
+        # the exact loss and sample count are not privatised: outside the epsilon below (as in Opacus' examples)
+        print(f"epoch {epoch}/{args.epochs}: {n} samples in {secs:.2f} s, train_loss {loss:.4f}"
+              + (" (exact: not covered by epsilon)" if private else ""), flush=True)
     accuracy = evaluate(model, test_set, device, autocast)
 
     if private:
@@ -293,6 +310,21 @@ def train(args: argparse.Namespace) -> dict:
         print("noise_multiplier: n/a (not private)")
     print(f"samples_per_second: {result['samples_per_second']:.0f}", flush=True)
     return result
+
+
+def private_seeds(seed: Optional[int] = None) -> dict:
+    """{"sampling": int, "noise": int}: the seeds of the Poisson sampler and of the noise generator.
+
+    The model's initialisation is public in DP-SGD's analysis: its generator must not share a stream with the
+    sampling (whose batches could then be read off the initial weights) or the noise, and the two must not share
+    one either (seeded alike, CPU generators emit the same words, so the noise would follow the batch membership).
+    ``seed=None``: 62 bits of OS entropy each. An int: two distinct 62-bit seeds derived from it with SHA-256
+    (reproducible runs; private only while the seed is secret).
+    """
+    if seed is None:
+        return {k: secrets.randbits(62) for k in ("sampling", "noise")}
+    return {k: int.from_bytes(hashlib.sha256(f"fastdp/{k}/{seed}".encode()).digest()[:8], "little") >> 2
+            for k in ("sampling", "noise")}
 
 
 def _make_model(kind: str, meta: dict, defaults: dict) -> torch.nn.Module:
