@@ -7,7 +7,9 @@ noise only there, so masked coordinates receive exactly zero gradient.
 * ``Mask.from_rows(param, rows, dim=0)``: whole slices along ``dim`` (output neurons: dim 0 of an
   ``nn.Linear`` weight, dim 1 of an HF ``Conv1D`` weight; Conv output filters: dim 0). Linear-like and
   ungrouped Conv layers then compute norms and clipped sums on the selected output rows only (ghost norms
-  stay available): the work scales with the rows kept.
+  stay available): the work scales with the rows kept. An empty ``rows`` gives an all-False coordinate mask
+  (gradient and noise exactly zero, per-sample gradients formed); a method that keeps no row of a parameter
+  should rather freeze it (``requires_grad_(False)``, as SPARTA does), which costs nothing.
 * ``Mask.from_coords(bool_tensor)``: any coordinates (random sparsification). Per-sample gradients of the
   masked layer are formed explicitly (reference path; the fused kernel keeps them in registers).
 * ``center`` / ``scale`` (optional, the parameter's shape): per-sample gradients are standardised,
@@ -38,6 +40,8 @@ class Mask:
         if rows.numel() and (rows[0] < 0 or rows[-1] >= param.shape[dim]):
             raise ValueError(f"row indices out of range for a parameter with {param.shape[dim]} rows along dim {dim}")
         dense = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
+        if not rows.numel():  # nothing trains: an all-False coordinate mask (the row-restricted kernels need a row)
+            return cls(dense, None, dim=dim)
         dense.index_fill_(dim, rows, True)
         return cls(dense, rows, dim=dim)
 

@@ -94,23 +94,57 @@ class MicroAdam(torch.optim.Optimizer):
         per_block = max(1, math.ceil(self.density * bs))
         return n_blocks * per_block, per_block, bs, n_blocks * bs
 
-    def _init_state(self, p: torch.Tensor) -> dict:
+    def _state_spec(self, p: torch.Tensor) -> dict:
+        """State tensor name -> (shape, dtype, initial value) for parameter ``p``."""
         d = p.numel()
         n = self._layout(d)[0]
         block = self.topk == "block"
-        st = {
-            "step": 0,
-            "ring_idx": torch.full((self.window, n), -1, dtype=torch.int16 if block else torch.int32, device=p.device),
-            "ring_val": torch.zeros(self.window, n, dtype=torch.bfloat16 if block else torch.float32, device=p.device),
-        }
+        spec = {"ring_idx": ((self.window, n), torch.int16 if block else torch.int32, -1),
+                "ring_val": ((self.window, n), torch.bfloat16 if block else torch.float32, 0)}
         if self.ef_bits == 32:
-            st["ef"] = torch.zeros(d, dtype=torch.float32, device=p.device)
+            spec["ef"] = ((d,), torch.float32, 0)
         else:
             nq = math.ceil(d / self.quant_block_size)
-            st["ef_codes"] = torch.zeros(math.ceil(d / 2), dtype=torch.uint8, device=p.device)
-            st["ef_min"] = torch.zeros(nq, dtype=torch.float32, device=p.device)
-            st["ef_max"] = torch.zeros(nq, dtype=torch.float32, device=p.device)
+            spec["ef_codes"] = ((math.ceil(d / 2),), torch.uint8, 0)  # two 4-bit codes per byte
+            spec["ef_min"] = ((nq,), torch.float32, 0)
+            spec["ef_max"] = ((nq,), torch.float32, 0)
+        return spec
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        st = {"step": 0}
+        for k, (shape, dtype, fill) in self._state_spec(p).items():
+            st[k] = torch.full(shape, fill, dtype=dtype, device=p.device)
         return st
+
+    def load_state_dict(self, state_dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that every state tensor keeps the dtype it was saved
+        with (moved to its parameter's device). Torch casts floating-point state to the parameter's dtype and
+        would turn int16/int32 ring indices and uint8 4-bit codes into floats, and the fp32 error feedback of a
+        bf16 parameter into bf16."""
+        saved_groups = state_dict["param_groups"]
+        states = {}
+        if [len(g["params"]) for g in saved_groups] == [len(g["params"]) for g in self.param_groups]:
+            # (else torch's loader raises) check every parameter's state before anything is replaced
+            params = [p for g in self.param_groups for p in g["params"]]
+            for pid, p in zip((i for g in saved_groups for i in g["params"]), params):
+                saved = state_dict["state"].get(pid)
+                if saved:
+                    st = {k: v.to(device=p.device, copy=True) if isinstance(v, torch.Tensor) else v
+                          for k, v in saved.items()}
+                    self._check_state(p, st)
+                    states[p] = st
+        super().load_state_dict(state_dict)
+        for p, st in states.items():
+            self.state[p] = st
+
+    def _check_state(self, p: torch.Tensor, st: dict) -> None:
+        """Refuse a state saved with another layout (density, window, ef_bits, topk or block sizes)."""
+        want = {k: (shape, dtype) for k, (shape, dtype, _) in self._state_spec(p).items()}
+        got = {k: (tuple(v.shape), v.dtype) for k, v in st.items() if isinstance(v, torch.Tensor)}
+        if got != want or "step" not in st:
+            raise ValueError(f"MicroAdam state of a parameter of shape {tuple(p.shape)} does not match this "
+                             f"optimizer's layout (density={self.density}, window={self.window}, "
+                             f"ef_bits={self.ef_bits}, topk={self.topk!r}): saved {got}, expected {want}")
 
     def _buffers(self, device, n: int):
         """Shared fp32 workspace: the working gradient (padded) and the moment scratch [2, n]."""

@@ -214,10 +214,13 @@ class DPOptimizer(torch.optim.Optimizer):
         """Add N(0, noise_std^2) to every trainable coordinate that trains: all of them, except the coordinates
         outside ``engine.masks``, which stay exactly zero.
 
-        Unmasked: one draw per flat buffer. Masked, where the Triton masked-noise kernel runs (CUDA fp32 buffers, or
-        ``FASTDP_BACKEND=triton``) and not in ``secure_mode``: counter-based Philox noise written only on the kept
-        coordinates (no full-size noise tensor; the per-step seed comes from ``generator``). Otherwise a full draw
-        whose masked coordinates are then zeroed. The distributions are the same."""
+        Unmasked: one draw per flat buffer. Masked, not in ``secure_mode``, on fp32 buffers for which
+        ``backend_for_op("masked_noise", ...)`` picks Triton: counter-based Philox noise written only on the kept
+        coordinates (no full-size noise tensor; the per-step seed comes from ``generator``). Triton is picked under
+        ``FASTDP_BACKEND=triton`` (CUDA, or CPU with ``TRITON_INTERPRET=1``), and under the default backend on CUDA
+        only once ``"masked_noise"`` is in ``fastdp.kernels._backend.GPU_VALIDATED`` (it is not yet: on CUDA the default
+        is the fallback). Otherwise a full draw whose masked coordinates are then zeroed. The distributions are the
+        same."""
         std = self.noise_std()
         masks = self.engine.masks
         if masks and not self.secure_mode:

@@ -32,7 +32,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
 
     ``noise_multiplier`` or ``target_epsilon`` + ``target_delta`` + ``epochs`` must be given.
     Extra keyword arguments go to ``optimizer_class`` (``DPOptimizer`` or a method such as ``fastdp.SPARTA``;
-    e.g. ``gamma`` for automatic clipping, ``sparsity`` for SPARTA).
+    e.g. ``gamma`` for automatic clipping, ``sparsity`` for SPARTA). A method's epochs are ``len(data_loader)``
+    steps (its ``steps_per_epoch``, unless given).
     Opacus-only arguments are accepted so existing calls run: ``criterion`` and ``grad_sample_mode`` are
     not needed (fastdp has one exact engine and leaves the loss untouched; the return value is always the
     3-tuple), and ``batch_first`` must be True (the sample dim is dim 0 everywhere).
@@ -61,6 +62,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
         raise TypeError("optimizer_class must be DPOptimizer or a subclass (a fastdp method)")
     if getattr(optimizer_class, "needs_epochs", False):
         kwargs.setdefault("epochs", epochs)  # e.g. random sparsification's cooling schedule
+    if getattr(optimizer_class, "takes_steps_per_epoch", False):
+        kwargs.setdefault("steps_per_epoch", len(dp_loader))  # the methods' epochs are the loader's epochs
     dp_opt = optimizer_class(
         module, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=expected_batch_size, sample_size=sample_size, target_epsilon=target_epsilon,

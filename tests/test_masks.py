@@ -136,6 +136,29 @@ def test_masked_coordinates_never_move(kind):
         assert not torch.equal(p[m.dense], before[p][m.dense])  # and the mask trains (noise at least)
 
 
+@pytest.mark.parametrize("model_name", ["linear", "conv"])
+def test_empty_row_mask_gives_zero_gradient_and_no_error(model_name):
+    """No row kept (e.g. a global top-k over layers): an all-False mask, the parameter gets exactly zero gradient
+    and noise, where the row-restricted kernels failed on zero rows."""
+    torch.manual_seed(0)
+    if model_name == "conv":
+        model, x = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(64, 3)), torch.randn(2, 1, 6, 6)
+    else:
+        model, x = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)), torch.randn(2, 6)
+    p = model[0].weight
+    mask = Mask.from_rows(p, torch.tensor([], dtype=torch.long))
+    assert not mask.dense.any() and mask.density == 0.0
+    opt = fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                             max_grad_norm=1.0, expected_batch_size=2, sample_size=4,
+                             generator=torch.Generator().manual_seed(0))
+    opt.engine.set_mask(p, mask)
+    before = p.detach().clone()
+    F.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+    opt.step()
+    assert torch.equal(p.grad, torch.zeros_like(p)) and torch.equal(p, before)
+    assert model[2].weight.grad.abs().sum() > 0
+
+
 def test_bad_masks():
     p = nn.Parameter(torch.zeros(4, 3))
     with pytest.raises(ValueError):

@@ -342,3 +342,130 @@ def test_selection_row_scores_reduce_the_per_coordinate_release(backend, monkeyp
     for p in opt.eligible:
         rows = opt.engine.abs_sums[p].sum(1)
         assert torch.allclose(opt.engine.abs_row_sums[p], rows, rtol=1e-5, atol=1e-7)
+
+
+def _global_topk_run(m, opt, make_batch, steps):
+    for t in range(steps):
+        x, y = make_batch(t)
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_sparta_global_topk_freezes_a_layer_given_no_row(seed):
+    """topk="global" may keep no row of a layer (here the 4-neuron first layer against 64): that layer is frozen for
+    the sparse phase (no gradient, no noise, does not move) instead of failing at the first sparse step."""
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.ReLU(), torch.nn.Linear(4, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(64, 10))
+    opt = SPARTA(m, torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9), sparsity=0.2, warmup_epochs=0,
+                 topk="global", **{**dp(), "expected_batch_size": 8, "sample_size": 32})
+    g = torch.Generator().manual_seed(seed)
+    batch = lambda t: (torch.randn(8, 2, generator=g), torch.randint(0, 10, (8,), generator=g))  # noqa: E731
+    _global_topk_run(m, opt, batch, 4)  # the selection epoch
+    assert opt.phase == "sparse"
+    kept = {opt.param_name[p]: r.numel() for p, r in opt.selected.items()}
+    assert sum(kept.values()) == keep_rows(68, 0.2)
+    before = snapshot(m)
+    _global_topk_run(m, opt, batch, 3)
+    masks = opt.masks
+    for p in opt.eligible:
+        n = opt.param_name[p]
+        assert masks[n].flatten(1).any(1).sum() == kept[n]
+        assert torch.equal(p[~masks[n]], before[n][~masks[n]])
+        if kept[n] == 0:
+            assert not p.requires_grad and p.grad is None
+    assert {"4.weight", "0.bias", "2.bias"} <= moved(m, before)
+    check_accounting(opt, 7)
+    if seed == 0:
+        assert kept["0.weight"] == 0  # the case of the audit's reproducer (MLP 2-4-64-10, sparsity 0.2)
+
+
+def test_sparta_global_topk_freezes_a_conv_layer_given_no_row():
+    m = model()
+    opt = SPARTA(m, sgd(m, momentum=0.9), sparsity=0.3, warmup_epochs=0, topk="global", **dp())
+    train(m, opt, 4)
+    opt.scores[m.conv1.weight].fill_(-1e3)  # released scores that leave conv1 no row (clamped at 0: never ranked)
+    opt.scores[m.conv2.weight].add_(1e3)
+    train(m, opt, 1, seed=4)
+    assert opt.phase == "sparse" and opt.selected[m.conv1.weight].numel() == 0
+    before = snapshot(m)
+    train(m, opt, 3, seed=5)
+    assert not m.conv1.weight.requires_grad and not opt.masks["conv1.weight"].any()
+    assert "conv1.weight" not in moved(m, before)
+    assert {"conv2.weight", "conv1.bias", "head.weight"} <= moved(m, before)
+    check_accounting(opt, 8)
+
+
+@pytest.mark.parametrize("method", ["rs", "rs-ranked", "adadpigu", "sparta-per-sample", "sparta-aggregate"])
+def test_empty_poisson_batch_on_a_conv_model(method):
+    """An empty Poisson batch releases noise only, with coordinate masks (RS, AdaDPIGU's sparse phase) and in
+    SPARTA's selection epoch (per-sample |g| sums), on a conv model."""
+    from fastdp.methods import AdaDPIGU
+
+    m = model()
+    if method.startswith("rs"):
+        opt = RandomSparsification(m, sgd(m), final_rate=0.5, epochs=2, ranked=method == "rs-ranked", **dp())
+        warm = 5 if method == "rs-ranked" else 0  # ranked: from the second epoch
+    elif method == "adadpigu":
+        opt, warm = AdaDPIGU(m, sgd(m), retention=0.5, pretrain_epochs=1, **dp()), 5
+    else:
+        opt, warm = SPARTA(m, sgd(m), warmup_epochs=0, selection=method.split("-", 1)[1], **dp()), 0
+    train(m, opt, warm)
+    phase = getattr(opt, "phase", None)
+    assert phase in ("sparse", "selection")
+    for _ in range(2):
+        x, y = torch.randn(0, 1, 8, 8), torch.zeros(0, dtype=torch.long)
+        F.cross_entropy(m(x), y, reduction="sum").backward()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    check_accounting(opt, warm + 2)
+
+
+@pytest.mark.parametrize("method", ["sparta", "adadpigu", "rs"])
+def test_make_private_methods_count_epochs_in_loader_batches(method):
+    """make_private passes steps_per_epoch=len(data_loader): N=22, B=5 gives 5 batches per epoch, where
+    round(N / expected B) = round(22 / 4) = 6."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from fastdp.methods import AdaDPIGU
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    loader = DataLoader(TensorDataset(torch.randn(22, 3), torch.randint(0, 2, (22,))), batch_size=5)
+    cls, kw = {"sparta": (SPARTA, dict(warmup_epochs=1)), "adadpigu": (AdaDPIGU, dict(pretrain_epochs=1)),
+               "rs": (RandomSparsification, dict(final_rate=0.5))}[method]
+    _, opt, dl = fastdp.make_private(module=m, optimizer=sgd(m), data_loader=loader, noise_multiplier=1.0,
+                                     max_grad_norm=1.0, optimizer_class=cls, epochs=3, **kw)
+    assert len(dl) == len(loader) == 5 and opt.expected_batch_size == 4 and round(22 / 4) == 6
+    assert opt.steps_per_epoch == 5
+    first = {"sparta": "warmup", "adadpigu": "pretrain", "rs": "sparse"}[method]
+    then = {"sparta": "selection", "adadpigu": "sparse", "rs": "sparse"}[method]
+    masks = None
+    for t in range(5):
+        assert opt.phase == first and opt.epoch == 0
+        masks = {n: v.clone() for n, v in opt.masks.items()}
+        F.cross_entropy(m(torch.randn(4, 3)), torch.randint(0, 2, (4,))).backward()
+        opt.step()
+        opt.zero_grad()
+    assert opt.phase == then and opt.epoch == 1
+    if method == "rs":  # the cooling schedule's second mask
+        assert sum(int((~v).sum()) for v in opt.masks.values()) > sum(int((~v).sum()) for v in masks.values())
+
+
+def test_make_private_steps_per_epoch_for_the_audits_digits_case():
+    """digits' training split (N=1437) at B=21: 69 loader batches, round(N / B) = 68."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    loader = DataLoader(TensorDataset(torch.zeros(1437, 2)), batch_size=21)
+    _, opt, dl = fastdp.make_private(module=m, optimizer=sgd(m), data_loader=loader, noise_multiplier=1.0,
+                                     max_grad_norm=1.0, optimizer_class=SPARTA)
+    assert opt.steps_per_epoch == len(dl) == 69 != round(1437 / opt.expected_batch_size)
+    _, opt, _ = fastdp.make_private(module=m, optimizer=sgd(m), data_loader=loader, noise_multiplier=1.0,
+                                    max_grad_norm=1.0, optimizer_class=BiTFiT, steps_per_epoch=10)
+    assert opt.steps_per_epoch == 10
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        BiTFiT(m, sgd(m), steps_per_epoch=0, **dp())

@@ -1,5 +1,6 @@
 """MicroAdam: Adam-exactness at density 1, error feedback bookkeeping, state memory, DP-MicroAdam wiring."""
 import copy
+import io
 import math
 import os
 
@@ -139,3 +140,87 @@ def test_dp_microadam_is_dp_gradient_then_microadam():
     assert o1.epsilon(1e-5) == pytest.approx(fastdp.get_epsilon(noise_multiplier=1.0, sample_rate=0.01, steps=3,
                                                                  delta=1e-5))
     assert not math.isinf(o1.epsilon(1e-5))
+
+
+def _checkpoint(obj):
+    """``obj`` through torch.save / torch.load, as a checkpoint on disk."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk,ef_bits", [("tensor", 32), ("block", 32), ("tensor", 4), ("block", 4)])
+def test_resume_from_state_dict_is_bit_identical(dtype, topk, ef_bits):
+    """Every state tensor keeps its dtype through load_state_dict (torch would cast int16/int32 indices, uint8 codes
+    and fp32 error feedback to the parameter's dtype); the resumed run equals the uninterrupted one."""
+    kw = dict(lr=0.01, density=0.2, window=3, topk=topk, ef_bits=ef_bits, topk_block_size=16, quant_block_size=10)
+    gen = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=gen).to(dtype) for p in _model().parameters()] for _ in range(7)]
+
+    def run(model, opt, steps):
+        for gs in steps:
+            for p, g in zip(model.parameters(), gs):
+                p.grad = g.clone()
+            opt.step()
+
+    m = _model().to(dtype)
+    opt = MicroAdam(m.parameters(), **kw)
+    run(m, opt, grads[:4])
+    ckpt = _checkpoint({"model": m.state_dict(), "opt": opt.state_dict()})
+    run(m, opt, grads[4:])
+    m2 = _model().to(dtype)
+    m2.load_state_dict(ckpt["model"])
+    opt2 = MicroAdam(m2.parameters(), **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    for p, p2 in zip(m.parameters(), m2.parameters()):
+        assert {k: v.dtype for k, v in opt2.state[p2].items() if torch.is_tensor(v)} == \
+               {k: v.dtype for k, v in opt.state[p].items() if torch.is_tensor(v)}
+    run(m2, opt2, grads[4:])
+    for p, p2 in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, p2)
+        for k, v in opt.state[p].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(opt2.state[p2][k])), k
+
+
+def test_loading_a_state_of_another_layout_is_refused():
+    m = _model()
+    opt = MicroAdam(m.parameters(), density=0.2, topk="block", topk_block_size=16)
+    _run(m, opt, steps=1)
+    sd = opt.state_dict()
+    other = MicroAdam(m.parameters(), density=0.2, topk="tensor")
+    with pytest.raises(ValueError, match="layout"):
+        other.load_state_dict(sd)
+    assert not other.state  # nothing half-loaded
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dp_microadam_resume_through_dp_optimizer_state_dict(dtype):
+    dp = dict(noise_multiplier=1.0, max_grad_norm=0.5, expected_batch_size=8, sample_size=800)
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randn(8, 7, generator=gen).to(dtype), torch.randint(0, 3, (8,), generator=gen)) for _ in range(6)]
+
+    def build():
+        m = _model().to(dtype)
+        return m, DPMicroAdam(m, lr=0.01, density=0.2, window=3, generator=torch.Generator().manual_seed(3), **dp)
+
+    def run(m, o, bs):
+        for x, y in bs:
+            F.cross_entropy(m(x).float(), y).backward()
+            o.step()
+            o.zero_grad()
+
+    m, o = build()
+    run(m, o, batches[:3])
+    ckpt = _checkpoint({"model": m.state_dict(), "opt": o.state_dict()})
+    run(m, o, batches[3:])
+    m2, o2 = build()
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    st = o2.original_optimizer.state[m2[0].weight]
+    assert (st["ef"].dtype, st["ring_idx"].dtype) == (torch.float32, torch.int32)
+    run(m2, o2, batches[3:])
+    for p, p2 in zip(m.parameters(), m2.parameters()):
+        assert torch.equal(p, p2)
+    assert o.epsilon(1e-5) == o2.epsilon(1e-5)

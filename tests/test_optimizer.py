@@ -355,3 +355,22 @@ def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed()
     c = make_opt(99)
     c.load_state_dict(state)
     assert c._noise_seed() == nxt
+
+
+def test_add_noise_docstring_states_when_the_masked_noise_kernel_runs(monkeypatch):
+    """The masked-noise kernel runs on CUDA under the default backend only once "masked_noise" is GPU-validated,
+    and always under FASTDP_BACKEND=triton: the docstring says so (it used to claim CUDA fp32 buffers)."""
+    import types
+
+    from fastdp.kernels import _backend
+
+    monkeypatch.setattr(_backend, "HAS_TRITON", True)
+    cuda = types.SimpleNamespace(is_cuda=True)
+    monkeypatch.delenv("FASTDP_BACKEND", raising=False)
+    validated = "masked_noise" in _backend.GPU_VALIDATED
+    assert _backend.backend_for_op("masked_noise", cuda) == ("triton" if validated else "reference")
+    monkeypatch.setenv("FASTDP_BACKEND", "triton")
+    assert _backend.backend_for_op("masked_noise", cuda) == "triton"
+    doc = " ".join(fastdp.DPOptimizer.add_noise.__doc__.split())
+    assert "GPU_VALIDATED" in doc and "FASTDP_BACKEND=triton" in doc and "CUDA fp32 buffers" not in doc
+    assert ("it is not yet" in doc) != validated

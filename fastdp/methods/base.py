@@ -1,10 +1,14 @@
 """Shared machinery of the sparse DP methods: epochs counted from steps, phases, parameter roles.
 
 A method is a ``DPOptimizer`` whose trainable set or masks change with the epoch. Epoch boundaries come
-from ``steps_per_epoch`` (default ``round(sample_size / expected_batch_size)``); ``_begin_epoch(e)`` runs
-after the last step of epoch ``e - 1``, so masks are in place before that epoch's forward. Epoch 0 is set up
-by each method's constructor. Every step is accounted by the DP optimizer with the (sigma, q) it used; a phase that
-releases something else than a gradient still counts as one subsampled-Gaussian step.
+from ``steps_per_epoch``: give the number of batches per epoch of the data loader (``make_private`` passes
+``len(data_loader)``); without it, ``round(sample_size / expected_batch_size)``, which can be one step off the
+loader's ``len``. ``_begin_epoch(e)`` runs after the last step of epoch ``e - 1``, so masks are in place before
+that epoch's forward. Epoch 0 is set up by each method's constructor. ``load_state_dict`` calls ``_begin_epoch``
+again for the current epoch (possibly mid-epoch, ``steps_taken % steps_per_epoch != 0``): it must then restore the
+epoch's setup from the loaded state, not start the epoch afresh. Every step is accounted by the DP optimizer with
+the (sigma, q) it used; a phase that releases something else than a gradient still counts as one
+subsampled-Gaussian step.
 """
 from __future__ import annotations
 
@@ -80,13 +84,14 @@ class PhasedDPOptimizer(DPOptimizer):
     """``DPOptimizer`` with epochs, a ``phase`` name and named ``masks`` (see module docstring)."""
 
     phase: str = "dp"
+    takes_steps_per_epoch = True  # ``make_private`` passes ``steps_per_epoch=len(data_loader)``
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, steps_per_epoch: Optional[int] = None,
                  **dp):
+        if steps_per_epoch is not None and not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
+            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
         super().__init__(model, optimizer, **dp)
         spe = steps_per_epoch or max(1, round(self.sample_size / self.expected_batch_size))
-        if not (isinstance(spe, int) and spe > 0):
-            raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
         self.steps_per_epoch = spe
         self.param_name = {p: n.split(" = ")[0] for p, n in self.engine.param_names.items()}
 

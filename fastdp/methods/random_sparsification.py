@@ -10,7 +10,9 @@ d-sized mask.
 
 ``ranked=True`` (Appendix I): after the first epoch, the coordinates with the smallest ``|z|`` are masked,
 where ``z`` accumulates the released noisy gradients plus fresh noise ``(1/B) (1 - m) N(0, sigma^2 C^2)`` on
-masked coordinates (post-processing of released values, so also free).
+masked coordinates (post-processing of released values, so also free). The ranking uses ``z`` as it stands
+when the mask is drawn, so a ranked checkpoint stores ``z`` and the current mask (a resumed run cannot re-rank
+with the ``z`` of later steps).
 """
 from __future__ import annotations
 
@@ -86,10 +88,17 @@ class RandomSparsification(PhasedDPOptimizer):
         return loss
 
     def _method_state(self) -> dict:
-        return {"z": self.z} if self.ranked else {}
+        if not self.ranked:
+            return {}
+        return {"z": self.z, "slot": self._slot,
+                "keep": [self.engine.masks[p].dense.clone() for p in self.params]}
 
     def _load_method_state(self, state: dict) -> None:
-        if self.ranked and "z" in state:
-            self.z = state["z"]
         self._slot = None
+        if self.ranked and "z" in state:
+            self.z = [z.to(p.device, torch.float32, copy=True) for z, p in zip(state["z"], self.params)]
+            if state.get("keep") is not None and tuple(state.get("slot") or ()) == self._slot_now():
+                for p, m in zip(self.params, state["keep"]):  # the mask ranked at the slot's start
+                    self.engine.set_mask(p, Mask.from_coords(m.to(p.device, torch.bool)))
+                self._slot = self._slot_now()
         self._install()

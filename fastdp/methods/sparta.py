@@ -14,7 +14,8 @@ Phases (epochs counted from steps):
 3. ``sparse``: per layer (``topk="per-layer"``, the code) or over all layers (``"global"``, the rendered
    paper), the rows with the highest scores are kept (``sparsity`` = fraction kept); masked rows get no
    gradient and no noise, the per-sample norm and the weight-gradient GEMM run on the kept rows only, and
-   the wrapped optimizer's state (momentum) of the eligible weights is reset.
+   the wrapped optimizer's state (momentum) of the eligible weights is reset. A weight left with no row (a
+   global top-k can do that) is frozen (``requires_grad=False``) for the rest of training.
 
 Accounting: every step of every phase is one step of the subsampled Gaussian mechanism.
 """
@@ -71,17 +72,31 @@ class SPARTA(PhasedDPOptimizer):
             self._freeze(self.eligible, True)
         elif phase == "selection":
             self._freeze(self.eligible, False)
+            starts = self.steps_taken % self.steps_per_epoch == 0  # else resumed mid-epoch: keep the loaded scores
             for p in self.eligible:
                 self.engine.set_mask(p, None)
-                self.scores[p] = torch.zeros(p.shape[self.group_dim[p]], dtype=torch.float32, device=p.device)
+                if starts or p not in self.scores:
+                    self.scores[p] = torch.zeros(p.shape[self.group_dim[p]], dtype=torch.float32, device=p.device)
             self.engine.collect_abs_rows = dict(self.group_dim) if self.selection == "per-sample" else {}
         else:
             self.engine.collect_abs_rows = {}
-            self._freeze(self.eligible, False)
             if not self.selected:
                 self._select_rows()
             for p in self.eligible:
-                self.engine.set_mask(p, Mask.from_rows(p, self.selected[p], self.group_dim[p]))
+                rows = self.selected[p]
+                # a layer given no row (possible with topk="global") is frozen: no gradient, no noise, no update
+                p.requires_grad_(rows.numel() > 0)
+                self.engine.set_mask(p, Mask.from_rows(p, rows, self.group_dim[p]) if rows.numel() else None)
+
+    @property
+    def masks(self) -> Dict[str, torch.Tensor]:
+        """As ``PhasedDPOptimizer.masks``; in the sparse phase a weight that kept no row shows an all-False mask."""
+        out = super().masks
+        if self.phase == "sparse":
+            for p, rows in self.selected.items():
+                if rows.numel() == 0:
+                    out[self.param_name[p]] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        return out
 
     def step(self, closure=None):
         if self.phase != "selection":
@@ -132,5 +147,7 @@ class SPARTA(PhasedDPOptimizer):
 
     def _load_method_state(self, state: dict) -> None:
         by_name = {n: p for p, n in self.param_name.items()}
-        self.scores = {by_name[n]: s for n, s in state.get("scores", {}).items()}
-        self.selected = {by_name[n]: r for n, r in state.get("selected", {}).items()}
+        self.scores = {by_name[n]: s.to(by_name[n].device, torch.float32, copy=True)
+                       for n, s in state.get("scores", {}).items()}
+        self.selected = {by_name[n]: r.to(by_name[n].device, torch.long, copy=True)
+                         for n, r in state.get("selected", {}).items()}
