@@ -360,6 +360,7 @@ def _sigma(eps: float, delta: float, q: float, steps: int, accountant: str) -> f
 def train_one(args, config: dict) -> dict:
     """One private training run (fine-tuning for the sparta study); returns the result fields of the record."""
     from fastdp import make_private
+    from fastdp.cli import private_seeds
     from fastdp.engine import NonFiniteNormError
     from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
     from fastdp.optimizer import DPOptimizer
@@ -396,7 +397,9 @@ def train_one(args, config: dict) -> dict:
     model, opt, loader = make_private(
         module=model, optimizer=base, data_loader=loader, max_grad_norm=config["max_grad_norm"],
         noise_multiplier=sigma, epochs=config["epochs"], accountant=config["accountant"],
-        noise_generator=torch.Generator().manual_seed(seed), sample_generator=torch.Generator().manual_seed(seed),
+        # two seeds derived from the run's seed: one seed for both would tie the CPU noise to batch membership
+        noise_generator=torch.Generator().manual_seed(private_seeds(seed)["noise"]),
+        sample_generator=torch.Generator().manual_seed(private_seeds(seed)["sampling"]),
         optimizer_class=cls, **kwargs)
     trainable = _trained_coords(model, opt)
     start = time.perf_counter()

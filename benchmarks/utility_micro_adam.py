@@ -177,7 +177,8 @@ def run_one(config: dict, data_dir: str, quiet: bool) -> dict:
     argv = ["train", "--dataset", config["dataset"], "--method", config["method"], "--lr", repr(config["lr"]),
             "--max-grad-norm", repr(config["max_grad_norm"]), "--seed", str(config["seed"]),
             "--epochs", str(config["epochs"]), "--batch-size", str(config["batch_size"]),
-            "--target-epsilon", repr(config["target_epsilon"]), "--delta", repr(config["delta"]), "--no-progress"]
+            "--target-epsilon", repr(config["target_epsilon"]), "--delta", repr(config["delta"]), "--no-progress",
+            "--reproducible"]  # runs repeat exactly (the seed is in the record: research runs, not a release)
     if config["dataset"] != "digits":
         argv += ["--data-dir", data_dir]
     if config["limit"]:

@@ -5,6 +5,7 @@ The model is returned as is (hooks attached, no wrapper class), the optimizer as
 """
 from __future__ import annotations
 
+import secrets
 import warnings
 from typing import Optional, Sequence, Union
 
@@ -37,6 +38,12 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     Opacus-only arguments are accepted so existing calls run: ``criterion`` and ``grad_sample_mode`` are
     not needed (fastdp has one exact engine and leaves the loss untouched; the return value is always the
     3-tuple), and ``batch_first`` must be True (the sample dim is dim 0 everywhere).
+
+    Randomness: without ``sample_generator`` the Poisson sampler gets its own generator seeded from OS entropy, not
+    torch's default one (Opacus' choice), whose state the public initial weights reveal (Mersenne Twister is
+    predictable from its outputs). Pass ``sample_generator`` and ``noise_generator`` for reproducible runs: seed them
+    with distinct secret seeds (one seed for both would tie the noise to the batch membership on the CPU).
+    Without ``noise_generator`` (and ``secure_mode``) the noise comes from torch's default generator, as in Opacus.
     """
     if not batch_first:
         raise ValueError("fastdp needs the sample dim first in every layer input (batch_first=True)")
@@ -48,6 +55,8 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     if batch_size is None:
         raise ValueError("cannot infer the batch size from data_loader; give it a batch_size")
     if poisson_sampling:
+        if sample_generator is None:  # not torch's default generator: it initialised the (public) model
+            sample_generator = torch.Generator().manual_seed(secrets.randbits(62))
         dp_loader = DPDataLoader.from_data_loader(data_loader, generator=sample_generator)
         sample_rate = dp_loader.sample_rate
     else:

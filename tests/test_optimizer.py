@@ -374,3 +374,20 @@ def test_add_noise_docstring_states_when_the_masked_noise_kernel_runs(monkeypatc
     doc = " ".join(fastdp.DPOptimizer.add_noise.__doc__.split())
     assert "GPU_VALIDATED" in doc and "FASTDP_BACKEND=triton" in doc and "CUDA fp32 buffers" not in doc
     assert ("it is not yet" in doc) != validated
+
+
+def test_make_private_sampler_does_not_replay_the_default_generator():
+    """The initial weights are public: without sample_generator, batch membership must not be a function of torch's
+    default generator (which initialised the model)."""
+    ds = torch.utils.data.TensorDataset(torch.randn(400, 3), torch.randint(0, 2, (400,)))
+    firsts = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        _, _, loader = fastdp.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                           data_loader=torch.utils.data.DataLoader(ds, batch_size=40),
+                                           noise_multiplier=1.0, max_grad_norm=1.0)
+        sampler = loader.batch_sampler
+        assert sampler.generator is not None and sampler.generator is not torch.default_generator
+        firsts.append(next(iter(sampler)))
+    assert firsts[0] != firsts[1]  # fresh OS entropy per call, though the global seed was the same
