@@ -79,6 +79,28 @@ def batch_chunks(batch: int, elements_per_sample: int):
         yield slice(start, min(batch, start + step))
 
 
+def check_linear(x: torch.Tensor, dy: torch.Tensor, scale: Optional[torch.Tensor] = None, x_name: str = "x",
+                 dy_name: str = "dy") -> None:
+    """Raise ``ValueError`` unless ``x`` [B, T, d] and ``dy`` [B, T, p] (after ``as_btd``) share B and T, and
+    ``scale`` (when given) is [B]: the dispatchers' and the references' shape check, before any launch."""
+    if x.shape[:2] != dy.shape[:2]:
+        raise ValueError(f"{x_name} {tuple(x.shape)} and {dy_name} {tuple(dy.shape)} (as [B, T, features]) disagree "
+                         f"on the batch or sequence length")
+    if scale is not None and tuple(scale.shape) != (x.shape[0],):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected one factor per sample of the batch "
+                         f"({x.shape[0]},)")
+
+
+def check_linear_pair(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b: torch.Tensor) -> None:
+    """``check_linear`` of each use of a weight (``[B, T, d]`` inputs, ``[B, T, p]`` output gradients), and the two
+    uses agree on B, d and p (each its own T)."""
+    check_linear(x_a, dy_a, x_name="x_a", dy_name="dy_a")
+    check_linear(x_b, dy_b, x_name="x_b", dy_name="dy_b")
+    if x_b.shape[0] != x_a.shape[0] or x_b.shape[2] != x_a.shape[2] or dy_b.shape[2] != dy_a.shape[2]:
+        raise ValueError(f"use b (x_b {tuple(x_b.shape)}, dy_b {tuple(dy_b.shape)}) and use a (x_a "
+                         f"{tuple(x_a.shape)}, dy_a {tuple(dy_a.shape)}) disagree on the batch, d or p")
+
+
 def as_btd(t: torch.Tensor, batch: Optional[int] = None) -> torch.Tensor:
     """View ``[B, *, d]`` as ``[B, T, d]`` (T = product of the middle dims, 1 for 2-D; empty batches too).
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import _ACC, as_btd, bmm_acc, on_input_device, upcast
+from ._common import _ACC, as_btd, bmm_acc, cast, check_linear, on_input_device, upcast
 from ._tuning import Tile, Tiles, mma_tiles
 
 MIN_PER_SAMPLE_T = 16  # shorter sequences take the fp32 product (see the module docstring)
@@ -41,6 +41,7 @@ if HAS_TRITON:
         16-bit inputs with UPCAST and IEEE: an exact fp32 product)."""
         m = tl.program_id(0) * BM + tl.arange(0, BM)
         n = tl.program_id(1) * BN + tl.arange(0, BN)
+        m64, n64 = m.to(tl.int64), n.to(tl.int64)  # 64-bit offsets: a column or out row past 2^31 elements too
         k = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         if PER_SAMPLE:
@@ -49,9 +50,9 @@ if HAS_TRITON:
                 for t0 in range(0, T, BK):
                     r = (i * T + t0 + k).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
                     ok = (t0 + k) < T
-                    a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=ok[:, None] & (m[None, :] < P),
+                    a = tl.load(dy + r[:, None] * sy_r + m64[None, :] * sy_k, mask=ok[:, None] & (m[None, :] < P),
                                 other=0.0)
-                    b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=ok[:, None] & (n[None, :] < D),
+                    b = tl.load(x + r[:, None] * sx_r + n64[None, :] * sx_k, mask=ok[:, None] & (n[None, :] < D),
                                 other=0.0)
                     # (UPCAST: the interpreter's dot takes fp32 operands, the same exact products)
                     part = _grad_step(part, a, b, UPCAST, False)
@@ -60,14 +61,14 @@ if HAS_TRITON:
             R = B * T
             for r0 in range(0, R, BK):
                 r = (r0 + k).to(tl.int64)
-                a = tl.load(dy + r[:, None] * sy_r + m[None, :] * sy_k, mask=(r[:, None] < R) & (m[None, :] < P),
+                a = tl.load(dy + r[:, None] * sy_r + m64[None, :] * sy_k, mask=(r[:, None] < R) & (m[None, :] < P),
                             other=0.0)
                 c = tl.load(scale + r // T, mask=r < R, other=0.0)
-                b = tl.load(x + r[:, None] * sx_r + n[None, :] * sx_k, mask=(r[:, None] < R) & (n[None, :] < D),
+                b = tl.load(x + r[:, None] * sx_r + n64[None, :] * sx_k, mask=(r[:, None] < R) & (n[None, :] < D),
                             other=0.0)
                 a = a.to(tl.float32) * c[:, None]
                 acc = _grad_step(acc, a, b, True, IEEE)  # fp32 operands; IEEE off only in the interpreter
-        ptrs = out + m[:, None] * so_m + n[None, :] * so_n
+        ptrs = out + m64[:, None] * so_m + n64[None, :] * so_n
         mask = (m[:, None] < P) & (n[None, :] < D)
         tl.store(ptrs, (tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) + acc).to(out.dtype.element_ty),
                  mask=mask)
@@ -81,12 +82,18 @@ if HAS_TRITON:
 @on_input_device
 def clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
                     out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Dispatching ``clip_accumulate_ref`` / the Triton kernel (same signature and result)."""
+    """Dispatching ``clip_accumulate_ref`` / the Triton kernel (same signature, checks and result).
+
+    An fp64 ``out`` (with fp32/16-bit inputs) gets the kernel's fp32 result added on the host, as the reference
+    adds its fp32 product: the kernel's read-modify-write is in fp32 and would round the fp64 accumulator.
+    """
     if backend_for_op("clip_accumulate", x) == "reference" or x.dtype == torch.float64:
         return clip_accumulate_ref(x, dy, scale, out)
     x, dy = as_btd(x), as_btd(dy)
-    if dy.dtype != x.dtype:
-        dy = dy.to(x.dtype)
+    _check(x, dy, scale, out)
+    if out is not None and out.dtype == torch.float64:
+        return out.add_(clip_accumulate(x, dy, scale))
+    dy = cast(dy, x.dtype)
     B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
     if out is None:
         out = torch.zeros(P, D, dtype=x.dtype if x.dtype == torch.float32 else torch.float32, device=x.device)
@@ -111,9 +118,10 @@ def clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     the Triton kernel has no such rounding).
 
     Args:
-        x: [B, *, d] layer input. dy: [B, *, p] output gradient (cast to x's dtype).
-        scale: [B] per-sample factors (fp32), e.g. clip factors.
+        x: [B, *, d] layer input. dy: [B, *, p] output gradient (same B and positions; cast to x's dtype).
+        scale: [B] per-sample factors (fp32), e.g. clip factors (one per sample: no broadcasting).
         out: optional [p, d] tensor (any float dtype, e.g. an fp32 buffer view) to add the result to.
+        ``ValueError`` where the shapes disagree.
 
     Returns:
         ``out`` if given, else a new [p, d] tensor in x's accumulation dtype (fp32 for 16-bit inputs).
@@ -125,8 +133,8 @@ def clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
         True
     """
     x, dy = as_btd(x), as_btd(dy)
-    if dy.dtype != x.dtype:
-        dy = dy.to(x.dtype)
+    _check(x, dy, scale, out)
+    dy = cast(dy, x.dtype)
     p, d = dy.shape[-1], x.shape[-1]
     s = scale.view(-1, 1, 1)
     rounded = x.dtype not in _ACC and x.is_cuda and x.shape[1] >= MIN_PER_SAMPLE_T
@@ -143,3 +151,10 @@ def clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     if out is None:
         return a.mm(b)
     return out.addmm_(a, b) if out.dtype == a.dtype else out.add_(a.mm(b))
+
+
+def _check(x, dy, scale, out):
+    """Shapes of the dispatcher's and the reference's arguments (x, dy as [B, T, features])."""
+    check_linear(x, dy, scale)
+    if out is not None and tuple(out.shape) != (dy.shape[-1], x.shape[-1]):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected [p, d] = ({dy.shape[-1]}, {x.shape[-1]})")

@@ -15,9 +15,9 @@ from typing import Optional, Sequence
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import on_input_device, upcast
+from ._common import cast, on_input_device, upcast
 from ._tuning import Tiles, mma_tiles
-from .conv_norm import as_conv2d
+from .conv_norm import as_conv2d, check_conv
 
 if HAS_TRITON:
     import triton
@@ -64,16 +64,13 @@ if HAS_TRITON:
                             candidates=mma_tiles("BM", "BN", "BL"))
 
 
-def _check(x, dy, scale, weight_shape, groups, out):
-    if x.dim() != len(weight_shape) or dy.dim() != x.dim() or x.dim() not in (3, 4):
-        raise ValueError(f"need x and dy of 3 or 4 dims matching a weight of {len(weight_shape)} dims, got "
-                         f"{tuple(x.shape)}, {tuple(dy.shape)}")
-    if x.shape[0] != dy.shape[0] or scale.shape != (x.shape[0],):
-        raise ValueError(f"x, dy and scale disagree on the batch: {tuple(x.shape)}, {tuple(dy.shape)}, "
-                         f"{tuple(scale.shape)}")
-    if dy.shape[1] != weight_shape[0] or x.shape[1] != weight_shape[1] * groups:
-        raise ValueError(f"channels of x {x.shape[1]} / dy {dy.shape[1]} do not fit the weight {tuple(weight_shape)} "
-                         f"with {groups} groups")
+def _check(x, dy, scale, weight_shape, stride, padding, dilation, groups, out):
+    """Shapes of the dispatcher's and the reference's arguments: ``conv_norm.check_conv`` (batch, channels, dy's
+    spatial size from the geometry), scale [B] and out of the weight's shape."""
+    check_conv(x, dy, weight_shape, stride, padding, dilation, groups)
+    if tuple(scale.shape) != (x.shape[0],):
+        raise ValueError(f"scale has shape {tuple(scale.shape)}, expected one factor per sample of the batch "
+                         f"({x.shape[0]},)")
     if out is not None and tuple(out.shape) != tuple(weight_shape):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected the weight's {tuple(weight_shape)}")
 
@@ -89,7 +86,8 @@ def conv_clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Ten
     not round).
 
     Args:
-        x: [B, C_in, *spatial] input. dy: [B, C_out, *spatial_out] output gradient. scale: [B] fp32 factors.
+        x: [B, C_in, *spatial] input. dy: [B, C_out, *spatial_out] output gradient (cast to x's dtype).
+        scale: [B] fp32 factors. ``ValueError`` where the shapes do not fit the geometry.
         weight_shape: [C_out, C_in / groups, *kernel]. stride, padding (symmetric), dilation: per spatial dim.
         out: optional tensor of the weight's shape (any float dtype, e.g. an fp32 buffer view) to add into.
 
@@ -104,7 +102,8 @@ def conv_clip_accumulate_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Ten
         >>> torch.allclose(g, w.grad, atol=1e-5)
         True
     """
-    _check(x, dy, scale, weight_shape, groups, out)
+    _check(x, dy, scale, weight_shape, stride, padding, dilation, groups, out)
+    dy = cast(dy, x.dtype)
     s = scale.view(-1, *([1] * (dy.dim() - 1)))
     if x.dtype not in (torch.float32, torch.float64) and x.is_cuda:
         scaled, xx = (upcast(dy) * s).to(x.dtype), x
@@ -127,7 +126,8 @@ def conv_clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     """
     if x.dtype == torch.float64 or backend_for_op("conv_clip_accumulate", x) == "reference":
         return conv_clip_accumulate_ref(x, dy, scale, weight_shape, stride, padding, dilation, groups, out)
-    _check(x, dy, scale, weight_shape, groups, out)
+    _check(x, dy, scale, weight_shape, stride, padding, dilation, groups, out)
+    dy = cast(dy, x.dtype)  # tl.dot takes one dtype (as the reference: dY in x's dtype, then scaled in fp32)
     if out is not None and not (out.dtype == torch.float32 and out.is_contiguous()):
         return out.add_(conv_clip_accumulate(x, dy, scale, weight_shape, stride, padding, dilation, groups)
                         .to(out.dtype))

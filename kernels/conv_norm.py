@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import acc_dtype, batch_chunks, on_input_device, upcast
+from ._common import acc_dtype, batch_chunks, cast, on_input_device, upcast
 from ._tuning import Tiles, gram_tiles, mma_tiles
 from .direct_norm import direct_norm_ref
 from .ghost_norm import ghost_norm_ref
@@ -141,13 +141,15 @@ if HAS_TRITON:
 @on_input_device
 def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
               groups: int, ghost: bool) -> torch.Tensor:
-    """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernels (same arguments): the direct norm
-    (per-sample tiles ``dY_i^T P_i``) or, with ``ghost``, the ghost norm (tiles of the two L x L Grams).
+    """Dispatching ``conv_norm_ref`` / the implicit-im2col Triton kernels (same arguments, checks and result): the
+    direct norm (per-sample tiles ``dY_i^T P_i``) or, with ``ghost``, the ghost norm (tiles of the two L x L Grams).
 
-    fp64 inputs always take the reference.
+    fp64 inputs always take the reference. ``dy`` is cast to ``x``'s dtype (as the reference does).
     """
     if x.dtype == torch.float64 or backend_for_op("conv_norm", x) == "reference":
         return conv_norm_ref(x, dy, weight_shape, stride, padding, dilation, groups, ghost)
+    check_conv(x, dy, weight_shape, stride, padding, dilation, groups)
+    dy = cast(dy, x.dtype)  # tl.dot takes one dtype
     x, dy, weight_shape, stride, padding, dilation = as_conv2d(x, dy, weight_shape, stride, padding, dilation)
     c_out, cg, kh, kw = weight_shape
     B, _, H, W = x.shape
@@ -166,6 +168,33 @@ def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], st
     grid = lambda meta: (B * groups, triton.cdiv(cog, meta["BM"]), triton.cdiv(K, meta["BN"]))  # noqa: E731
     CONV_DIRECT_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), *geometry, **flags)
     return out
+
+
+def check_conv(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,
+               groups: int) -> None:
+    """Raise ``ValueError`` unless x [B, C_in, *spatial] and dy [B, C_out, *spatial_out] fit a convolution of weight
+    ``weight_shape`` [C_out, C_in / groups, *kernel] with this geometry (1-D or 2-D): the same batch, the channels of
+    the weight and ``groups``, and dy's spatial size the convolution's output size. The conv dispatchers' and
+    references' check, before any launch."""
+    n = len(weight_shape) - 2
+    if n not in (1, 2) or x.dim() != n + 2 or dy.dim() != n + 2:
+        raise ValueError(f"need x and dy of 3 or 4 dims matching a weight of {len(weight_shape)} dims, got "
+                         f"{tuple(x.shape)}, {tuple(dy.shape)}")
+    if not (len(stride) == len(padding) == len(dilation) == n):
+        raise ValueError(f"stride {tuple(stride)}, padding {tuple(padding)} and dilation {tuple(dilation)} need one "
+                         f"value per spatial dim ({n})")
+    if x.shape[0] != dy.shape[0]:
+        raise ValueError(f"x {tuple(x.shape)} and dy {tuple(dy.shape)} disagree on the batch")
+    if groups < 1 or weight_shape[0] % groups or dy.shape[1] != weight_shape[0] or \
+            x.shape[1] != weight_shape[1] * groups:
+        raise ValueError(f"channels of x {x.shape[1]} / dy {dy.shape[1]} do not fit the weight {tuple(weight_shape)} "
+                         f"with {groups} groups")
+    out = tuple((size + 2 * p - d * (k - 1) - 1) // s + 1
+                for size, k, s, p, d in zip(x.shape[2:], weight_shape[2:], stride, padding, dilation))
+    if tuple(dy.shape[2:]) != out:
+        raise ValueError(f"dy has spatial size {tuple(dy.shape[2:])}, but the convolution of x {tuple(x.shape)} "
+                         f"(kernel {tuple(weight_shape[2:])}, stride {tuple(stride)}, padding {tuple(padding)}, "
+                         f"dilation {tuple(dilation)}) outputs {out}")
 
 
 def as_conv2d(x, dy, weight_shape, stride, padding, dilation):
@@ -201,11 +230,22 @@ def conv_per_sample_grad_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Se
                              dilation, groups: int) -> torch.Tensor:
     """All per-sample weight gradients [B, *weight_shape] by one grouped weight-gradient convolution.
 
+    16-bit operands are upcast first: each gradient is the fp32 product of the given values (what
+    ``conv_clip_accumulate`` scales and adds, so a norm measured from it bounds the clipped contribution), not a
+    16-bit rounding of it.
+
     Args:
-        x: [B, C_in, *spatial] input. dy: [B, C_out, *spatial_out] output gradient (same dtype).
+        x: [B, C_in, *spatial] input. dy: [B, C_out, *spatial_out] output gradient (cast to x's dtype).
         weight_shape: (C_out, C_in / groups, *kernel). stride, padding, dilation: per spatial dim.
+
+    Returns:
+        [B, *weight_shape] fp32 (fp64 for fp64 x); empty for B = 0.
     """
+    check_conv(x, dy, weight_shape, stride, padding, dilation, groups)
+    x, dy = upcast(x), upcast(cast(dy, x.dtype))
     B, c_in, c_out = x.shape[0], x.shape[1], dy.shape[1]
+    if B == 0:  # (a convolution of B * groups = 0 groups raises)
+        return torch.zeros((0, *weight_shape), dtype=x.dtype, device=x.device)
     n = len(weight_shape) - 2
     w = torch.empty((B * c_out, *weight_shape[1:]), dtype=x.dtype, device=x.device)
     g = torch.ops.aten.convolution_backward(
@@ -220,7 +260,11 @@ def conv_norm_ref(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int]
 
     ``ghost``: use the ghost norm over unfolded patches instead of explicit per-sample gradients.
     ``direct_impl``: "grouped" or "unfold" for the direct norm (default: "unfold" on CUDA, else "grouped").
+    Every implementation measures the fp32 (fp64) product of the given values. ``dy`` is cast to ``x``'s dtype;
+    ``ValueError`` where the shapes do not fit the geometry (``check_conv``).
     """
+    check_conv(x, dy, weight_shape, stride, padding, dilation, groups)
+    dy = cast(dy, x.dtype)
     B = x.shape[0]
     out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
     if direct_impl is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, cast, check_linear, check_linear_pair, on_input_device
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -29,14 +29,17 @@ if HAS_TRITON:
     @triton.jit
     def _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM: tl.constexpr,
                    BN: tl.constexpr, BT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """[BM, BN] fp32 tile (rows m, columns n) of sample ``bidx``'s gradient ``dY_b^T X_b``, reduced over T."""
+        """[BM, BN] fp32 tile (rows m, columns n) of sample ``bidx``'s gradient ``dY_b^T X_b``, reduced over T.
+
+        Offsets in 64 bits, inside a sample too (a sample of T * d > 2^31 elements, or a feature stride that large)."""
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+        y_cols = dy + bidx * sy_b + m[None, :].to(tl.int64) * sy_k
+        x_cols = x + bidx * sx_b + n[None, :].to(tl.int64) * sx_k
         for t0 in range(0, T, BT):
             t = t0 + tl.arange(0, BT)
-            a = tl.load(dy + bidx * sy_b + t[:, None] * sy_t + m[None, :] * sy_k,
-                        mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
-            b = tl.load(x + bidx * sx_b + t[:, None] * sx_t + n[None, :] * sx_k,
-                        mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
+            t64 = t.to(tl.int64)
+            a = tl.load(y_cols + t64[:, None] * sy_t, mask=(t[:, None] < T) & (m[None, :] < P), other=0.0)
+            b = tl.load(x_cols + t64[:, None] * sx_t, mask=(t[:, None] < T) & (n[None, :] < D), other=0.0)
             acc = _grad_step(acc, a, b, UPCAST, IEEE)
         return acc
 
@@ -57,10 +60,16 @@ if HAS_TRITON:
 
 @on_input_device
 def direct_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-    """Dispatching ``direct_norm_ref`` / the Triton kernel (per-sample tiles never stored)."""
+    """Dispatching ``direct_norm_ref`` / the Triton kernel (per-sample tiles never stored).
+
+    Same arguments, checks and result as the reference: ``dy`` is cast to ``x``'s dtype (as ``clip_accumulate`` and
+    the engine do), so a mixed 16/32-bit pair gives the norm of the gradient that ``clip_accumulate`` sums.
+    """
     if backend_for_op("direct_norm", x) == "reference" or x.dtype == torch.float64:  # kernel: fp32/bf16/fp16
         return direct_norm_ref(x, dy)
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy)
+    dy = cast(dy, x.dtype)  # tl.dot takes one dtype
     B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
     out = torch.zeros(B, dtype=torch.float32, device=x.device)
     if B == 0 or T == 0:
@@ -75,10 +84,11 @@ def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Per-sample ``||dY_i^T X_i||_F^2`` by explicit per-sample gradients.
 
     Args:
-        x: [B, *, d] layer input. dy: [B, *, p] output gradient.
+        x: [B, *, d] layer input. dy: [B, *, p] output gradient (cast to x's dtype), the same B and positions
+        (``ValueError`` otherwise).
 
     Returns:
-        [B] fp32.
+        [B] fp32 (fp64 for fp64 x).
 
     Examples:
         >>> x, dy = torch.randn(2, 7, 3), torch.randn(2, 7, 5)
@@ -87,6 +97,8 @@ def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         True
     """
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy)
+    dy = cast(dy, x.dtype)
     B, p, d = x.shape[0], dy.shape[-1], x.shape[-1]
     if B * p * d <= CHUNK_ELEMENTS:
         return bmm_acc(dy.transpose(1, 2), x).pow(2).sum(dim=(1, 2))
@@ -98,8 +110,14 @@ def direct_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
 
 
 def direct_dot_ref(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``<dY_a,i^T X_a,i, dY_b,i^T X_b,i>_F`` by explicit per-sample gradients. Returns [B] fp32."""
+    """Per-sample ``<dY_a,i^T X_a,i, dY_b,i^T X_b,i>_F`` by explicit per-sample gradients.
+
+    Arguments as ``ghost_dot_ref`` (the same checks; ``dy_a``, ``x_b``, ``dy_b`` cast to ``x_a``'s dtype). Returns
+    [B] fp32 (fp64 for fp64 x_a).
+    """
     x_a, dy_a, x_b, dy_b = as_btd(x_a), as_btd(dy_a), as_btd(x_b), as_btd(dy_b)
+    check_linear_pair(x_a, dy_a, x_b, dy_b)
+    dy_a, x_b, dy_b = cast(dy_a, x_a.dtype), cast(x_b, x_a.dtype), cast(dy_b, x_a.dtype)
     B, p, d = x_a.shape[0], dy_a.shape[-1], x_a.shape[-1]
     out = torch.empty(B, dtype=acc_dtype(x_a), device=x_a.device)
     for sl in batch_chunks(B, 2 * p * d):

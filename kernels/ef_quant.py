@@ -103,9 +103,11 @@ def ef_dequant_add_ref(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor,
 
 @on_input_device
 def ef_quant(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Dispatching ``ef_quant_ref`` / Triton kernel (``kernels._backend``)."""
+    """Dispatching ``ef_quant_ref`` / Triton kernel (``kernels._backend``). The kernel reads its operands as flat
+    contiguous arrays: strided ones are copied first."""
     if backend_for(x) == "reference":
         return ef_quant_ref(x, mins, maxs, block_size)
+    x, mins, maxs = x.contiguous(), mins.contiguous(), maxs.contiguous()
     d = x.numel()
     codes = torch.empty(math.ceil(d / 2), dtype=torch.uint8, device=x.device)
     grid = (triton.cdiv(codes.numel(), _BLOCK),)
@@ -116,9 +118,13 @@ def ef_quant(x: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor, block_size
 @on_input_device
 def ef_dequant_add(x: torch.Tensor, codes: torch.Tensor, mins: torch.Tensor, maxs: torch.Tensor,
                    block_size: int) -> torch.Tensor:
-    """Dispatching ``ef_dequant_add_ref`` / Triton kernel."""
+    """Dispatching ``ef_dequant_add_ref`` / Triton kernel. The kernel works on flat contiguous arrays: strided
+    operands are copied first, and a strided ``x`` gets the result written back (it is updated in place)."""
     if backend_for(x) == "reference":
         return ef_dequant_add_ref(x, codes, mins, maxs, block_size)
+    if not x.is_contiguous():
+        return x.copy_(ef_dequant_add(x.contiguous(), codes, mins, maxs, block_size))
+    codes, mins, maxs = codes.contiguous(), mins.contiguous(), maxs.contiguous()
     d = x.numel()
     _ef_dequant_add_kernel[(triton.cdiv(d, _BLOCK),)](x, codes, mins, maxs, d, block_size, BLOCK=_BLOCK)
     return x

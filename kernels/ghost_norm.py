@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device, upcast
+from ._common import CHUNK_ELEMENTS, acc_dtype, as_btd, batch_chunks, bmm_acc, cast, check_linear, check_linear_pair, on_input_device, upcast
 from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
@@ -36,14 +36,17 @@ if HAS_TRITON:
     @triton.jit
     def _gram_tile(a_ptr, b_ptr, sa_b, sa_t, sa_k, sb_b, sb_t, sb_k, bidx, t, s, Ta, Tb, K,
                    BT: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """[BT, BT] fp32 tile of A_b[t] B_b[s]^T, reducing over K in chunks of BK."""
+        """[BT, BT] fp32 tile of A_b[t] B_b[s]^T, reducing over K in chunks of BK.
+
+        Offsets in 64 bits, inside a sample too (a sample of T * K > 2^31 elements, or a feature stride that large)."""
         acc = tl.zeros([BT, BT], dtype=tl.float32)
+        a_rows = a_ptr + bidx * sa_b + t[:, None].to(tl.int64) * sa_t
+        b_rows = b_ptr + bidx * sb_b + s[:, None].to(tl.int64) * sb_t
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
-            a = tl.load(a_ptr + bidx * sa_b + t[:, None] * sa_t + k[None, :] * sa_k,
-                        mask=(t[:, None] < Ta) & (k[None, :] < K), other=0.0)
-            b = tl.load(b_ptr + bidx * sb_b + s[:, None] * sb_t + k[None, :] * sb_k,
-                        mask=(s[:, None] < Tb) & (k[None, :] < K), other=0.0)
+            k64 = k.to(tl.int64)
+            a = tl.load(a_rows + k64[None, :] * sa_k, mask=(t[:, None] < Ta) & (k[None, :] < K), other=0.0)
+            b = tl.load(b_rows + k64[None, :] * sb_k, mask=(s[:, None] < Tb) & (k[None, :] < K), other=0.0)
             acc = _gram_step(acc, a, b, UPCAST, IEEE)
         return acc
 
@@ -74,15 +77,22 @@ if HAS_TRITON:
 
 @on_input_device
 def ghost_dot(x_a, dy_a, x_b, dy_b) -> torch.Tensor:
-    """Dispatching ``ghost_dot_ref`` / the fused Triton kernel (same signature and result)."""
+    """Dispatching ``ghost_dot_ref`` / the fused Triton kernel (same signature, checks and result: ``dy_a``, ``x_b``
+    and ``dy_b`` are cast to ``x_a``'s dtype, as the reference does)."""
     if backend_for_op("ghost_norm", x_a) == "reference" or x_a.dtype == torch.float64:  # kernel: fp32/bf16/fp16
         return ghost_dot_ref(x_a, dy_a, x_b, dy_b)
+    symmetric = x_a is x_b and dy_a is dy_b
     x_a, dy_a, x_b, dy_b = as_btd(x_a), as_btd(dy_a), as_btd(x_b), as_btd(dy_b)
+    check_linear_pair(x_a, dy_a, x_b, dy_b)
+    dy_a = cast(dy_a, x_a.dtype)  # tl.dot takes one dtype
+    if symmetric:
+        x_b, dy_b = x_a, dy_a
+    else:
+        x_b, dy_b = cast(x_b, x_a.dtype), cast(dy_b, x_a.dtype)
     B, Ta, Tb, D, P = x_a.shape[0], x_a.shape[1], x_b.shape[1], x_a.shape[2], dy_a.shape[2]
     out = torch.zeros(B, dtype=torch.float32, device=x_a.device)
     if B == 0 or Ta == 0 or Tb == 0:
         return out
-    symmetric = x_a is x_b and dy_a is dy_b
     grid = lambda meta: (B, triton.cdiv(Ta, meta["BT"]), triton.cdiv(Tb, meta["BT"]))  # noqa: E731
     GHOST_TILES[grid](x_a, dy_a, x_b, dy_b, out, *x_a.stride(), *dy_a.stride(), *x_b.stride(), *dy_b.stride(),
                       Ta, Tb, D, P, SYMMETRIC=symmetric, UPCAST=interpreting(), IEEE=x_a.dtype == torch.float32)
@@ -95,6 +105,8 @@ def ghost_norm(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     if backend_for_op("ghost_norm", x) == "reference" or x.dtype == torch.float64:
         return ghost_norm_ref(x, dy)
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy)
+    dy = cast(dy, x.dtype)
     return ghost_dot(x, dy, x, dy)
 
 
@@ -102,13 +114,16 @@ def ghost_dot_ref(x_a: torch.Tensor, dy_a: torch.Tensor, x_b: torch.Tensor, dy_b
     """Per-sample ``<dY_a,i^T X_a,i, dY_b,i^T X_b,i>_F``.
 
     Args:
-        x_a: [B, *, d] inputs of use a. dy_a: [B, *, p] output gradients of use a.
-        x_b, dy_b: the same for use b (its own sequence length; same d and p).
+        x_a: [B, *, d] inputs of use a. dy_a: [B, *, p] output gradients of use a (same B and positions).
+        x_b, dy_b: the same for use b (its own sequence length; same B, d and p). ``ValueError`` on a mismatch.
+        ``dy_a``, ``x_b`` and ``dy_b`` are cast to ``x_a``'s dtype.
 
     Returns:
-        [B] fp32.
+        [B] fp32 (fp64 for fp64 x_a).
     """
     x_a, dy_a, x_b, dy_b = as_btd(x_a), as_btd(dy_a), as_btd(x_b), as_btd(dy_b)
+    check_linear_pair(x_a, dy_a, x_b, dy_b)
+    dy_a, x_b, dy_b = cast(dy_a, x_a.dtype), cast(x_b, x_a.dtype), cast(dy_b, x_a.dtype)
     B, Ta, Tb = x_a.shape[0], x_a.shape[1], x_b.shape[1]
     if 2 * B * Ta * Tb <= CHUNK_ELEMENTS:  # one chunk: no slicing
         gx = bmm_acc(x_a, x_b.transpose(1, 2))
@@ -125,10 +140,11 @@ def ghost_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
     """Per-sample ``||dY_i^T X_i||_F^2`` from the two T x T Gram matrices.
 
     Args:
-        x: [B, *, d] layer input. dy: [B, *, p] gradient of the layer output.
+        x: [B, *, d] layer input. dy: [B, *, p] gradient of the layer output (same B and positions, else
+        ``ValueError``; cast to x's dtype).
 
     Returns:
-        [B] fp32 squared norms.
+        [B] squared norms, fp32 (fp64 for fp64 x).
 
     Examples:
         >>> x, dy = torch.randn(3, 5, 4), torch.randn(3, 5, 2)
@@ -137,6 +153,8 @@ def ghost_norm_ref(x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         True
     """
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy)
+    dy = cast(dy, x.dtype)
     if x.shape[1] == 1:  # T = 1: ||dy||^2 ||x||^2, no Gram needed
         return upcast(x).pow(2).sum((1, 2)) * upcast(dy).pow(2).sum((1, 2))
     return ghost_dot_ref(x, dy, x, dy)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, on_input_device, upcast
+from ._common import acc_dtype, as_btd, batch_chunks, bmm_acc, cast, check_linear, on_input_device, upcast
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -36,10 +36,11 @@ if HAS_TRITON:
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = _grad_tile(x, dy, sx_b, sx_t, sx_k, sy_b, sy_t, sy_k, bidx, m, n, T, D, P, BM, BN, BT, UPCAST, IEEE)
         inside = (m[:, None] < P) & (n[None, :] < D)
-        keep = tl.load(mask + m[:, None] * sm_p + n[None, :] * sm_d, mask=inside, other=0).to(tl.float32)
+        m64, n64 = m.to(tl.int64), n.to(tl.int64)  # [p, d] operands past 2^31 elements
+        keep = tl.load(mask + m64[:, None] * sm_p + n64[None, :] * sm_d, mask=inside, other=0).to(tl.float32)
         if AFFINE:
-            ctr = tl.load(center + m[:, None] * sa_p + n[None, :] * sa_d, mask=inside, other=0.0)
-            scl = tl.load(scale + m[:, None] * sb_p + n[None, :] * sb_d, mask=inside, other=1.0)
+            ctr = tl.load(center + m64[:, None] * sa_p + n64[None, :] * sa_d, mask=inside, other=0.0)
+            scl = tl.load(scale + m64[:, None] * sb_p + n64[None, :] * sb_d, mask=inside, other=1.0)
             acc = (acc - ctr) / scl
         acc = acc * keep
         tl.atomic_add(out + bidx, tl.sum(acc * acc))
@@ -51,14 +52,16 @@ if HAS_TRITON:
 @on_input_device
 def masked_direct_norm(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor, center: Optional[torch.Tensor] = None,
                        scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Dispatching ``masked_direct_norm_ref`` / the Triton kernel (same arguments and result)."""
+    """Dispatching ``masked_direct_norm_ref`` / the Triton kernel (same arguments, checks and result; dy is cast to
+    x's dtype)."""
     if backend_for_op("masked_direct_norm", x) == "reference" or x.dtype == torch.float64:
         return masked_direct_norm_ref(x, dy, mask, center, scale)
     x, dy = as_btd(x), as_btd(dy)
+    _check(x, dy, mask, center, scale)
+    dy = cast(dy, x.dtype)  # tl.dot takes one dtype
     B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
-    _check(mask, center, scale, P, D)
     out = torch.zeros(B, dtype=torch.float32, device=x.device)
-    if B == 0 or T == 0:
+    if B == 0 or (T == 0 and center is None):  # T = 0 with an affine term: G_i = 0, the norm of M (0 - a) / b
         return out
     affine = center is not None
     if affine:
@@ -79,8 +82,9 @@ def masked_direct_norm_ref(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor
     """Per-sample ``||mask * (dY_i^T X_i - center) / scale||_F^2`` by explicit per-sample gradients.
 
     Args:
-        x: [B, *, d] layer input. dy: [B, *, p] output gradient. mask: [p, d] bool (or 0/1).
-        center, scale: [p, d] (both or neither); scale > 0.
+        x: [B, *, d] layer input. dy: [B, *, p] output gradient (same B and positions; cast to x's dtype).
+        mask: [p, d] bool (or 0/1). center, scale: [p, d] (both or neither); scale > 0. ``ValueError`` on a
+        mismatch.
 
     Returns:
         [B] fp32 (fp64 for fp64 inputs).
@@ -92,8 +96,9 @@ def masked_direct_norm_ref(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor
         True
     """
     x, dy = as_btd(x), as_btd(dy)
+    _check(x, dy, mask, center, scale)
+    dy = cast(dy, x.dtype)
     B, p, d = x.shape[0], dy.shape[-1], x.shape[-1]
-    _check(mask, center, scale, p, d)
     keep = mask.to(acc_dtype(x))
     out = torch.empty(B, dtype=acc_dtype(x), device=x.device)
     for sl in batch_chunks(B, p * d):
@@ -104,7 +109,10 @@ def masked_direct_norm_ref(x: torch.Tensor, dy: torch.Tensor, mask: torch.Tensor
     return out
 
 
-def _check(mask, center, scale, p, d):
+def _check(x, dy, mask, center, scale):
+    """Shapes of the dispatcher's and the reference's arguments (x, dy as [B, T, features])."""
+    check_linear(x, dy)
+    p, d = dy.shape[-1], x.shape[-1]
     if tuple(mask.shape) != (p, d):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected ({p}, {d})")
     if (center is None) != (scale is None):

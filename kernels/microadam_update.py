@@ -75,20 +75,30 @@ def microadam_update_ref(p: torch.Tensor, ring_idx: torch.Tensor, ring_val: torc
 def microadam_update(p: torch.Tensor, ring_idx: torch.Tensor, ring_val: torch.Tensor, w1: torch.Tensor,
                      w2: torch.Tensor, *, lr: float, eps: float, c1: float, c2: float, decay: float,
                      per_block: int = 0, block_size: int = 0, workspace=None) -> torch.Tensor:
-    """Dispatching ``microadam_update_ref`` / Triton kernels. ``workspace``: zeroed fp32 [2, >= d] (Triton)."""
+    """Dispatching ``microadam_update_ref`` / Triton kernels. ``workspace``: zeroed fp32 [2, >= d] (Triton).
+
+    The kernels work on flat contiguous arrays: strided operands are copied first, a strided ``p`` gets the update
+    written back, and a workspace without contiguous rows is replaced by a fresh one."""
     if backend_for(p) == "reference":
         return microadam_update_ref(p, ring_idx, ring_val, w1, w2, lr=lr, eps=eps, c1=c1, c2=c2, decay=decay,
                                     per_block=per_block, block_size=block_size)
-    if p.dtype != torch.float32:
+    if p.dtype != torch.float32 or not p.is_contiguous():
         # The in-kernel bf16/fp16 load-update-store failed parity on an H100 (5 of 4231 elements wrong near
         # the end of the tensor, 2026-11-26, benchmarks/NOTES.md); until that is understood, low-precision
-        # parameters are updated through an fp32 copy with the fp32 kernel, which passed there.
-        p32 = p.float()
+        # parameters are updated through an fp32 copy with the fp32 kernel, which passed there. A strided p
+        # (the kernel reads it as a flat array) goes through a contiguous copy the same way.
+        p32 = p.contiguous().float()
         microadam_update(p32, ring_idx, ring_val, w1, w2, lr=lr, eps=eps, c1=c1, c2=c2, decay=decay,
                          per_block=per_block, block_size=block_size, workspace=workspace)
         return p.copy_(p32)
     d, (R, n) = p.numel(), ring_idx.shape
-    if workspace is None:
+    if tuple(ring_val.shape) != (R, n) or tuple(w1.shape) != (R,) or tuple(w2.shape) != (R,):
+        raise ValueError(f"ring_val {tuple(ring_val.shape)} must match ring_idx {(R, n)} and w1 {tuple(w1.shape)}, "
+                         f"w2 {tuple(w2.shape)} have one weight per row ({R},)")
+    ring_idx, ring_val, w1, w2 = ring_idx.contiguous(), ring_val.contiguous(), w1.contiguous(), w2.contiguous()
+    if workspace is not None and (workspace.dim() != 2 or workspace.shape[0] != 2 or workspace.shape[1] < d):
+        raise ValueError(f"workspace has shape {tuple(workspace.shape)}, expected [2, >= {d}]")
+    if workspace is None or workspace.dtype != torch.float32 or workspace.stride(1) != 1:
         workspace = torch.zeros(2, d, dtype=torch.float32, device=p.device)
     m, v = workspace[0], workspace[1]
     if n:

@@ -36,12 +36,17 @@ if HAS_TRITON:
         f = tl.program_id(1) * BF + tl.arange(0, BF)
         acc_w = tl.zeros([BF], dtype=tl.float32)
         acc_b = tl.zeros([BF], dtype=tl.float32)
+        f64 = f.to(tl.int64)  # 64-bit offsets inside a sample too: a position or feature stride past 2^31 elements
+        x_cols = x + b * sx_b + f64[None, :] * sx_f
+        y_cols = dy + b * sy_b + f64[None, :] * sy_f
+        s_cols = b * ss_b + (f64[None, :] // fpg) * ss_g
         for r0 in range(0, R, BR):
             r = r0 + tl.arange(0, BR)
+            r64 = r.to(tl.int64)
             inside = (r[:, None] < R) & (f[None, :] < F)
-            xv = tl.load(x + b * sx_b + r[:, None] * sx_r + f[None, :] * sx_f, mask=inside, other=0.0).to(tl.float32)
-            g = tl.load(dy + b * sy_b + r[:, None] * sy_r + f[None, :] * sy_f, mask=inside, other=0.0).to(tl.float32)
-            s = b * ss_b + r[:, None] * ss_r + (f[None, :] // fpg) * ss_g
+            xv = tl.load(x_cols + r64[:, None] * sx_r, mask=inside, other=0.0).to(tl.float32)
+            g = tl.load(y_cols + r64[:, None] * sy_r, mask=inside, other=0.0).to(tl.float32)
+            s = s_cols + r64[:, None] * ss_r
             if HAS_MEAN:
                 xv -= tl.load(mean + s, mask=inside, other=0.0).to(tl.float32)
             xh = xv * tl.load(rstd + s, mask=inside, other=0.0).to(tl.float32)

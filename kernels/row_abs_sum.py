@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import as_btd, batch_chunks, bmm_acc, on_input_device
+from ._common import as_btd, batch_chunks, bmm_acc, cast, check_linear, on_input_device
 from ._tuning import Tiles, mma_tiles
 
 if HAS_TRITON:
@@ -35,8 +35,13 @@ if HAS_TRITON:
 
 
 def row_abs_sum_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """[p] fp32 ``sum_i scale_i sum_k |(dY_i^T X_i)[j, k]|`` for x [B, *, d], dy [B, *, p], scale [B] (>= 0)."""
+    """[p] fp32 ``sum_i scale_i sum_k |(dY_i^T X_i)[j, k]|`` for x [B, *, d], dy [B, *, p], scale [B] (>= 0).
+
+    ``ValueError`` where dy's B or positions differ from x's or scale is not [B]; dy is cast to x's dtype.
+    """
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy, scale)
+    dy = cast(dy, x.dtype)
     B, p, d = x.shape[0], dy.shape[-1], x.shape[-1]
     out = torch.zeros(p, dtype=torch.float32, device=x.device)
     for sl in batch_chunks(B, p * d):
@@ -47,10 +52,12 @@ def row_abs_sum_ref(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> t
 
 @on_input_device
 def row_abs_sum(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Dispatching ``row_abs_sum_ref`` / the Triton kernel."""
+    """Dispatching ``row_abs_sum_ref`` / the Triton kernel (same arguments, checks and result)."""
     if backend_for_op("row_abs_sum", x) == "reference" or x.dtype == torch.float64:
         return row_abs_sum_ref(x, dy, scale)
     x, dy = as_btd(x), as_btd(dy)
+    check_linear(x, dy, scale)
+    dy = cast(dy, x.dtype)  # tl.dot takes one dtype
     B, T, D, P = x.shape[0], x.shape[1], x.shape[2], dy.shape[2]
     out = torch.zeros(P, dtype=torch.float32, device=x.device)
     if B == 0 or T == 0:

@@ -55,9 +55,17 @@ def gather_zero_ref(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, per_b
 @on_input_device
 def gather_zero(x: torch.Tensor, idx: torch.Tensor, out: torch.Tensor, per_block: int = 0,
                 block_size: int = 0) -> torch.Tensor:
-    """Dispatching ``gather_zero_ref`` / Triton kernel."""
+    """Dispatching ``gather_zero_ref`` / Triton kernel. The kernel works on flat contiguous arrays: strided operands
+    are copied first, and a strided ``x`` or ``out`` (both written) gets the result written back."""
     if backend_for(x) == "reference":
         return gather_zero_ref(x, idx, out, per_block, block_size)
+    if not (x.is_contiguous() and out.is_contiguous()):
+        xc, oc = x.contiguous(), out.contiguous()
+        gather_zero(xc, idx, oc, per_block, block_size)
+        if xc is not x:
+            x.copy_(xc)
+        return out if oc is out else out.copy_(oc)
+    idx = idx.contiguous()
     n = idx.numel()
     _gather_zero_kernel[(triton.cdiv(n, _BLOCK),)](x, idx, out, n, x.numel(), max(per_block, 1), block_size,
                                                    BLOCKED=per_block > 0, BLOCK=_BLOCK)

@@ -82,3 +82,44 @@ def test_triton_implicit_im2col_norms(case, dtype, tol, ghost, monkeypatch):
         got_cl = conv_norm(x.to(memory_format=torch.channels_last), dy, ws, s, p, d, g, ghost=ghost)
         assert ((got_cl.double().cpu() - ref).abs() / ref).max() < tol
     assert conv_norm(x[:0], dy[:0], ws, s, p, d, g, ghost=ghost).shape == (0,)
+
+
+@pytest.mark.parametrize("ghost,impl", [(False, "grouped"), (False, "unfold"), (True, None)], ids=str)
+def test_bf16_norm_is_the_fp32_norm_of_what_the_clipped_sum_adds(ghost, impl):
+    """bf16 operands: the per-sample gradient is the fp32 product of the bf16 values (not a bf16 rounding of it), so
+    the norm equals the fp32 norm of the fp32 per-sample gradient of the same values, to fp32 rounding, and a sample
+    clipped with it adds at most R to the clipped sum (the grouped direct norm, the CPU default, measured
+    bf16-rounded gradients: up to 1.0002 R)."""
+    from fastdp.kernels.conv_clip_accumulate import conv_clip_accumulate_ref
+
+    geometry = ((16, 6, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    worst = 0.0
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(3, 6, 8, 8, generator=gen).to(torch.bfloat16)
+        dy = torch.randn(3, 16, 8, 8, generator=gen)
+        dy = (dy + 2 * dy[:, :, :1, :1]).to(torch.bfloat16)  # correlated positions: cancellation inside dY^T X
+        g = conv_per_sample_grad_ref(x, dy, *geometry)
+        g32 = conv_per_sample_grad_ref(x.float(), dy.float(), *geometry)
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, g32, rtol=1e-5, atol=1e-5 * g32.abs().max().item())
+        norm = conv_norm_ref(x, dy, *geometry, ghost=ghost, direct_impl=impl)
+        torch.testing.assert_close(norm, g32.flatten(1).pow(2).sum(1), rtol=1e-5, atol=0)
+        for i in range(3):
+            c = (1.0 / (norm[i].sqrt() + 1e-6)).reshape(1)
+            added = conv_clip_accumulate_ref(x[i:i + 1], dy[i:i + 1], c, *geometry)
+            worst = max(worst, added.double().norm().item() - 1)
+    assert worst <= 2e-6, worst
+
+
+def test_per_sample_gradients_of_an_empty_batch():
+    """B = 0: an empty [0, *weight_shape] result (a convolution with B * groups = 0 groups raises)."""
+    ws = (6, 2, 3, 3)
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        x, dy = torch.randn(0, 4, 7, 7).to(dt), torch.randn(0, 6, 7, 7).to(dt)
+        g = conv_per_sample_grad_ref(x, dy, ws, (1, 1), (1, 1), (1, 1), 2)
+        assert g.shape == (0, *ws) and g.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+        for ghost, impl in ((False, "grouped"), (False, "unfold"), (True, None)):
+            assert conv_norm_ref(x, dy, ws, (1, 1), (1, 1), (1, 1), 2, ghost, impl).shape == (0,)
+    g = conv_per_sample_grad_ref(torch.randn(0, 3, 9), torch.randn(0, 4, 9), (4, 3, 3), (1,), (1,), (1,), 1)
+    assert g.shape == (0, 4, 3, 3)

@@ -66,3 +66,19 @@ def test_clipped_contribution_is_at_most_R(impl, dtype, T):
     ratio = _clipped_contributions(clip_accumulate if impl == "triton" else clip_accumulate_ref, dtype, T)
     rounded = impl == "reference" and DEVICE == "cuda" and dtype != torch.float32 and T >= 16
     assert ratio.max() <= (1 + 2e-3 if rounded else 1 + 2e-6), ratio.max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_clip_accumulate_keeps_an_fp64_out(dtype):
+    """An fp64 accumulator keeps its low-order bits: the kernel's fp32 result is added in fp64 (as the reference adds
+    its fp32 product), not read, rounded to fp32 and written back."""
+    x, dy = torch.randn(2, 4, 3, device=DEVICE).to(dtype), torch.randn(2, 4, 2, device=DEVICE).to(dtype)
+    out = torch.full((2, 3), 1 + 1e-12, dtype=torch.float64, device=DEVICE)
+    got = clip_accumulate(x, dy, torch.zeros(2, device=DEVICE), out)
+    assert got is out and torch.equal(out, torch.full_like(out, 1 + 1e-12))
+    c = torch.rand(2, device=DEVICE)
+    start = out.clone()
+    clip_accumulate(x, dy, c, out)
+    ref = clip_accumulate_ref(x, dy, c, start.clone())
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert (out - start - clip_accumulate(x, dy, c).double()).abs().max() == 0  # exactly the fp32 result added

@@ -12,8 +12,11 @@ from fastdp.kernels.conv_clip_accumulate import conv_clip_accumulate, conv_clip_
 from fastdp.kernels.conv_norm import conv_norm, conv_norm_ref
 from fastdp.kernels.direct_norm import direct_norm, direct_norm_ref
 from fastdp.kernels.ghost_norm import ghost_dot, ghost_dot_ref
+from fastdp.kernels.masked_direct_norm import masked_direct_norm, masked_direct_norm_ref
 from fastdp.kernels.masked_noise import masked_noise
 from fastdp.kernels.noisy_sgd import noisy_sgd
+from fastdp.kernels.norm_affine_grad import norm_affine_grad, norm_affine_grad_ref
+from fastdp.kernels.row_abs_sum import row_abs_sum, row_abs_sum_ref
 
 pytestmark = pytest.mark.interpreter
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -40,6 +43,16 @@ def batch_view(B, *shape, dtype=torch.float32):
     v = s.as_strided((B, *shape), strides)
     for b in range(B):
         v[b] = torch.randn(shape, device=DEV).to(dtype)
+    return v
+
+
+def strided_view(shape, strides, dtype=torch.float32):
+    """A random view of ``shape`` at ``strides`` into a lazily mapped storage just large enough for it."""
+    s = storage(sum((n - 1) * st for n, st in zip(shape, strides)) + 1, dtype)
+    v = s.as_strided(shape, strides)
+    for i in range(shape[0]):
+        for j in range(shape[1]):
+            v[i, j] = torch.randn(shape[2:], device=DEV).to(dtype)
     return v
 
 
@@ -89,3 +102,56 @@ def test_noise_on_rows_past_2_31():
     noisy_sgd(p, g, None, lr=0.5, std=2.0, seed=7, scale=1.0, rows=torch.tensor([R - 1], device=DEV))
     assert (p[R - 2] == 1).all()
     assert 0.85 < (1 - p[R - 1]).std().item() < 1.15  # p - lr * noise with lr = 0.5, std = 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("big", ["position", "feature"])
+def test_linear_norms_inside_one_sample_past_2_31(dtype, big):
+    """One sample whose rows (position stride BIG: position 2 past 2^31) or features (feature stride BIG) lie past
+    2^31 elements: the within-sample offsets (t * stride, k * stride), not just the batch offset, are 64-bit."""
+    T, D, P = 3, 3, 3
+    strides = (T * BIG, BIG, 1) if big == "position" else (T * D * BIG, 1, BIG)
+    x = strided_view((1, T, D), strides, dtype)
+    dy = strided_view((1, T, P), strides, dtype)
+    assert x.storage_offset() + 2 * BIG > 2 ** 31
+    xc, dyc, c = x.contiguous(), dy.contiguous(), torch.rand(1, device=DEV)
+    assert rel(direct_norm(x, dy), direct_norm_ref(xc, dyc)) < 1e-5
+    assert rel(ghost_dot(x, dy, x, dy), ghost_dot_ref(xc, dyc, xc, dyc)) < 1e-5
+    assert rel(ghost_dot(xc, dyc, x, dy), ghost_dot_ref(xc, dyc, xc, dyc)) < 1e-5
+    assert rel(row_abs_sum(x, dy, c), row_abs_sum_ref(xc, dyc, c)) < 1e-5
+    mask, center, scale = torch.rand(P, D, device=DEV) < 0.7, torch.randn(P, D, device=DEV), torch.rand(P, D, device=DEV) + 0.5
+    assert rel(masked_direct_norm(x, dy, mask, center, scale), masked_direct_norm_ref(xc, dyc, mask, center, scale)) \
+        < 1e-5
+    assert rel(clip_accumulate(x, dy, c), clip_accumulate_ref(xc, dyc, c)) < 1e-5
+
+
+@pytest.mark.parametrize("layout", ["rows", "columns"])
+def test_clip_accumulate_out_past_2_31(layout):
+    """``out`` [P, D] with a row (or column) stride of BIG: the read-modify-write of row (column) 2 lands past 2^31
+    elements, where it belongs."""
+    P, D = 3, 3
+    out = strided_view((P, D, 1), (BIG, 1, 1) if layout == "rows" else (1, BIG, 1))[..., 0]
+    start = out.clone()
+    x, dy, c = torch.randn(2, 5, D, device=DEV), torch.randn(2, 5, P, device=DEV), torch.rand(2, device=DEV)
+    got = clip_accumulate(x, dy, c, out)
+    assert got is out and rel(out - start, clip_accumulate_ref(x, dy, c)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["layer", "group"])
+def test_norm_affine_grad_positions_past_2_31(kind):
+    """A sample of a norm layer whose positions lie at a stride of BIG (position 2 past 2^31)."""
+    F, R = 4, 3
+    if kind == "layer":
+        x = strided_view((1, R, F), (R * BIG, BIG, 1))
+        dy = strided_view((1, R, F), (R * BIG, BIG, 1))
+        _, mean, rstd = torch.native_layer_norm(x.contiguous(), (F,), None, None, 1e-5)
+        arg = (F,)
+    else:  # [B, C, R] with the position (spatial) stride BIG
+        x = strided_view((1, F, R), (R * BIG, 1, BIG))
+        dy = strided_view((1, F, R), (R * BIG, 1, BIG))
+        _, mean, rstd = torch.native_group_norm(x.contiguous(), None, None, 1, F, R, 2, 1e-5)
+        arg = 2
+    got = norm_affine_grad(x, dy, mean, rstd, kind, arg)
+    ref = norm_affine_grad_ref(x.contiguous(), dy.contiguous(), mean, rstd, kind, arg)
+    for g, e in zip(got, ref):
+        assert rel(g, e) < 1e-5

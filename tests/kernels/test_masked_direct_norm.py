@@ -44,3 +44,18 @@ def test_masked_direct_norm_argument_checks():
         masked_direct_norm_ref(x, dy, torch.ones(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="both center and scale"):
         masked_direct_norm_ref(x, dy, torch.ones(5, 4, dtype=torch.bool), torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_empty_sequence_with_an_affine_term(backend, monkeypatch):
+    """T = 0: every G_i is 0, so the standardised norm is ||M * (0 - a) / b||^2 (not 0); without the affine term 0."""
+    monkeypatch.setenv("FASTDP_BACKEND", backend)
+    x, dy = torch.randn(2, 0, 4, device=DEVICE), torch.randn(2, 0, 3, device=DEVICE)
+    mask = torch.rand(3, 4, device=DEVICE) < 0.6
+    center, scale = torch.randn(3, 4, device=DEVICE), torch.rand(3, 4, device=DEVICE) + 0.5
+    want = (mask * (0 - center) / scale).pow(2).sum()
+    got = masked_direct_norm(x, dy, mask, center, scale)
+    assert got.shape == (2,) and want > 0
+    torch.testing.assert_close(got, want.expand(2), rtol=1e-6, atol=0)
+    assert torch.equal(masked_direct_norm(x, dy, mask), torch.zeros(2, device=DEVICE))
+    assert masked_direct_norm(x[:0], dy[:0], mask, center, scale).shape == (0,)

@@ -92,3 +92,43 @@ def test_microadam_update_matches_reference(d, per_block, bs, p_dtype, tol):
     b = microadam_update_ref(p.clone(), idx, vals, w1, w2, **kw)
     torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol * 1e-2)
     assert not torch.equal(a, p)
+
+
+def test_strided_operands_match_reference():
+    """The kernels index their operands as flat contiguous arrays: strided inputs are copied first, and strided
+    in-place arguments (x, out, p) are updated where they are, as the references update them."""
+    d, qbs = 1030, 100
+    base = torch.randn(2 * d, device=DEVICE) * 3
+    x = base[::2]  # stride 2
+    lo, hi = block_minmax(x.contiguous(), qbs)
+    assert torch.equal(ef_quant(x, lo, hi, qbs), ef_quant(x.contiguous(), lo, hi, qbs))
+    codes = ef_quant_ref(x, lo, hi, qbs)
+    acc = torch.randn(2 * d, device=DEVICE)
+    a, b = acc.clone(), acc.clone()
+    got = ef_dequant_add(a[1::2], codes[None].expand(2, -1)[1], lo[None].expand(3, -1)[2], hi, qbs)
+    ef_dequant_add_ref(b[1::2], codes, lo, hi, qbs)
+    assert got.data_ptr() == a[1::2].data_ptr()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+    idx = torch.topk(x.abs(), 50).indices.to(torch.int32)
+    idx_strided = torch.stack([idx, idx]).t()[:, 1]  # stride 2
+    x1, x2 = base.clone(), base.clone()
+    o1, o2 = torch.zeros(2, 50, device=DEVICE), torch.zeros(2, 50, device=DEVICE)
+    out = gather_zero(x1[::2], idx_strided, o1.t()[:, 1], 0, 0)
+    gather_zero_ref(x2[::2], idx, o2.t()[:, 1], 0, 0)
+    assert out.data_ptr() == o1.t()[:, 1].data_ptr()
+    assert torch.equal(x1, x2) and torch.equal(o1, o2) and (o1[1] != 0).all()
+
+    R, n = 3, 40
+    ring = torch.stack([torch.randperm(d)[:n] for _ in range(2 * R)]).to(torch.int32).to(DEVICE)
+    vals = torch.randn(n, 2 * R, device=DEVICE)
+    w1 = torch.tensor([0.81, 0.9, 1.0], device=DEVICE)
+    w2 = torch.tensor([0.998, 0.999, 1.0], device=DEVICE)
+    kw = dict(lr=0.01, eps=1e-8, c1=0.3, c2=0.002, decay=0.999)
+    p = torch.randn(d, 2, device=DEVICE)
+    p1, p2 = p.clone(), p.clone()
+    ring_s, vals_s = ring[::2], vals.t()[1::2]  # strided rows / columns of the ring
+    microadam_update(p1[:, 1], ring_s, vals_s, w1, w2, workspace=torch.zeros(2, d, device=DEVICE), **kw)
+    microadam_update_ref(p2[:, 1], ring_s, vals_s, w1, w2, **kw)
+    torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-7)
+    assert not torch.equal(p1[:, 1], p[:, 1]) and torch.equal(p1[:, 0], p[:, 0])
