@@ -22,11 +22,12 @@ by a non-zero momentum buffer; it is the masked methods' invariant "masked coord
 step when ``weight_decay == 0`` and ``buf`` is zero outside the mask, which is what ``DPOptimizer`` checks before it
 uses this op with a mask). A new buffer (``first_step``) is not written outside the mask: zero-fill it.
 
-The Triton kernel draws the same Philox normals as ``masked_noise``'s kernel, ``tl.randn(seed, j)`` at flat index
-``j`` (the row kernel's int64 index with ``rows``), so it equals ``masked_noise`` + scale + the SGD update up to fp
-rounding; it allocates no noise tensor and makes one launch per call. ``p`` may also be a list of contiguous
-tensors laid out consecutively in ``g`` (a ``GradBuffer``'s parameters): the kernel then reaches them through a
-table of their addresses, still in one launch. The reference draws from a ``torch.Generator`` seeded with ``seed``
+The Triton kernel draws the same Philox normals as ``masked_noise``'s kernel, ``tl.randn(key, j)`` at flat index
+``j`` (the row kernel's int64 index with ``rows``; ``key``: the seed's full 64 bits, never reduced), so it equals
+``masked_noise`` + scale + the SGD update up to fp rounding; it allocates no noise tensor and makes one launch per
+call. Rows outside ``[0, g.shape[0])`` raise ``IndexError`` before the launch and are masked in the kernel too.
+``p`` may also be a list of contiguous tensors laid out consecutively in ``g`` (a ``GradBuffer``'s parameters): the
+kernel then reaches them through a table of their addresses, still in one launch. The reference draws from a ``torch.Generator`` seeded with ``seed``
 (the values of ``masked_noise_ref``, not of the kernel).
 
 Bytes per trained coordinate (fp32 ``p``, momentum on): read g, p, buf and write them back, 24 B (+1 B with a
@@ -42,17 +43,20 @@ import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import LAUNCH_OPTIONS, on_input_device
+from .masked_noise import check_rows, seed_halves
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .masked_noise import _philox_key
+
     @triton.jit
-    def _update(p_ptrs, g_ptrs, b_ptrs, counter, sel, seed, lr, std, scale, momentum, damp1, wd,
+    def _update(p_ptrs, g_ptrs, b_ptrs, counter, sel, seed_hi, seed_lo, lr, std, scale, momentum, damp1, wd,
                 FIRST: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                 WD: tl.constexpr, ROUND_BF16: tl.constexpr):
         """Noise, scale and SGD on the selected lanes (fp32 arithmetic, p stored in its dtype)."""
-        g = (tl.load(g_ptrs, mask=sel, other=0.0) + std * tl.randn(seed, counter)) * scale
+        g = (tl.load(g_ptrs, mask=sel, other=0.0) + std * tl.randn(_philox_key(seed_hi, seed_lo), counter)) * scale
         tl.store(g_ptrs, g, mask=sel)
         p = tl.load(p_ptrs, mask=sel, other=0.0).to(tl.float32)
         if MAXIMIZE:
@@ -77,8 +81,8 @@ if HAS_TRITON:
             new = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
         tl.store(p_ptrs, new.to(p_ptrs.dtype.element_ty), mask=sel)
 
-    @triton.jit
-    def _noisy_sgd_kernel(p_ptr, g_ptr, b_ptr, mask_ptr, d, seed, lr, std, scale, momentum, damp1, wd,
+    @triton.jit(do_not_specialize=["seed_hi", "seed_lo"])
+    def _noisy_sgd_kernel(p_ptr, g_ptr, b_ptr, mask_ptr, d, seed_hi, seed_lo, lr, std, scale, momentum, damp1, wd,
                           HAS_MASK: tl.constexpr, FIRST: tl.constexpr, MOMENTUM: tl.constexpr,
                           NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, WD: tl.constexpr, ROUND_BF16: tl.constexpr,
                           BLOCK: tl.constexpr):
@@ -86,12 +90,12 @@ if HAS_TRITON:
         sel = j < d
         if HAS_MASK:
             sel = sel & (tl.load(mask_ptr + j, mask=sel, other=0) != 0)
-        _update(p_ptr + j, g_ptr + j, b_ptr + j, j, sel, seed, lr, std, scale, momentum, damp1, wd,
+        _update(p_ptr + j, g_ptr + j, b_ptr + j, j, sel, seed_hi, seed_lo, lr, std, scale, momentum, damp1, wd,
                 FIRST, MOMENTUM, NESTEROV, MAXIMIZE, WD, ROUND_BF16)
 
-    @triton.jit
-    def _noisy_sgd_multi_kernel(table_ptr, g_ptr, b_ptr, mask_ptr, seed, lr, std, scale, momentum, damp1, wd,
-                                P_BF16: tl.constexpr, HAS_MASK: tl.constexpr, FIRST: tl.constexpr,
+    @triton.jit(do_not_specialize=["seed_hi", "seed_lo"])
+    def _noisy_sgd_multi_kernel(table_ptr, g_ptr, b_ptr, mask_ptr, seed_hi, seed_lo, lr, std, scale, momentum, damp1,
+                                wd, P_BF16: tl.constexpr, HAS_MASK: tl.constexpr, FIRST: tl.constexpr,
                                 MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
                                 WD: tl.constexpr, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
         # one block of one parameter per program: (address of the block's first element, its flat index in g,
@@ -108,19 +112,20 @@ if HAS_TRITON:
         sel = j < end
         if HAS_MASK:
             sel = sel & (tl.load(mask_ptr + j, mask=sel, other=0) != 0)
-        _update(p_ptr + o, g_ptr + j, b_ptr + j, j, sel, seed, lr, std, scale, momentum, damp1, wd,
+        _update(p_ptr + o, g_ptr + j, b_ptr + j, j, sel, seed_hi, seed_lo, lr, std, scale, momentum, damp1, wd,
                 FIRST, MOMENTUM, NESTEROV, MAXIMIZE, WD, ROUND_BF16)
 
-    @triton.jit
-    def _noisy_sgd_rows_kernel(p_ptr, g_ptr, b_ptr, rows_ptr, k, cols, seed, lr, std, scale, momentum, damp1, wd,
-                               FIRST: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+    @triton.jit(do_not_specialize=["seed_hi", "seed_lo"])
+    def _noisy_sgd_rows_kernel(p_ptr, g_ptr, b_ptr, rows_ptr, k, cols, n_rows, seed_hi, seed_lo, lr, std, scale,
+                               momentum, damp1, wd, FIRST: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                                MAXIMIZE: tl.constexpr, WD: tl.constexpr, ROUND_BF16: tl.constexpr,
                                BLOCK: tl.constexpr):
         e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # over the k * cols selected elements
         inb = e < k * cols
-        r = tl.load(rows_ptr + e // cols, mask=inb, other=0)
+        r = tl.load(rows_ptr + e // cols, mask=inb, other=-1)
+        sel = inb & (r >= 0) & (r < n_rows)  # a row outside g is never touched (the host check raises first)
         j = r * cols + e % cols  # int64, as in masked_noise's row kernel
-        _update(p_ptr + j, g_ptr + j, b_ptr + j, j, inb, seed, lr, std, scale, momentum, damp1, wd,
+        _update(p_ptr + j, g_ptr + j, b_ptr + j, j, sel, seed_hi, seed_lo, lr, std, scale, momentum, damp1, wd,
                 FIRST, MOMENTUM, NESTEROV, MAXIMIZE, WD, ROUND_BF16)
 
 _BLOCK = 1024
@@ -145,6 +150,7 @@ def _check(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], lr, std, see
             raise ValueError(f"noisy_sgd: {name} must be >= 0, got {v}")
     if not isinstance(seed, int):
         raise ValueError(f"noisy_sgd: seed must be an int, got {type(seed).__name__}")
+    seed_halves(seed)  # in [-2^63, 2^64), both backends
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("noisy_sgd: nesterov needs momentum > 0 and dampening == 0 (torch.optim.SGD's rule)")
     if mask is not None and rows is not None:
@@ -176,11 +182,8 @@ def _check(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], lr, std, see
             raise ValueError("noisy_sgd: mask must be a bool tensor")
         if mask.shape != g.shape or mask.device != g.device:
             raise ValueError(f"noisy_sgd: mask has shape {tuple(mask.shape)}, g {tuple(g.shape)}")
-    if rows is not None:
-        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or rows.dim() != 1:
-            raise ValueError("noisy_sgd: rows must be a 1-D int64 tensor")
-        if g.dim() == 0 or rows.device != g.device:
-            raise ValueError("noisy_sgd: rows index dim 0 of g, on g's device")
+    if rows is not None:  # 1-D int64 on g's device (ValueError), in [0, g.shape[0]) (IndexError; cached per tensor)
+        check_rows(rows, g, "noisy_sgd", dtypes=(torch.int64,))
     return params, multi
 
 
@@ -197,10 +200,13 @@ def noisy_sgd_ref(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr
         buf: fp32 momentum buffer, ``g``'s shape (ignored, may be None, when ``momentum == 0``).
         lr, momentum, dampening, weight_decay, nesterov, maximize: ``torch.optim.SGD``'s (Python numbers).
         std: noise standard deviation (units of ``g``); scale: factor after the noise (1 / expected batch size).
-        seed: noise seed (a ``torch.Generator`` here: the reference's noise values are not the kernel's).
+        seed: noise seed, an integer in ``[-2^63, 2^64)`` (a ``torch.Generator`` here: the reference's noise values
+            are not the kernel's, and on the CPU they depend on the seed's low 32 bits only: see ``masked_noise_ref``;
+            the kernel's Philox key is the seed's full 64 bits, as ``masked_noise``'s).
         first_step: create the momentum buffer (``buf = d``, torch's first step); buf's old values are not used.
-        mask: bool, ``g``'s shape: only where set. rows: int64 indices along dim 0 of ``g`` (distinct, in range:
-            not checked). At most one of mask / rows.
+        mask: bool, ``g``'s shape: only where set. rows: 1-D int64 indices along dim 0 of ``g``, distinct (not
+            checked) and in ``[0, g.shape[0])`` (``IndexError`` otherwise; read once per rows tensor, see
+            ``masked_noise.check_rows``). At most one of mask / rows.
 
     Returns:
         ``p``.
@@ -292,21 +298,23 @@ def noisy_sgd(p: Params, g: torch.Tensor, buf: Optional[torch.Tensor], *, lr: fl
                              dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                              first_step=first_step, mask=mask, rows=rows)
     params, multi = _check(p, g, buf, lr, std, seed, scale, momentum, dampening, weight_decay, nesterov, mask, rows)
-    seed = int(seed) % (2 ** 31 - 1)  # masked_noise's seed: the same Philox stream
+    hi, lo = seed_halves(seed)  # masked_noise's full 64-bit key: the same Philox stream
     b = buf if momentum != 0 else g  # never dereferenced without momentum
-    scalars = (seed, float(lr), float(std), float(scale), float(momentum), float(1 - dampening), float(weight_decay))
+    scalars = (hi, lo, float(lr), float(std), float(scale), float(momentum), float(1 - dampening), float(weight_decay))
     flags = dict(FIRST=bool(first_step), MOMENTUM=momentum != 0, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
                  WD=weight_decay != 0, BLOCK=_BLOCK,
                  ROUND_BF16=interpreting() and params[0].dtype == torch.bfloat16, **LAUNCH_OPTIONS)
     if rows is not None:
+        rows = rows.contiguous()  # the kernel reads rows at stride 1
         cols = g[0].numel()
         n = rows.numel() * cols
         if n:
-            _noisy_sgd_rows_kernel[(triton.cdiv(n, _BLOCK),)](p, g, b, rows, rows.numel(), cols, *scalars, **flags)
+            _noisy_sgd_rows_kernel[(triton.cdiv(n, _BLOCK),)](p, g, b, rows, rows.numel(), cols, g.shape[0], *scalars,
+                                                              **flags)
         return p
     if g.numel() == 0:
         return p
-    m = mask.reshape(-1).view(torch.uint8) if mask is not None else g  # bool: no copy
+    m = mask.reshape(-1).contiguous().view(torch.uint8) if mask is not None else g  # bool: no copy if contiguous
     if multi:
         table = _block_table(params, g.device)
         _noisy_sgd_multi_kernel[(table.shape[0],)](table, g, b, m, *scalars, P_BF16=params[0].dtype == torch.bfloat16,

@@ -75,8 +75,9 @@ def test_without_noise_equals_torch_sgd(backend, dtype, config, layout):
             close(buf, want, TOL[dtype], f"step {step} momentum buffer")
 
 
+@pytest.mark.parametrize("seed", [99, 3081012064131973355, 2 ** 64 - 5], ids=["small", "62bit", "64bit"])
 @pytest.mark.parametrize("mode", ["all", "mask", "rows", "list-mask"])
-def test_noise_is_masked_noise_then_the_sgd_update(backend, mode):
+def test_noise_is_masked_noise_then_the_sgd_update(backend, mode, seed):
     """std>0: noisy_sgd == masked_noise (same backend, same seed) + scale + the SGD update (reference, std=0)."""
     torch.manual_seed(1)
     shape = (41, 25)
@@ -91,12 +92,12 @@ def test_noise_is_masked_noise_then_the_sgd_update(backend, mode):
     g1, p1, b1 = g.clone(), p.clone(), buf.clone()
     if mode == "list-mask":
         pieces = [p1.view(-1)[:1].clone(), p1.view(-1)[1:8].clone(), p1.view(-1)[8:].clone()]
-        noisy_sgd(pieces, g1, b1, std=0.7, seed=99, **hyper, **sel)
+        noisy_sgd(pieces, g1, b1, std=0.7, seed=seed, **hyper, **sel)
         p1 = torch.cat(pieces).view(shape)
     else:
-        noisy_sgd(p1, g1, b1, std=0.7, seed=99, **hyper, **sel)
+        noisy_sgd(p1, g1, b1, std=0.7, seed=seed, **hyper, **sel)
     g2, p2, b2 = g.clone(), p.clone(), buf.clone()
-    masked_noise(g2, 0.7, 99, **(sel or dict(mask=torch.ones(shape, dtype=torch.bool, device=DEVICE))))
+    masked_noise(g2, 0.7, seed, **(sel or dict(mask=torch.ones(shape, dtype=torch.bool, device=DEVICE))))
     noisy_sgd_ref(p2, g2, b2, std=0.0, seed=0, **hyper, **sel)
     for name, a, b in (("g", g1, g2), ("p", p1, p2), ("buf", b1, b2)):
         close(a, b, 1e-6, name)
@@ -194,3 +195,80 @@ def test_bad_arguments_raise(backend):
         with pytest.raises(ValueError):
             noisy_sgd(*args, **{**ok, **kw})
             pytest.fail(f"case {i} did not raise")
+
+
+# -- audit fixes: the full 64-bit seed, rows (strided, out of range) and strided masks ----------------------------------
+
+SEED = 3081012064131973355  # a 62-bit per-step seed (DPOptimizer._noise_seed's range)
+
+
+@pytest.mark.parametrize("mode", ["all", "mask", "rows", "list"])
+def test_seeds_differing_by_a_multiple_of_2_31_minus_1_give_different_noise(backend, mode):
+    """The seed is not reduced mod 2^31 - 1 (the kernel uses all 64 bits): distinct seeds, distinct noise; the same
+    seed, the same noise."""
+    shape = (9, 13)
+    sel = dict(mask=torch.rand(shape, device=DEVICE) < 0.5) if mode == "mask" else \
+        dict(rows=torch.tensor([0, 4, 8], device=DEVICE)) if mode == "rows" else {}
+
+    def run(seed):
+        g, p = torch.zeros(shape, device=DEVICE), torch.zeros(shape, device=DEVICE)
+        target = [p.view(-1)[:20], p.view(-1)[20:]] if mode == "list" else p
+        noisy_sgd(target, g, None, lr=1.0, std=1.0, seed=seed, scale=1.0, **sel)
+        return g
+
+    a = run(SEED)
+    assert torch.equal(a, run(SEED))
+    others = [SEED + (2 ** 31 - 1), SEED + 7 * (2 ** 31 - 1)]
+    if backend == "triton" or DEVICE == "cuda":  # the CPU reference's generator keeps the low 32 bits only
+        others += [SEED + 2 ** 32, SEED ^ (1 << 61)]
+    for other in others:
+        assert not torch.equal(a, run(other)), other
+    for bad in (2 ** 64, -(2 ** 63) - 1):
+        with pytest.raises(ValueError):
+            run(bad)
+
+
+def test_strided_rows_update_those_rows(backend):
+    """rows[::2] (stride 2) updates rows 0 and 2, exactly as the contiguous rows [0, 2] do."""
+    torch.manual_seed(7)
+    shape = (4, 5)
+    g0, p0, b0 = torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE), torch.randn(shape, device=DEVICE)
+    out = []
+    for rows in (torch.tensor([0, 1, 2, 3], device=DEVICE)[::2], torch.tensor([0, 2], device=DEVICE)):
+        g, p, b = g0.clone(), p0.clone(), b0.clone()
+        noisy_sgd(p, g, b, lr=0.1, std=1.0, seed=3, scale=0.5, momentum=0.9, rows=rows)
+        out.append((g, p, b))
+    (ga, pa, ba), (gb, pb, bb) = out
+    assert torch.equal(ga, gb) and torch.equal(pa, pb) and torch.equal(ba, bb)
+    p = pa
+    assert torch.equal(p[[1, 3]], p0[[1, 3]]) and not torch.equal(p[[0, 2]], p0[[0, 2]])
+
+
+def test_rows_out_of_range_raise_and_touch_nothing(backend):
+    store = torch.zeros(3, 8, 3, device=DEVICE)  # p, g, buf: each a view of 4 rows inside 8
+    for lo, rows in ((0, [5]), (0, [1, 4]), (4, [-1])):
+        p, g, b = (t[lo:lo + 4] for t in store)
+        with pytest.raises(IndexError):
+            noisy_sgd(p, g, b, lr=0.1, std=1.0, seed=1, scale=1.0, momentum=0.9, rows=torch.tensor(rows, device=DEVICE))
+        assert (store == 0).all()
+
+
+@pytest.mark.interpreter
+def test_rows_kernel_never_writes_outside_g():
+    """The in-kernel guard (should a row escape the host check): rows outside [0, n_rows) touch nothing."""
+    from fastdp.kernels.noisy_sgd import _noisy_sgd_rows_kernel
+    store = torch.zeros(3, 8, 3, device=DEVICE)
+    p, g, b = (t[2:6] for t in store)
+    rows = torch.tensor([-2, -1, 1, 4, 5], device=DEVICE)
+    _noisy_sgd_rows_kernel[(1,)](p, g, b, rows, 5, 3, 4, 0, 7, 0.1, 1.0, 1.0, 0.9, 1.0, 0.0, FIRST=False,
+                                 MOMENTUM=True, NESTEROV=False, MAXIMIZE=False, WD=False, ROUND_BF16=False, BLOCK=1024)
+    changed = (store != 0).any(-1)  # [3, 8]: rows of p, g, buf that moved
+    assert changed[:, 3].all() and not changed[:, :3].any() and not changed[:, 4:].any()
+
+
+def test_strided_mask(backend):
+    """A 1-D bool mask at stride 2 selects by its values (the kernel read it at stride 1)."""
+    mask = torch.tensor([True, False, False, False] * 4, device=DEVICE)[::2]  # [T, F, T, F, ...], stride 2
+    g, p = torch.zeros(8, device=DEVICE), torch.zeros(8, device=DEVICE)
+    noisy_sgd(p, g, None, lr=1.0, std=1.0, seed=2, scale=1.0, mask=mask)
+    assert ((g != 0) == mask).all() and ((p != 0) == mask).all()
