@@ -17,7 +17,7 @@ import torch
 from ._backend import HAS_TRITON, backend_for_op, interpreting
 from ._common import cast, on_input_device, upcast
 from ._tuning import Tiles, mma_tiles
-from .conv_norm import as_conv2d, check_conv
+from .conv_norm import as_conv2d, check_conv, needs_64bit_offsets
 
 if HAS_TRITON:
     import triton
@@ -30,7 +30,7 @@ if HAS_TRITON:
     def _conv_clip_accumulate_kernel(x, dy, scale, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w, so_m,
                                      B, H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
                                      BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, FP32_DOT: tl.constexpr,
-                                     IEEE: tl.constexpr):
+                                     IEEE: tl.constexpr, O64: tl.constexpr):
         """out[g*COG + m, n] += sum over this program's samples b of scale[b] * (dY_b^T X_b)[m, n].
 
         Program (chunk * GROUPS + g, m tile, n tile); n = (c, i, j) over CG * KH * KW, the weight's own layout.
@@ -40,6 +40,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         chunk = pid // GROUPS
         g = pid % GROUPS
+        if O64:  # 64-bit offsets inside a sample and into out (one spans 2^31 elements or more)
+            g = g.to(tl.int64)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -52,11 +54,13 @@ if HAS_TRITON:
             part = tl.zeros([BM, BN], dtype=tl.float32)
             for l0 in range(0, L, BL):
                 a, p = _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W,
-                                   Wo, L_b, COG, CG, SH, SW, PH, PW, DH, DW, BL)
+                                   Wo, L_b, COG, CG, SH, SW, PH, PW, DH, DW, BL, O64)
                 part = _grad_step(part, a, p, FP32_DOT, IEEE)
             cb = tl.load(scale + tl.minimum(b, B - 1))  # (past the batch: times a zero partial)
             acc += cb * part
         mask = (m[:, None] < COG) & (n[None, :] < CG * KH * KW)
+        if O64:
+            m, n = m.to(tl.int64), n.to(tl.int64)
         tl.atomic_add(out + (g * COG + m)[:, None] * so_m + n[None, :], acc, mask=mask)
 
     CONV_CLIP_TILES = Tiles("conv_clip_accumulate", _conv_clip_accumulate_kernel,
@@ -153,5 +157,6 @@ def conv_clip_accumulate(x: torch.Tensor, dy: torch.Tensor, scale: torch.Tensor,
     fp32_dot = x.dtype == torch.float32 or L < 16 or interpreting()
     CONV_CLIP_TILES[grid](x2, dy2, scale.float().contiguous(), target, *x2.stride(), *dy2.stride(), K, B, H, W, Wo, L,
                           cog, cg, kh, kw, *st, *pad, *dil, groups, FP32_DOT=fp32_dot,
-                          IEEE=fp32_dot and not interpreting())
+                          IEEE=fp32_dot and not interpreting(),
+                          O64=needs_64bit_offsets(x2, dy2) or target.numel() >= 2 ** 31 - 1)
     return target

@@ -38,16 +38,19 @@ if HAS_TRITON:
     from .ghost_norm import _gram_step
 
     @triton.jit
-    def _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG):
+    def _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG, O64: tl.constexpr):
         """One sample's output gradient [BL, BM] at output positions ``lpos`` and channels ``m`` (zero past
-        ``L`` or ``COG``)."""
+        ``L`` or ``COG``). O64: 64-bit offsets inside the sample (one spans 2^31 elements or more)."""
         oh = lpos // Wo
         ow = lpos % Wo
+        if O64:
+            m, oh, ow = m.to(tl.int64), oh.to(tl.int64), ow.to(tl.int64)
         return tl.load(y_base + m[None, :] * sy_c + oh[:, None] * sy_h + ow[:, None] * sy_w,
                        mask=(lpos[:, None] < L) & (m[None, :] < COG), other=0.0)
 
     @triton.jit
-    def _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW):
+    def _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW,
+                         O64: tl.constexpr):
         """One sample's patches [BL, BN] at output positions ``lpos`` and columns ``n = (c, i, j)`` over
         CG * KH * KW (the weight's layout), each loaded from x at its input coordinate: the implicit im2col
         (zero outside the image, i.e. the padding, and past ``L`` or the last column)."""
@@ -59,23 +62,25 @@ if HAS_TRITON:
         ih = oh[:, None] * SH - PH + i[None, :] * DH
         iw = ow[:, None] * SW - PW + j[None, :] * DW
         inside = (lpos[:, None] < L) & (c[None, :] < CG) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+        if O64:
+            c, ih, iw = c.to(tl.int64), ih.to(tl.int64), iw.to(tl.int64)
         return tl.load(x_base + c[None, :] * sx_c + ih * sx_h + iw * sx_w, mask=inside, other=0.0)
 
     @triton.jit
     def _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L, COG, CG,
-                    SH, SW, PH, PW, DH, DW, BL: tl.constexpr):
+                    SH, SW, PH, PW, DH, DW, BL: tl.constexpr, O64: tl.constexpr):
         """One sample's operands over output positions ``l0 .. l0 + BL``: dY [BL, BM] at the channels ``m`` and the
         patches [BL, BN] at the columns ``n``. Positions ``>= L`` load zeros (``L = 0``: a sample past the batch)."""
         lpos = l0 + tl.arange(0, BL)
-        a = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG)
-        p = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
+        a = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, lpos, Wo, L, COG, O64)
+        p = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, lpos, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW, O64)
         return a, p
 
     @triton.jit
     def _conv_direct_norm_kernel(x, dy, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
                                  H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
                                  BM: tl.constexpr, BN: tl.constexpr, BL: tl.constexpr, UPCAST: tl.constexpr,
-                                 IEEE: tl.constexpr):
+                                 IEEE: tl.constexpr, O64: tl.constexpr):
         """out[b] += ||tile of dY_{b,g}^T X_{b,g}||^2 for one [BM, BN] tile of group g's weight gradient.
 
         Rows m: output channels of the group (COG); columns n = (c, i, j) over CG * KH * KW; the reduction runs
@@ -84,6 +89,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         b = (pid // GROUPS).to(tl.int64)  # 64-bit offsets: tensors past 2^31 elements
         g = pid % GROUPS
+        if O64:
+            g = g.to(tl.int64)
         m = tl.program_id(1) * BM + tl.arange(0, BM)
         n = tl.program_id(2) * BN + tl.arange(0, BN)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
@@ -91,14 +98,15 @@ if HAS_TRITON:
         y_base = dy + b * sy_b + (g * COG) * sy_c
         for l0 in range(0, L, BL):
             a, p = _conv_tiles(x_base, y_base, sx_c, sx_h, sx_w, sy_c, sy_h, sy_w, m, n, KH, KW, l0, H, W, Wo, L,
-                               COG, CG, SH, SW, PH, PW, DH, DW, BL)
+                               COG, CG, SH, SW, PH, PW, DH, DW, BL, O64)
             acc = _grad_step(acc, a, p, UPCAST, IEEE)
         tl.atomic_add(out + b, tl.sum(acc * acc))
 
     @triton.jit
     def _conv_ghost_norm_kernel(x, dy, out, sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
                                 H, W, Wo, L, COG, CG, KH, KW, SH, SW, PH, PW, DH, DW, GROUPS,
-                                BL: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+                                BL: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+                                O64: tl.constexpr):
         """out[b] += sum over one (t, s) tile of (P P^T) * (dY dY^T) for group g of sample b.
 
         P: the sample's patches [L, CG * KH * KW] (implicit im2col, never stored); dY: [L, COG]. Both [BL, BL]
@@ -107,6 +115,8 @@ if HAS_TRITON:
         pid = tl.program_id(0)
         b = (pid // GROUPS).to(tl.int64)
         g = pid % GROUPS
+        if O64:
+            g = g.to(tl.int64)
         ti = tl.program_id(1)
         si = tl.program_id(2)
         if si < ti:
@@ -118,14 +128,16 @@ if HAS_TRITON:
         gx = tl.zeros([BL, BL], dtype=tl.float32)
         for k0 in range(0, CG * KH * KW, BK):
             n = k0 + tl.arange(0, BK)
-            pt = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, t, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
-            ps = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, s, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW)
+            pt = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, t, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW,
+                                  O64)
+            ps = _conv_patch_tile(x_base, sx_c, sx_h, sx_w, n, s, KH, KW, H, W, Wo, L, CG, SH, SW, PH, PW, DH, DW,
+                                  O64)
             gx = _gram_step(gx, pt, ps, UPCAST, IEEE)
         gy = tl.zeros([BL, BL], dtype=tl.float32)
         for m0 in range(0, COG, BK):
             m = m0 + tl.arange(0, BK)
-            at = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, t, Wo, L, COG)
-            as_ = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, s, Wo, L, COG)
+            at = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, t, Wo, L, COG, O64)
+            as_ = _conv_dy_tile(y_base, sy_c, sy_h, sy_w, m, s, Wo, L, COG, O64)
             gy = _gram_step(gy, at, as_, UPCAST, IEEE)
         part = tl.sum(gx * gy)
         if si > ti:
@@ -160,7 +172,7 @@ def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], st
         return out
     cog, K = c_out // groups, cg * kh * kw
     geometry = (H, W, Wo, L, cog, cg, kh, kw, *stride, *padding, *dilation, groups)
-    flags = dict(UPCAST=interpreting(), IEEE=x.dtype == torch.float32)
+    flags = dict(UPCAST=interpreting(), IEEE=x.dtype == torch.float32, O64=needs_64bit_offsets(x, dy))
     if ghost:
         grid = lambda meta: (B * groups, triton.cdiv(L, meta["BL"]), triton.cdiv(L, meta["BL"]))  # noqa: E731
         CONV_GHOST_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), *geometry, **flags)
@@ -168,6 +180,12 @@ def conv_norm(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], st
     grid = lambda meta: (B * groups, triton.cdiv(cog, meta["BM"]), triton.cdiv(K, meta["BN"]))  # noqa: E731
     CONV_DIRECT_TILES[grid](x, dy, out, *x.stride(), *dy.stride(), *geometry, **flags)
     return out
+
+
+def needs_64bit_offsets(*tensors: torch.Tensor) -> bool:
+    """Whether an offset inside one sample (over dims 1.., from its start) can reach 2^31 in any of ``tensors``: the
+    conv kernels then index inside a sample in 64 bits (the O64 flag), else in 32 (fewer registers)."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31 - 1 for t in tensors)
 
 
 def check_conv(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride, padding, dilation,

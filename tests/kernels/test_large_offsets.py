@@ -155,3 +155,18 @@ def test_norm_affine_grad_positions_past_2_31(kind):
     ref = norm_affine_grad_ref(x.contiguous(), dy.contiguous(), mean, rstd, kind, arg)
     for g, e in zip(got, ref):
         assert rel(g, e) < 1e-5
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
+def test_conv_kernels_inside_a_sample_past_2_31(ghost):
+    """One sample whose channels lie BIG elements apart: channel 2 starts past 2^31 inside the sample (the conv
+    kernels then index in 64 bits, the O64 flag; 32-bit offsets read at a wrapped address)."""
+    from fastdp.kernels.conv_norm import needs_64bit_offsets
+    x = strided_view((1, 3, 6, 7), (3 * BIG, BIG, 7, 1))
+    geo = ((4, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1)
+    dy = torch.randn(1, 4, 6, 7, device=DEV)
+    assert needs_64bit_offsets(x, dy) and not needs_64bit_offsets(dy)
+    assert rel(conv_norm(x, dy, *geo, ghost), conv_norm_ref(x, dy, *geo, ghost)) < 1e-5
+    if not ghost:
+        c = torch.rand(1, device=DEV)
+        assert rel(conv_clip_accumulate(x, dy, c, *geo), conv_clip_accumulate_ref(x, dy, c, *geo)) < 1e-5
