@@ -22,12 +22,14 @@ Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOpti
 """
 from __future__ import annotations
 
+import functools
 import threading
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
@@ -55,9 +57,10 @@ def _qualname(cls) -> str:
 
 
 def _leading_dim(args, kwargs) -> Optional[int]:
-    for a in list(args) + list(kwargs.values()):
-        if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap):
-            return a.shape[0] if a.dim() > 0 else None
+    """Leading dim of the first tensor argument of the model's forward with a dim (nested containers included)."""
+    for a in tree_flatten((args, kwargs))[0]:
+        if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap) and a.dim() > 0:
+            return a.shape[0]
     return None
 
 
@@ -107,7 +110,10 @@ class PendingUse:
 class GradSampleEngine:
     """Attach to ``module``; after each backward, ``summed[p]`` holds ``sum_i c_i g_i`` for every trainable p.
 
-    Several backward passes before a reset accumulate (micro-batches).
+    Several backward passes before a reset accumulate (micro-batches). Only passes that compute the parameters'
+    gradients count (``loss.backward()``): ``torch.autograd.grad(loss, x)`` or ``backward(inputs=[x])`` leave the
+    engine untouched, as they leave ``.grad`` untouched in PyTorch. Running a retained graph backward a second
+    time is refused (its samples would be clipped and added twice), and so is ``create_graph=True``.
 
     Args:
         module: the model. Sample dim is dim 0 of every layer input.
@@ -159,6 +165,10 @@ class GradSampleEngine:
         self._guarded = set()
         # every handler's autograd function takes this scalar, so ops join the graph without the parameters
         self.anchor = torch.zeros((), requires_grad=True)
+        # its AccumulateGrad node (held, so every graph uses this one): a backward pass computes the parameters'
+        # gradients iff it executes this node (``recording``)
+        self._anchor_node = torch.autograd.graph.get_gradient_edge(self.anchor).node
+        self._task_recording = (None, False)  # (graph task id, whether it records) of the last pass asked
         self._module_names = {m: n for n, m in module.named_modules()}
         names = defaultdict(list)
         for n, p in module.named_parameters(remove_duplicate=False):
@@ -172,8 +182,8 @@ class GradSampleEngine:
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 _check_batchnorm(name, m)
         for name, m in self.module.named_modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                self._handles.append(m.register_forward_pre_hook(lambda mod, a, n=name: _check_batchnorm(n, mod)))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # (partial, not a lambda: the model stays picklable)
+                self._handles.append(m.register_forward_pre_hook(functools.partial(_check_batchnorm_hook, name)))
         # (module, name) of every parameter slot, in module order: swapped for taps around the root forward
         self._slots = [(m, n) for m in self._module_names for n, p in m._parameters.items() if p is not None]
         self._handles.append(self.module.register_forward_pre_hook(self._swap_in, with_kwargs=True))
@@ -185,13 +195,16 @@ class GradSampleEngine:
     def _guard(self, p: nn.Parameter) -> None:
         """Raise if autograd ever accumulates into p.grad: a use the engine did not see."""
         name = self.param_names.setdefault(p, "<parameter added after attach>")
-        self._handles.append(p.register_post_accumulate_grad_hook(
-            lambda p, name=name: _untracked_use(name) if p.grad is not None else None))
+        self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(_guard_hook, name)))
         self._guarded.add(p)
 
     def __deepcopy__(self, memo):
         """A deep copy of the model (EMA, evaluation copies) is a plain model: its copied hooks see an inert engine."""
         return _InertEngine()
+
+    def __reduce__(self):
+        """Pickling the model (``torch.save(model)``) saves a plain model, as ``__deepcopy__`` copies one."""
+        return (_InertEngine, ())
 
     def detach(self) -> None:
         """Remove every hook; the module is a plain PyTorch module again."""
@@ -207,6 +220,14 @@ class GradSampleEngine:
         swapped = []
         for m, n in self._slots:
             p = m._parameters[n]
+            if isinstance(p, ParamTap) and p._fdp_ctx.engine is not self:
+                for m2, n2, p2 in swapped:
+                    m2._parameters[n2] = p2
+                raise RuntimeError(
+                    f"the model already has another fastdp engine attached (parameter "
+                    f"'{self.param_names.get(p._fdp_param, n)}'): an earlier DPOptimizer / GradSampleEngine on this "
+                    "model (or a model containing it) was not detached, and it would take every gradient. Call "
+                    ".detach() on the old DPOptimizer (or engine) before building a new one.")
             if p is None or not p.requires_grad or isinstance(p, ParamTap):
                 continue
             m._parameters[n] = self._tap(p, m, n)
@@ -261,6 +282,28 @@ class GradSampleEngine:
             center = center / grad.batch_size
         return masked(grad, mask.dense, center, mask.scale)
 
+    def recording(self) -> bool:
+        """Called in backward: whether the current backward pass computes the parameters' gradients.
+
+        ``loss.backward()`` does (it runs the anchor's AccumulateGrad node); ``torch.autograd.grad(loss, x)`` and
+        ``loss.backward(inputs=[x])`` do not (PyTorch leaves ``.grad`` untouched there): their per-sample gradients
+        are dropped. ``create_graph=True`` is refused: the layer functions' backward is not differentiable with
+        respect to the parameters, so second-order terms (gradient penalties) would be silently missing.
+        """
+        if torch.is_grad_enabled():  # grad mode in backward: create_graph=True
+            raise UnsupportedLayerError(
+                "backward with create_graph=True (double backward: gradient penalties, higher-order gradients) is not "
+                "supported by fastdp: the layers' backward is not differentiable with respect to the parameters, so "
+                "the second-order terms would be silently missing")
+        task = torch._C._current_graph_task_id()
+        if self._task_recording[0] != task:
+            try:
+                rec = bool(torch._C._will_engine_execute_node(self._anchor_node))
+            except RuntimeError:  # autograd.grad asking for the anchor itself (never a training pass)
+                rec = False
+            self._task_recording = (task, rec)
+        return self._task_recording[1]
+
     def open_use(self, tap: Optional[ParamTap]) -> Optional[PendingUse]:
         """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit``."""
         return None if tap is None else PendingUse(self._pending, tap._fdp_param)
@@ -289,18 +332,26 @@ class GradSampleEngine:
         ``use``: the ``PendingUse`` opened for it in forward (per-parameter rules then clip the parameter as
         soon as no use of it is pending).
         """
+        if not self.recording():  # a pass that does not compute the parameters' gradients
+            grad.release()
+            return
+        if use is not None and not use.arrive():  # a retained graph run backward again
+            raise RuntimeError(
+                f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a graph that was "
+                "already backpropagated (retain_graph=True): the same samples would be clipped twice (their "
+                "contribution would exceed max_grad_norm). Sum the losses and call backward once.")
         task = torch._C._current_graph_task_id()
         if self._callback_queued != task:
             # first use of this backward pass (a failed earlier pass may have left stale state: drop it)
             self._abandon_pass()
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = task
-        if use is None or not use.arrive():  # untracked, or a retained graph run backward again
+        if use is None:  # untracked use: its parameter is clipped at the end of backward
             if self._pass_fused:
                 raise RuntimeError(
-                    f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a graph that "
-                    "was already backpropagated (retain_graph) in a backward pass that mixes it with a new graph; "
-                    "per-layer fused clipping cannot combine them. Build the DPOptimizer with fused_per_layer=False.")
+                    f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient of a use not recorded "
+                    "in forward after per-layer fused clipping started in this backward pass; build the DPOptimizer "
+                    "with fused_per_layer=False.")
             self._pass_no_fuse = True
         mask = self.masks.get(grad.param) if self.masks else None
         if mask is not None and mask.standardizes:
@@ -546,12 +597,19 @@ class GradSampleEngine:
 
 
 class _InertEngine:
-    """What a deep-copied model's hooks are bound to: they swap nothing (see GradSampleEngine.__deepcopy__)."""
+    """What a deep-copied or unpickled model's hooks are bound to: they swap nothing (see
+    GradSampleEngine.__deepcopy__ and __reduce__)."""
 
     _slots = ()
     _swapped = None
     batch_size = None
     _taps: dict = {}
+
+    def _swap_in(self, module, args, kwargs):  # (an unpickled hook is bound to these)
+        return None
+
+    def _swap_out(self, module, args, kwargs, output):
+        return None
 
 
 def _is_small(grad: PerSampleGrad) -> bool:
@@ -585,6 +643,15 @@ def _check_batchnorm(name, m):
             f"module '{name}' ({type(m).__name__}) is BatchNorm in training mode or with trainable affine "
             "parameters: it mixes samples through batch statistics, which breaks per-sample clipping. Replace it "
             "with nn.GroupNorm (opacus.validators.ModuleValidator.fix does this), or freeze it and call .eval() on it.")
+
+
+def _check_batchnorm_hook(name, module, args):
+    _check_batchnorm(name, module)
+
+
+def _guard_hook(name, p):
+    if p.grad is not None:
+        _untracked_use(name)
 
 
 def _untracked_use(name):

@@ -130,7 +130,8 @@ def test_step_with_fused_per_layer_bounds_each_sample_and_layer():
 
 def test_unused_graph_and_retained_graph():
     """Uses recorded by a forward that never runs backward stop counting when its graph is freed; while it is
-    alive, those parameters are clipped at the end of backward instead (same result)."""
+    alive, those parameters are clipped at the end of backward instead (same result). A retained graph run backward
+    again is refused."""
     torch.manual_seed(3)
     model = MLP(5, 3, hidden=(7,)).double()
     R = thresholds(model)
@@ -150,14 +151,16 @@ def test_unused_graph_and_retained_graph():
     assert len(opt.engine.last_factors) == len(list(model.parameters()))
     for n, p in model.named_parameters():
         assert_close(opt.engine.summed[p], ref[n], 1e-9, 1e-12, n)
-    # a retained graph run backward twice: two micro-batches of the same samples, as without fusion
+    # a retained graph run backward twice would clip the same samples twice (contribution 2R): refused; the first
+    # pass's sums are kept
     opt.zero_grad()
     loss = ce(model(x), y)
     loss.backward(retain_graph=True)
-    loss.backward()
-    assert opt.engine.num_backward == 2
+    with pytest.raises(RuntimeError, match="clipped twice"):
+        loss.backward()
+    assert opt.engine.num_backward == 1
     for n, p in model.named_parameters():
-        assert_close(opt.engine.summed[p], 2 * ref[n], 1e-9, 1e-12, n)
+        assert_close(opt.engine.summed[p], ref[n], 1e-9, 1e-12, n)
 
 
 class FailingNet(nn.Module):

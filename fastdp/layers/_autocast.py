@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from fastdp.tap import ParamTap, UnsupportedLayerError, unwrap
+from fastdp.tap import BatchSizeError, ParamTap, UnsupportedLayerError, unwrap
 
 # (layer, intercepted op, per-sample norm): the README's table has exactly these rows (tested).
 SUPPORTED_LAYERS = [
@@ -56,6 +56,21 @@ def plain_input(x, op: str, taps) -> torch.Tensor:
         raise UnsupportedLayerError(f"{op} with a trainable parameter as its data input ({x.label}) is not supported "
                                     f"(while handling {owner.label})")
     return x
+
+
+def check_batch(x: torch.Tensor, taps, op: str, min_dim: int = 1) -> None:
+    """A layer's data input must lead with the model's batch size (and have at least ``min_dim`` dims)."""
+    ctx = next(t for t in taps if t is not None)._fdp_ctx
+    if x.dim() < min_dim:
+        raise UnsupportedLayerError(f"module '{ctx.owner}' ({ctx.owner_type}): the {op} input of shape "
+                                    f"{tuple(x.shape)} has no batch dim; per-sample gradients need one")
+    B = ctx.batch_size
+    if B is not None and x.shape[0] != B:
+        raise BatchSizeError(
+            f"module '{ctx.owner}' ({ctx.owner_type}): the model input has batch size {B} but this {op} op's input "
+            f"has leading dim {x.shape[0]} (shape {tuple(x.shape)}); per-sample gradients need the sample dim to stay "
+            "leading in every layer input (frames, crops or segments folded into the batch dim would each be "
+            "clipped as a sample)")
 
 
 def values(*args):

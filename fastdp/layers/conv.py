@@ -14,7 +14,7 @@ from fastdp.grad_sample import ConvGrad, DenseGrad
 from fastdp.kernels._common import cast, upcast
 from fastdp.tap import register_op
 
-from ._autocast import anchor_of, compute_operands, open_uses, plain_input, taps_of, values
+from ._autocast import anchor_of, check_batch, compute_operands, open_uses, plain_input, taps_of, values
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 
@@ -78,6 +78,7 @@ def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     x = plain_input(input, "conv", (wtap, btap))
     xv, wv, bv = values(x, weight, bias)
     n = wv.dim() - 2
+    check_batch(x, (wtap, btap), f"conv{n}d", min_dim=n + 2)  # (an unbatched [C, *spatial] input is refused too)
     stride, dilation = _tuple(stride, n), _tuple(dilation, n)
     xv, padding = _explicit_padding(xv, wv, padding, stride, dilation)
     return _ConvFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, stride, padding, dilation, groups)

@@ -1,36 +1,111 @@
 """Embeddings: ``F.embedding`` (nn.Embedding), including lookups shared across the batch.
 
 The table's per-sample gradient is recorded as indices plus output gradients (``EmbeddingGrad``);
-norms use index equality and the clipped sum is an index-add of clip-scaled rows. A lookup made
-once for the whole batch (HF GPT-2's position ids of shape [1, T]) returns a ``SharedActivation``
-whose broadcast against the batch yields each sample's own output gradient.
+norms use index equality and the clipped sum is an index-add of clip-scaled rows.
+
+Every lookup returns a ``SharedActivation`` (``fastdp.tap``): the ops its output meets decide whether it is
+one row per sample (ids whose leading dim is the batch size: [B, T] token ids, [B] user / label ids; the rows are
+then the samples, as for any layer input) or a lookup shared by the batch (1-D ``arange(T)``, HF GPT-2's [1, T]
+position ids at B > 1, T5's [T, T] relative-position buckets), whose per-sample gradients are taken where it
+is broadcast over the batch. Ids whose leading dim happens to equal B are decided by those ops too (a [T, d]
+position lookup with T == B broadcast as ``pos[None]`` is shared), so a shared lookup is never attributed per
+position.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fastdp.grad_sample import EmbeddingGrad
-from fastdp.tap import SharedActivation, UnsupportedLayerError, register_op
+from fastdp.grad_sample import EmbeddingGrad, pull_back
+from fastdp.tap import BatchSizeError, SharedActivation, UnsupportedLayerError, register_op
 
 from ._autocast import taps_of
 
 
+class _Lookup:
+    """One embedding lookup in a forward: the source of its ``SharedActivation``s.
+
+    ``rows``: its dim 0 may be one row per sample (ids of leading dim B). ``mode``: how its output was used,
+    "rows" (per row) or "shared" (broadcast over the batch; each broadcast hands its per-sample gradients to
+    ``take``). ``escaped``: its output entered a custom autograd.Function, whose backward brings gradient to the
+    lookup past the ops fastdp sees ("unaligned": a value whose rows were no longer the samples).
+    """
+
+    def __init__(self, tap, ids, num, padding_idx, rows):
+        self.tap, self.ids, self.num, self.padding_idx, self.rows = tap, ids, num, padding_idx, rows
+        self.ids_shape = tuple(ids.shape)
+        self.mode = None
+        self.use = None  # the PendingUse of the lookup itself (per-row use)
+        self.base = None  # the lookup's output (detached): the point the broadcasts' gradients are pulled back to
+        self.base_shape = None
+        self.escaped = False
+
+    @property
+    def engine(self):
+        return self.tap._fdp_ctx.engine
+
+    @property
+    def batch_size(self):
+        return self.tap._fdp_ctx.batch_size
+
+    @property
+    def label(self) -> str:
+        return f"embedding {self.tap.label}"
+
+    def set_mode(self, mode: str) -> None:
+        if self.mode == mode:
+            return
+        if self.mode is not None:
+            raise UnsupportedLayerError(
+                f"{self.label}: the output of a lookup of ids of shape {self.ids_shape} is used both one row per "
+                "sample and broadcast over the batch; per-sample gradients of such a mix are not supported")
+        self.mode = mode
+        if mode == "rows":
+            self.base = None  # (no pull-back: autograd brings the rows' gradients; keep no activation alive)
+        elif self.use is not None:
+            self.use.arrive()  # the lookup itself hands nothing: each broadcast opens its own use
+
+    def open_use(self):
+        return self.engine.open_use(self.tap)
+
+    def take(self, g: torch.Tensor, fn, use) -> None:
+        """Per-sample gradients [B, *value shape] of a broadcast of ``fn(output)``: pulled back to the lookup."""
+        if not self.engine.recording():
+            return
+        B = g.shape[0]
+        g = pull_back(fn, self.base, g) if fn is not None else g.reshape(B, *self.base_shape)
+        _finish(self.tap, self.ids.reshape(1, -1).expand(B, -1), g, self.num, self.padding_idx, use)
+
+
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, idx, w, anchor, tap, padding_idx, state):
+    def forward(ctx, idx, w, anchor, tap, padding_idx, src):
         ctx.save_for_backward(idx)
-        ctx.tap, ctx.padding_idx, ctx.num, ctx.state = tap, padding_idx, w.shape[0], state
-        state["use"] = tap._fdp_ctx.engine.open_use(tap)
+        ctx.tap, ctx.padding_idx, ctx.num, ctx.src = tap, padding_idx, w.shape[0], src
+        src.use = tap._fdp_ctx.engine.open_use(tap)
         return F.embedding(idx, w, padding_idx)
 
     @staticmethod
     def backward(ctx, dy):
         (idx,) = ctx.saved_tensors
-        if not ctx.state["done"]:  # not already taken per sample at a broadcast
-            ctx.state["done"] = True
-            _finish(ctx.tap, idx.flatten(1) if idx.dim() > 1 else idx.reshape(-1, 1), dy, ctx.num, ctx.padding_idx,
-                    ctx.state["use"])
+        tap, src = ctx.tap, ctx.src
+        if not tap._fdp_ctx.engine.recording():
+            return None, None, None, None, None, None
+        if src.mode == "shared":  # taken per sample at its broadcasts
+            if src.escaped:
+                raise UnsupportedLayerError(
+                    f"{src.label}: the output of a lookup shared by the batch (ids of shape {src.ids_shape}) entered "
+                    "a custom torch.autograd.Function before its broadcast over the batch: the gradient that "
+                    "function returns cannot be taken per sample")
+        elif src.escaped != "unaligned" and (src.mode == "rows" or (src.mode is None and src.rows)):
+            _finish(tap, idx.flatten(1) if idx.dim() > 1 else idx.reshape(-1, 1), dy, ctx.num, ctx.padding_idx,
+                    src.use)
+        else:
+            raise BatchSizeError(
+                f"{src.label}: the lookup of ids of shape {src.ids_shape} is not one row of ids per sample (batch "
+                f"size {src.batch_size}) and its output reached the loss without being broadcast over the batch "
+                "(e.g. through a custom torch.autograd.Function): its rows cannot be taken as samples. Look the ids "
+                "up per sample (ids of shape [B, ...]) or broadcast the lookup (x + pos(ids)[None]).")
         return None, None, None, None, None, None
 
 
@@ -56,16 +131,9 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     w = tap._fdp_value
     if padding_idx is not None and padding_idx < 0:
         padding_idx += w.shape[0]
-    state = {"done": False}  # "use" (the PendingUse) lives in the graph through the op's ctx
-    out = _EmbeddingFn.apply(input, w, tap._fdp_ctx.engine.anchor, tap, padding_idx, state)
-    if input.dim() == 1 or input.shape[0] == 1:
-        # Possibly one lookup shared by the whole batch: take per-sample gradients where it is broadcast.
-        per_sample_idx = input.reshape(1, -1)
-
-        def on_grad(g):
-            state["done"] = True
-            B = g.shape[0]
-            _finish(tap, per_sample_idx.expand(B, -1), g, w.shape[0], padding_idx, state["use"])
-
-        return SharedActivation(out, on_grad)
-    return out
+    B = tap._fdp_ctx.batch_size
+    # one row of ids per sample, or one lookup shared by the whole batch: the ops its output meets decide
+    src = _Lookup(tap, input, w.shape[0], padding_idx, rows=B is None or (input.dim() >= 1 and input.shape[0] == B))
+    out = _EmbeddingFn.apply(input, w, tap._fdp_ctx.engine.anchor, tap, padding_idx, src)
+    src.base, src.base_shape = out.detach(), out.shape
+    return SharedActivation(out, src, None, src.rows)

@@ -20,7 +20,7 @@ from fastdp.kernels._common import cast, upcast
 from fastdp.kernels.norm_affine_grad import norm_affine_grad
 from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
-from ._autocast import anchor_of, open_uses, plain_input, taps_of, values
+from ._autocast import anchor_of, check_batch, open_uses, plain_input, taps_of, values
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,6 +102,7 @@ def _norm(kind, op_name, x, arg, w, b, eps):
         raise UnsupportedLayerError(f"group_norm needs a [B, C, ...] input with C divisible by {arg}")
     if kind != "group":
         arg = tuple(arg) if isinstance(arg, (tuple, list, torch.Size)) else (arg,)
+    check_batch(x, (wtap, btap), op_name, min_dim=2 if kind == "group" else len(arg) + 1)
     xv, wv, bv = values(x, w, b)
     return _NormFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, kind, arg, eps)
 
