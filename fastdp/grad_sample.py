@@ -400,7 +400,7 @@ def _linear_linear(a: LinearGrad, b: LinearGrad):
 
 @register_dot(EmbeddingGrad, EmbeddingGrad)
 def _embedding_embedding(a: EmbeddingGrad, b: EmbeddingGrad):
-    return embedding_dot(a.idx, a.dy, b.idx, b.dy.to(a.dy.dtype))
+    return embedding_dot(a.idx, a.dy, b.idx, b.dy)  # (in their common dtype: neither rounded)
 
 
 @register_dot(EmbeddingGrad, LinearGrad)

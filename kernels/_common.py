@@ -46,6 +46,20 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types`` for the float dtypes without a dispatcher call (host time per launch): bf16 with fp16
+    gives fp32; anything else is handed to torch."""
+    if a == b:
+        return a
+    ra, rb = _FLOAT_RANK.get(a), _FLOAT_RANK.get(b)
+    if ra is None or rb is None:
+        return torch.promote_types(a, b)
+    return (a if ra > rb else b) if ra != rb else torch.float32
+
+
 def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t.to(dtype)``, skipping the dispatcher round trip when it is already that dtype (hot paths)."""
     return t if t.dtype == dtype else t.to(dtype)

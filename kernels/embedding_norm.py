@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from ._backend import HAS_TRITON, backend_for_op, interpreting
-from ._common import LAUNCH_OPTIONS, acc_dtype, batch_chunks, bmm_acc, cast, on_input_device, upcast
+from ._common import LAUNCH_OPTIONS, acc_dtype, batch_chunks, bmm_acc, cast, on_input_device, promote, upcast
 from ._tuning import Tiles, gram_tiles
 
 if HAS_TRITON:
@@ -157,7 +157,7 @@ def _check_accumulate(idx, dy, scale, num_embeddings, out) -> None:
 def _common(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     """The dtype both operands of a cross product are taken in: their promotion (bf16 x fp32 -> fp32), never a
     rounded copy of either."""
-    return torch.promote_types(a.dtype, b.dtype)
+    return promote(a.dtype, b.dtype)
 
 
 @on_input_device
@@ -289,7 +289,7 @@ def embedding_linear_dot_ref(idx: torch.Tensor, dy_emb: torch.Tensor, x_lin: tor
     dt = _common(x_lin, dy_emb)
     x_lin, dy_emb = cast(x_lin, dt), cast(dy_emb, dt)
     B, Te, Tl = idx.shape[0], idx.shape[1], x_lin.shape[1]
-    out = torch.empty(B, dtype=torch.promote_types(acc_dtype(dy_emb), acc_dtype(dy_lin)), device=dy_emb.device)
+    out = torch.empty(B, dtype=promote(acc_dtype(dy_emb), acc_dtype(dy_lin)), device=dy_emb.device)
     for sl in batch_chunks(B, 2 * Te * Tl):
         gathered = torch.gather(dy_lin[sl], 2, idx[sl].long().unsqueeze(1).expand(-1, Tl, -1))  # [b, Tl, Te]
         hd = bmm_acc(x_lin[sl], dy_emb[sl].transpose(1, 2))  # [b, Tl, Te]
