@@ -101,6 +101,8 @@ def _npz(name: str, data_dir: Optional[str]):
     mean, std = NORMALISATION[name]
     out = []
     for x, y in (arrays[:2], arrays[2:]):
+        if x.dtype != np.uint8:  # the normalisation below assumes 0-255 pixels
+            raise ValueError(f"{path}: images must be uint8 (0-255) as in the original IDX files, got {x.dtype}")
         if x.ndim != 3 or len(x) != len(y):
             raise ValueError(f"{path}: images must be [N, H, W] with one label each, got {x.shape} and {y.shape}")
         xt = torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std).unsqueeze(1)

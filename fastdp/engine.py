@@ -22,9 +22,11 @@ Noise and the base optimizer step are the optimizer's (``fastdp.optimizer.DPOpti
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -57,10 +59,16 @@ def _qualname(cls) -> str:
 
 
 def _leading_dim(args, kwargs) -> Optional[int]:
-    """Leading dim of the first tensor argument of the model's forward with a dim (nested containers included)."""
+    """Leading dim of the first tensor argument of the model's forward with a dim (nested containers included:
+    lists, tuples, dicts, other mappings such as HF's ``BatchEncoding``, dataclasses such as HF's model outputs)."""
     for a in tree_flatten((args, kwargs))[0]:
         if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap) and a.dim() > 0:
             return a.shape[0]
+        if isinstance(a, Mapping) or dataclasses.is_dataclass(a):
+            inner = dict(a) if isinstance(a, Mapping) else {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
+            found = _leading_dim((), inner)
+            if found is not None:
+                return found
     return None
 
 
@@ -80,6 +88,16 @@ class PendingCounts:
         return self._counts.get(param, 0)
 
 
+class ForwardPass:
+    """One forward of the model, shared by the uses it opened: ``done`` once a backward pass that took its samples'
+    gradients was finalised (a later pass reaching other uses of it would clip the same samples again)."""
+
+    __slots__ = ("done",)
+
+    def __init__(self):
+        self.done = False
+
+
 class PendingUse:
     """One use of a parameter recorded in a forward whose per-sample gradient has not reached the engine.
 
@@ -88,10 +106,10 @@ class PendingUse:
     without a backward, the use stops counting.
     """
 
-    __slots__ = ("counts", "param", "arrived")
+    __slots__ = ("counts", "param", "arrived", "forward")
 
-    def __init__(self, counts: PendingCounts, param: nn.Parameter):
-        self.counts, self.param, self.arrived = counts, param, False
+    def __init__(self, counts: PendingCounts, param: nn.Parameter, forward: Optional["ForwardPass"] = None):
+        self.counts, self.param, self.arrived, self.forward = counts, param, False, forward
         counts.add(param, 1)
 
     def arrive(self) -> bool:
@@ -168,6 +186,7 @@ class GradSampleEngine:
         # its AccumulateGrad node (held, so every graph uses this one): a backward pass computes the parameters'
         # gradients iff it executes this node (``recording``)
         self._anchor_node = torch.autograd.graph.get_gradient_edge(self.anchor).node
+        self._forward = ForwardPass()  # the current (last) forward of the model
         self._task_recording = (None, False)  # (graph task id, whether it records) of the last pass asked
         self._module_names = {m: n for n, m in module.named_modules()}
         names = defaultdict(list)
@@ -217,6 +236,13 @@ class GradSampleEngine:
         if not torch.is_grad_enabled() or self._swapped is not None:
             return
         self.batch_size = _leading_dim(args, kwargs)
+        if self.batch_size is None:  # every layer's batch check would be skipped: fail closed
+            raise BatchSizeError(
+                f"the model's forward ({type(module).__name__}) got no tensor argument with a leading batch dim "
+                "(looked through tensors, lists, tuples, dicts and other mappings, dataclasses): fastdp takes the "
+                "batch size from it to check every layer input. Pass the batch as a tensor, or a container of "
+                "tensors, whose dim 0 is the sample dim.")
+        self._forward = ForwardPass()
         swapped = []
         for m, n in self._slots:
             p = m._parameters[n]
@@ -306,7 +332,7 @@ class GradSampleEngine:
 
     def open_use(self, tap: Optional[ParamTap]) -> Optional[PendingUse]:
         """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit``."""
-        return None if tap is None else PendingUse(self._pending, tap._fdp_param)
+        return None if tap is None else PendingUse(self._pending, tap._fdp_param, self._forward)
 
     def _new_pass_state(self) -> None:
         self._pass_batch: Optional[int] = None
@@ -315,6 +341,7 @@ class GradSampleEngine:
         self._pass_fused = False  # something was accumulated during this pass
         self._pass_was_dirty = False  # ... into a buffer that already held earlier micro-batches
         self._pass_no_fuse = False
+        self._pass_forwards: Dict[int, ForwardPass] = {}  # the forwards whose uses reached this pass
 
     def _abandon_pass(self) -> None:
         """A pass ended without finalising: drop what it accumulated (or poison the micro-batch sums)."""
@@ -335,6 +362,12 @@ class GradSampleEngine:
         if not self.recording():  # a pass that does not compute the parameters' gradients
             grad.release()
             return
+        if use is not None and use.forward is not None and use.forward.done and not use.arrived:
+            raise RuntimeError(
+                f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a forward whose samples "
+                "were already clipped in an earlier backward pass (one forward, several backward calls, e.g. two "
+                "losses or two heads with retain_graph=True): each sample would be clipped once per pass, and its "
+                "contribution could exceed max_grad_norm. Sum the losses and call backward once.")
         if use is not None and not use.arrive():  # a retained graph run backward again
             raise RuntimeError(
                 f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a graph that was "
@@ -346,6 +379,8 @@ class GradSampleEngine:
             self._abandon_pass()
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = task
+        if use is not None and use.forward is not None:
+            self._pass_forwards[id(use.forward)] = use.forward
         if use is None:  # untracked use: its parameter is clipped at the end of backward
             if self._pass_fused:
                 raise RuntimeError(
@@ -400,6 +435,9 @@ class GradSampleEngine:
 
     def _check_not_stale(self) -> None:
         if self.stale_grad_check:
+            if all(p.grad is None for p in self.param_names):  # cleared another way: model.zero_grad(), ...
+                self.stale_grad_check = False
+                return
             raise RuntimeError("backward() after optimizer.step() without optimizer.zero_grad(): the previous "
                                "step's noisy gradients are still in .grad. Call zero_grad() before the next backward.")
 
@@ -414,6 +452,8 @@ class GradSampleEngine:
         except BaseException:
             self._abandon_pass()
             raise
+        for f in self._pass_forwards.values():
+            f.done = True
         self._new_pass_state()
 
     def _finalize_pass(self, ready: Dict[nn.Parameter, List[PerSampleGrad]]) -> None:

@@ -4,7 +4,9 @@ After ``step()`` the wrapped optimizer sees, for every trainable parameter,
 
     p.grad = (sum_i c_i g_i + N(0, sigma^2 S^2 I)) / expected_batch_size
 
-(Opacus' convention), where ``sum_i c_i g_i`` comes from the book-keeping engine and ``S`` is the
+(Opacus' convention for a mean-reduced loss; with ``loss_reduction="sum"`` fastdp divides too, where Opacus
+does not: ``loss_reduction`` only says how the per-sample gradients are recovered from the loss), where
+``sum_i c_i g_i`` comes from the book-keeping engine and ``S`` is the
 clipping rule's sensitivity (``max_grad_norm`` for flat and automatic clipping). Methods that change
 one stage override it: ``pre_step``, ``clipped_sums``, ``add_noise``, ``scale_grad``.
 """
@@ -41,7 +43,9 @@ class DPOptimizer(torch.optim.Optimizer):
             ``clipping="per_layer"``).
         expected_batch_size: the expected (Poisson) batch size; the noisy sum is divided by it.
         sample_size: dataset size; ``sample_rate = expected_batch_size / sample_size``.
-        loss_reduction: "mean" or "sum", how the loss reduces over the batch.
+        loss_reduction: "mean" or "sum", how the loss reduces over the batch (the per-sample gradients are B times
+            the mean loss's, or the sum's). Either way ``.grad`` holds the noisy sum divided by
+            ``expected_batch_size`` (Opacus does not divide for "sum": scale the learning rate by B to match it).
         accountant: "prv" (default) or "rdp".
         generator: ``torch.Generator`` for the noise (reproducible runs).
         secure_mode: draw noise from the OS CSPRNG (``fastdp.noise``); excludes ``generator``.
@@ -121,7 +125,8 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction,
                                        fused_per_layer=fused_per_layer and self.clip_rule.per_param)
         self._mask_cache = None
-        self._seed_gen: Optional[torch.Generator] = None  # host-side seed stream of a CUDA generator
+        self._seed_base: Optional[int] = None  # per-step noise seeds of a CUDA generator (``_noise_seed``)
+        self._seed_count = 0
         self.steps_taken = 0
         self._fused_sgd = FusedSGDStep()
         self._fused_at = -1  # steps_taken after the last fused step
@@ -257,13 +262,20 @@ class DPOptimizer(torch.optim.Optimizer):
         return self._mask_cache[1]
 
     def _noise_seed(self) -> int:
-        """A 62-bit seed for the counter-based noise of one step, from ``generator`` (no device sync: a CUDA
-        generator seeds a host-side stream once, kept in ``state_dict``), else from torch's default generator."""
+        """A 62-bit seed for the counter-based noise of one step, from ``generator``, else from torch's default
+        generator.
+
+        A CUDA generator is drawn from once (one device sync, the first masked or fused step), for a 62-bit base
+        kept in ``state_dict``; step k then uses ``mix62(base, k)`` on the host (no sync per step). Drawing the
+        base advances the generator, so two optimizers given one generator object get different streams, and the
+        base keeps the CUDA seed's 64 bits (a CPU ``torch.Generator`` seeded from it would keep 32).
+        """
         gen = self.generator
         if gen is not None and gen.device.type != "cpu":
-            if self._seed_gen is None:
-                self._seed_gen = torch.Generator().manual_seed(gen.initial_seed())
-            gen = self._seed_gen
+            if self._seed_base is None:
+                self._seed_base = _draw_seed_base(gen)
+            self._seed_count += 1
+            return mix62(self._seed_base, self._seed_count)
         return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
 
     def scale_grad(self, grads: GradBuffer) -> None:
@@ -315,6 +327,15 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine.reset()
         self.engine.stale_grad_check = False
 
+    def _no_hooks(self, *args, **kwargs):
+        raise NotImplementedError(
+            "DPOptimizer runs no torch.optim hooks (the fused noise + SGD step bypasses the wrapped optimizer's "
+            "step()): call the code before / after optimizer.step() or state_dict() yourself")
+
+    register_step_pre_hook = register_step_post_hook = _no_hooks
+    register_state_dict_pre_hook = register_state_dict_post_hook = _no_hooks
+    register_load_state_dict_pre_hook = register_load_state_dict_post_hook = _no_hooks
+
     def detach(self) -> torch.optim.Optimizer:
         """Remove the engine's hooks; returns the wrapped optimizer."""
         self.engine.detach()
@@ -349,7 +370,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate,
                 "generator_state": self.generator.get_state() if self.generator is not None else None,
-                "seed_generator_state": self._seed_gen.get_state() if self._seed_gen is not None else None,
+                "seed_base": self._seed_base,
+                "seed_count": self._seed_count,
             },
         }
 
@@ -369,9 +391,25 @@ class DPOptimizer(torch.optim.Optimizer):
         self._fused_at = -1
         if self.generator is not None and st["generator_state"] is not None:
             self.generator.set_state(st["generator_state"])
-        if st.get("seed_generator_state") is not None:
-            self._seed_gen = torch.Generator()
-            self._seed_gen.set_state(st["seed_generator_state"])
+        self._seed_base, self._seed_count = st.get("seed_base"), st.get("seed_count", 0)
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def mix62(base: int, k: int) -> int:
+    """Step ``k``'s 62-bit seed from a 62-bit ``base``: SplitMix64's output function of ``base + k * golden``
+    (a bijection of its 64-bit input, so distinct k give distinct 64-bit outputs), top 62 bits."""
+    z = (base + k * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 2
+
+
+def _draw_seed_base(gen: torch.Generator) -> int:
+    """62 bits from ``gen`` on its device (one sync)."""
+    return int(torch.randint(0, 2 ** 62, (1,), device=gen.device, generator=gen))
 
 
 def _trainable_named(model: nn.Module):

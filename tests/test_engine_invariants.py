@@ -644,3 +644,94 @@ def test_torch_save_of_an_attached_model_loads_a_plain_model():
     m(torch.randn(2, 4, dtype=torch.float64)).sum().backward()  # the original is still private
     assert opt.engine.num_backward == 1 and all(p.grad is None for p in m.parameters())
     opt.detach()
+
+
+@pytest.mark.parametrize("wrap", ["userdict", "dataclass", "nested"])
+def test_batch_size_is_found_in_mappings_and_dataclasses(wrap):
+    """A model called with an HF BatchEncoding-like mapping or a dataclass: the batch size is still found, so folded
+    frames are refused (before, no batch size was found and every layer check was skipped: 2.85 R for one sample)."""
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Batch:
+        pixels: torch.Tensor
+
+    inner = Folded("conv2d").double()
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, batch):
+            return self.inner(batch["pixels"] if isinstance(batch, collections.abc.Mapping) else batch.pixels)
+
+    x = torch.randn(1, 2, 3, 5, 5, dtype=torch.float64)
+    batch = {"userdict": lambda: collections.UserDict(pixels=x), "dataclass": lambda: Batch(x),
+             "nested": lambda: [collections.UserDict(pixels=x)]}[wrap]()
+    m = Wrapped()
+    if wrap == "nested":
+        m.forward = lambda b: Wrapped.forward(m, b[0])  # (instance attribute: the hooks still run)
+    opt = dp_sgd(m, R=0.1)
+    with pytest.raises(fastdp.BatchSizeError, match="batch size 1"):
+        m(batch).sum().backward()
+    opt.detach()
+
+
+def test_a_forward_without_a_batched_tensor_is_refused():
+    class Opaque:
+        def __init__(self, x):
+            self.x = x
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(3, 2)
+
+        def forward(self, o):
+            return self.l(o.x)
+
+    m = M().double()
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1.0))
+    with pytest.raises(fastdp.BatchSizeError, match="no tensor argument"):
+        m(Opaque(torch.randn(4, 3, dtype=torch.float64)))
+    with torch.no_grad():  # evaluation is not checked
+        m(Opaque(torch.randn(4, 3, dtype=torch.float64)))
+    eng.detach()
+
+
+def test_one_forward_two_backward_passes_are_refused():
+    """Two heads on one forward, each loss backpropagated on its own (retain_graph): the second pass reaches other
+    parameters than the first, but the same samples; each would be clipped once per pass (sqrt(2) R for one
+    sample). Refused; a sum of the losses in one backward, and micro-batches of separate forwards, are fine."""
+    torch.manual_seed(0)
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk, self.h1, self.h2 = nn.Linear(4, 4), nn.Linear(4, 1), nn.Linear(4, 1)
+            self.trunk.requires_grad_(False)
+
+        def forward(self, x):
+            h = self.trunk(x)
+            return self.h1(h), self.h2(h)
+
+    m = TwoHeads().double()
+    opt = dp_sgd(m, R=0.1)
+    a, b = m(torch.randn(1, 4, dtype=torch.float64) * 100)
+    a.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already clipped in an earlier backward"):
+        b.sum().backward()
+    opt.zero_grad()
+    before = flat_params(m)
+    a, b = m(torch.randn(1, 4, dtype=torch.float64) * 100)
+    (a.sum() + b.sum()).backward()
+    opt.step()
+    assert (flat_params(m) - before).norm() <= 0.1 * (1 + 1e-9)
+    opt.zero_grad()
+    for _ in range(2):  # two micro-batches: two forwards
+        a, b = m(torch.randn(1, 4, dtype=torch.float64))
+        (a.sum() + b.sum()).backward()
+    assert opt.engine.num_backward == 2
+    opt.detach()

@@ -323,38 +323,58 @@ def test_copying_a_dp_optimizer_is_refused_and_harms_no_other_instance():
     opt.step()  # still works
 
 
-def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed():
-    """Masked Philox noise takes one seed per step; a CUDA generator seeds a host-side stream once (no device sync),
-    which is reproducible from the generator's seed and resumes from state_dict."""
-    class DeviceGenerator:  # what _noise_seed reads of a CUDA torch.Generator
+def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed(monkeypatch):
+    """Masked Philox noise takes one seed per step. A CUDA generator is drawn from once (a 62-bit base, one sync);
+    step k's seed is mix62(base, k) on the host: reproducible from the generator, resumed from state_dict, and two
+    optimizers given one generator object get different streams (the base draw advances it; the audit found the
+    old initial_seed()-based stream repeated across optimizers and kept 32 bits of the seed)."""
+    import fastdp.optimizer as O
+
+    class DeviceGenerator:  # what _noise_seed reads of a CUDA torch.Generator: a stream of 62-bit draws
         device = torch.device("cuda")
 
         def __init__(self, seed):
-            self.seed = seed
-
-        def initial_seed(self):
-            return self.seed
+            self.g = torch.Generator().manual_seed(seed)
 
         def get_state(self):
-            return torch.tensor([self.seed])
+            return self.g.get_state()
 
         def set_state(self, state):
-            self.seed = int(state[0])
+            self.g.set_state(state)
 
-    def make_opt(seed):
+    draws = []
+
+    def draw(gen):
+        draws.append(gen)
+        return int(torch.randint(0, 2 ** 62, (1,), generator=gen.g))
+
+    monkeypatch.setattr(O, "_draw_seed_base", draw)
+
+    def make_opt(gen):
         opt = make(nn.Linear(3, 2), sigma=1.0, R=1.0, B=8)
-        opt.generator = DeviceGenerator(seed)
+        opt.generator = gen
         return opt
 
-    a, b = make_opt(5), make_opt(5)
-    seeds = [a._noise_seed() for _ in range(3)]
-    assert seeds == [b._noise_seed() for _ in range(3)] and len(set(seeds)) == 3
-    assert make_opt(6)._noise_seed() != seeds[0]
+    a, b = make_opt(DeviceGenerator(5)), make_opt(DeviceGenerator(5))
+    seeds = [a._noise_seed() for _ in range(200)]
+    assert seeds[:3] == [b._noise_seed() for _ in range(3)] and len(set(seeds)) == 200
+    assert all(0 <= s < 2 ** 62 for s in seeds) and len(draws) == 2  # one draw per optimizer, not per step
+    assert make_opt(DeviceGenerator(6))._noise_seed() != seeds[0]
+    shared = DeviceGenerator(7)
+    first, second = make_opt(shared), make_opt(shared)
+    assert {first._noise_seed() for _ in range(50)}.isdisjoint({second._noise_seed() for _ in range(50)})
     state = a.state_dict()
     nxt = a._noise_seed()
-    c = make_opt(99)
+    c = make_opt(DeviceGenerator(99))
     c.load_state_dict(state)
     assert c._noise_seed() == nxt
+
+
+def test_mix62_is_injective_over_steps():
+    from fastdp.optimizer import mix62
+    for base in (0, 1, 2 ** 62 - 1, 123456789):
+        out = [mix62(base, k) for k in range(1, 5001)]
+        assert len(set(out)) == 5000 and all(0 <= v < 2 ** 62 for v in out)
 
 
 def test_add_noise_docstring_states_when_the_masked_noise_kernel_runs(monkeypatch):
@@ -391,3 +411,40 @@ def test_make_private_sampler_does_not_replay_the_default_generator():
         assert sampler.generator is not None and sampler.generator is not torch.default_generator
         firsts.append(next(iter(sampler)))
     assert firsts[0] != firsts[1]  # fresh OS entropy per call, though the global seed was the same
+
+
+def test_model_zero_grad_after_step_is_enough_before_the_next_backward():
+    """model.zero_grad() (or the wrapped optimizer's) clears the noisy .grad too: the next backward is not refused
+    (it was, with a message saying the gradients were still there); forgetting both is still refused."""
+    m = nn.Linear(3, 2)
+    opt = make(m, sigma=1.0, R=1.0, B=8)
+    for clear in (m.zero_grad, opt.original_optimizer.zero_grad):
+        m(torch.randn(8, 3)).sum().backward()
+        opt.step()
+        clear()
+        m(torch.randn(8, 3)).sum().backward()  # accepted
+        opt.step()
+        opt.zero_grad()
+    m(torch.randn(8, 3)).sum().backward()
+    opt.step()
+    with pytest.raises(RuntimeError, match="zero_grad"):
+        m(torch.randn(8, 3)).sum().backward()
+
+
+def test_mnist_npz_must_hold_uint8_images(tmp_path):
+    import numpy as np
+
+    from fastdp.data import load_dataset
+    x = np.random.rand(10, 28, 28).astype(np.float32)  # already scaled to [0, 1]: would be divided by 255 again
+    y = np.zeros(10, dtype=np.int64)
+    np.savez(tmp_path / "mnist.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+    with pytest.raises(ValueError, match="uint8"):
+        load_dataset("mnist", data_dir=str(tmp_path))
+
+
+def test_optimizer_hooks_are_refused_clearly():
+    opt = make(nn.Linear(3, 2))
+    for name in ("register_step_pre_hook", "register_step_post_hook", "register_state_dict_pre_hook",
+                 "register_load_state_dict_post_hook"):
+        with pytest.raises(NotImplementedError, match="no torch.optim hooks"):
+            getattr(opt, name)(lambda *a: None)
