@@ -555,8 +555,13 @@ def _keeps_rows(func, args, kwargs, s, out) -> bool:
 
 
 def _batch_broadcast(s: "SharedActivation", out_shape) -> bool:
-    """Expanding ``s`` to ``out_shape`` replicates it along dim 0 of the output (a new or size-1 leading dim)."""
-    return len(out_shape) > s.dim() or (s.dim() > 0 and s.shape[0] == 1 and out_shape[0] != 1)
+    """Expanding ``s`` to ``out_shape`` replicates it along dim 0 of the output (a new or size-1 leading dim); at
+    batch size 1, ``expand(B, ...)`` of a shared lookup's [1, ...] value is that broadcast too (over one sample)."""
+    if len(out_shape) > s.dim():
+        return True
+    if s.dim() == 0 or s.shape[0] != 1:
+        return False
+    return out_shape[0] != 1 or (not s._fdp_rows and s._fdp_src.batch_size == 1)
 
 
 def _repeat_is_expand(s, out_shape) -> bool:

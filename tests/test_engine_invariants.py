@@ -735,3 +735,23 @@ def test_one_forward_two_backward_passes_are_refused():
         (a.sum() + b.sum()).backward()
     assert opt.engine.num_backward == 2
     opt.detach()
+
+
+class PromptTokens(nn.Module):
+    """Learned prompt tokens: a shared lookup expanded to the batch and concatenated with the inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt, self.l = nn.Embedding(3, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        pr = self.prompt(torch.arange(3)).unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.l(torch.cat([pr, x], 1)).pow(2).sum((1, 2))
+
+
+@pytest.mark.parametrize("B", [1, 2, 3])
+def test_prompt_tokens_expanded_to_the_batch_are_exact_at_every_batch_size(B):
+    """expand(B, ...) of a [1, n, d] lookup is the broadcast over the batch, also at B = 1 (it was refused there:
+    Poisson batches of one are common)."""
+    torch.manual_seed(B)
+    check_exact(PromptTokens(), torch.randn(B, 5, 4))
