@@ -94,3 +94,22 @@ def tiny_hf_gpt2(vocab: int, seed: int = 0):
     model = transformers.GPT2LMHeadModel(cfg).double()
     model.config._attn_implementation = "eager"
     return model
+
+
+def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol, atol, every_param=False):
+    """One backward through a fresh ``GradSampleEngine`` (flat clipping at ``max_grad_norm``): its per-sample norms
+    and clipped sums equal ``clipped_sum_reference``'s (``atol`` relative to each tensor's largest entry); with
+    ``every_param``, every parameter of the reference was accumulated (none silently skipped)."""
+    import fastdp
+    ref, norms = clipped_sum_reference(model, loss, x, *extra, max_grad_norm=max_grad_norm)
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(max_grad_norm))
+    try:
+        loss(model(x), *extra).backward()
+    finally:
+        eng.detach()
+    assert_close(eng.last_norms, norms, rtol, atol * norms.abs().max().item(), "per-sample norms")
+    if every_param:
+        assert set(eng.param_names[p] for p in eng.summed) == set(ref), "a trainable parameter was skipped"
+    named = dict(model.named_parameters())
+    for n, v in ref.items():
+        assert_close(eng.summed[named[n]], v, rtol, atol * max(v.abs().max().item(), 1e-30), n)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fastdp
-from helpers import assert_close, clipped_sum_reference
+from helpers import assert_close, assert_engine_matches_reference, clipped_sum_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier")
 
@@ -31,17 +31,7 @@ def check_exact(model, x, *extra, loss=sq_loss, R=1e-2):
     """Engine norms and clipped sums equal the torch.func reference (clipping active); every parameter trained."""
     model = model.double()
     x = x.double() if x.is_floating_point() else x
-    ref, norms = clipped_sum_reference(model, loss, x, *extra, max_grad_norm=R)
-    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(R))
-    try:
-        loss(model(x), *extra).backward()
-    finally:
-        eng.detach()
-    assert_close(eng.last_norms, norms, 1e-9, 1e-12 * norms.abs().max().item(), "per-sample norms")
-    named = dict(model.named_parameters())
-    assert set(eng.param_names[p] for p in eng.summed) == set(ref), "a trainable parameter was skipped"
-    for n, v in ref.items():
-        assert_close(eng.summed[named[n]], v, 1e-9, 1e-12 * max(v.abs().max().item(), 1e-30), n)
+    assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=R, rtol=1e-9, atol=1e-12, every_param=True)
 
 
 def dp_sgd(model, R, B=1):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fastdp
 from fastdp.grad_sample import NormRule
-from helpers import assert_close, clipped_sum_reference
+from helpers import assert_close, assert_engine_matches_reference
 
 # (dtype, rtol, atol) as data; atol is relative to the largest reference value
 TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6)}
@@ -24,17 +24,7 @@ def check(model, x, *, dtype=torch.float64, R=None, loss=sq_loss, extra=()):
     x = x.to(dtype) if x.is_floating_point() else x
     rtol, atol = TOLERANCES[dtype]
     for max_norm in ([R] if R else [1e-2, 1e6]):
-        ref, norms = clipped_sum_reference(model, loss, x, *extra, max_grad_norm=max_norm)
-        eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(max_norm))
-        try:
-            loss(model(x), *extra).backward()
-        finally:
-            eng.detach()
-        scale = norms.abs().max().item()
-        assert_close(eng.last_norms, norms, rtol, atol * scale, "per-sample norms")
-        named = dict(model.named_parameters())
-        for n, v in ref.items():
-            assert_close(eng.summed[named[n]], v, rtol, atol * max(v.abs().max().item(), 1e-30), n)
+        assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=max_norm, rtol=rtol, atol=atol)
         assert all(p.grad is None for p in model.parameters()), "autograd must not write .grad"
 
 
