@@ -288,6 +288,11 @@ class GradSampleEngine:
         """Train only ``mask``'s coordinates of ``param`` (norms after masking); None removes the mask."""
         if param not in self.param_names:
             raise KeyError("not a parameter of the model this engine is attached to")
+        if self._dirty:  # masks act on the sums at backward, on the noise at step: they must agree
+            raise RuntimeError("set_mask between backward() and optimizer.step(): the clipped sums already taken "
+                               "were masked with the old mask, and the step's noise would follow the new one "
+                               "(coordinates could be released without noise). Change masks after step() or "
+                               "zero_grad().")
         if mask is None:
             self.masks.pop(param, None)
         else:

@@ -36,7 +36,12 @@ class Mask:
     def from_rows(cls, param: torch.Tensor, rows: torch.Tensor, dim: int = 0) -> "Mask":
         if not 0 <= dim < param.dim():
             raise ValueError(f"dim {dim} out of range for a parameter of shape {tuple(param.shape)}")
-        rows = torch.as_tensor(rows, dtype=torch.long, device=param.device).unique(sorted=True)
+        rows = torch.as_tensor(rows, device=param.device)
+        if rows.dtype == torch.bool:  # a row selector: its True positions (as_tensor would make them 0 / 1)
+            if rows.shape != (param.shape[dim],):
+                raise ValueError(f"a boolean row selector needs shape ({param.shape[dim]},), got {tuple(rows.shape)}")
+            rows = rows.nonzero().flatten()
+        rows = rows.to(torch.long).unique(sorted=True)
         if rows.numel() and (rows[0] < 0 or rows[-1] >= param.shape[dim]):
             raise ValueError(f"row indices out of range for a parameter with {param.shape[dim]} rows along dim {dim}")
         dense = torch.zeros(param.shape, dtype=torch.bool, device=param.device)
@@ -63,6 +68,7 @@ class Mask:
         return self.dense.float().mean().item() if self.dense.numel() else 0.0
 
     def check(self, param: torch.Tensor) -> None:
-        if self.dense.shape != param.shape or self.dense.device != param.device:
-            raise ValueError(f"mask of shape {tuple(self.dense.shape)} on {self.dense.device} does not match the "
-                             f"parameter ({tuple(param.shape)} on {param.device})")
+        for what, t in (("mask", self.dense), ("center", self.center), ("scale", self.scale)):
+            if t is not None and (t.shape != param.shape or t.device != param.device):
+                raise ValueError(f"{what} of shape {tuple(t.shape)} on {t.device} does not match the parameter "
+                                 f"({tuple(param.shape)} on {param.device})")

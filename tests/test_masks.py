@@ -247,3 +247,33 @@ def test_masked_noise_kernel_path_in_the_optimizer(kind, monkeypatch):
     b = make(seed=99)
     b.load_state_dict(state)
     assert all(torch.equal(x, y) for x, y in zip(expected.values(), noisy_grads(b).values()))
+
+
+def test_set_mask_between_backward_and_step_is_refused():
+    """Masks act on the clipped sums at backward and on the noise at step: changing one in between could release
+    coordinates the old mask kept without noise (the masked-noise path). Refused; after step() it is fine."""
+    import warnings
+
+    m = torch.nn.Linear(4, 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                                 expected_batch_size=4, sample_size=40)
+    opt.engine.set_mask(m.weight, Mask.from_rows(m.weight, [0, 1, 2]))
+    m(torch.randn(4, 4)).sum().backward()
+    with pytest.raises(RuntimeError, match="between backward"):
+        opt.engine.set_mask(m.weight, Mask.from_rows(m.weight, [3, 4]))
+    opt.step()
+    opt.zero_grad()
+    opt.engine.set_mask(m.weight, Mask.from_rows(m.weight, [3, 4]))
+
+
+def test_row_selector_and_standardisation_shapes():
+    w = torch.randn(6, 4)
+    sel = torch.tensor([False, False, False, True, False, True])
+    assert torch.equal(Mask.from_rows(w, sel).rows, torch.tensor([3, 5]))  # (was [0, 1]: the bools as indices)
+    with pytest.raises(ValueError, match="row selector"):
+        Mask.from_rows(w, sel[:4])
+    bad = Mask.from_coords(torch.ones(6, 4, dtype=torch.bool), torch.zeros(4), torch.ones(6, 4))
+    with pytest.raises(ValueError, match="center of shape"):
+        bad.check(w)
