@@ -61,7 +61,7 @@ def test_digits_nonprivate(capsys):
 def test_empty_poisson_batches_take_noise_only_steps():
     # expected batch size 1 over 40 samples: about a third of the Poisson batches are empty
     r = run(["train", "--limit", "40", "--batch-size", "1", "--epochs", "1", "--noise-multiplier", "1.0",
-             "--device", "cpu", "--no-progress"])
+             "--device", "cpu", "--no-progress", "--reproducible"])
     assert r["steps"] == 40 and r["samples"] < 80
     assert 0 < r["epsilon"] < float("inf")
 
@@ -89,12 +89,13 @@ def test_divergence_is_a_clear_message(monkeypatch):
 
     monkeypatch.setattr(fastdp.cli, "_train_epoch", diverge)
     with pytest.raises(SystemExit, match="diverged in epoch 1.*smaller --lr"):
-        main(["train", "--limit", "50", "--epochs", "1", "--noise-multiplier", "1", "--device", "cpu", "--no-progress"])
+        main(["train", "--limit", "50", "--epochs", "1", "--noise-multiplier", "1", "--device", "cpu", "--no-progress",
+              "--reproducible"])
 
 
 def test_mnist_quick_run(data_dir):
     r = run(["train", "--dataset", "mnist", "--data-dir", data_dir, "--limit", "2000", "--epochs", "1",
-             "--device", "cpu", "--no-progress"])
+             "--device", "cpu", "--no-progress", "--reproducible"])
     assert r["samples"] > 1500  # one Poisson epoch over 2000 samples
     assert 0 < r["epsilon"] <= 3.0 + 1e-6
     assert r["test_accuracy"] >= 0.4  # measured 0.687 (seed 0)
