@@ -23,15 +23,12 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from .direct_norm import _grad_step
+
     @triton.jit
     def _gram_step(acc, a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-        """``acc + a b^T`` for [BT, BK] operands (fp32 products; IEEE fp32 dots for fp32 inputs)."""
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        if IEEE:
-            return acc + tl.dot(a, tl.trans(b), input_precision="ieee")
-        return acc + tl.dot(a, tl.trans(b))
+        """``acc + a b^T`` for [BT, BK] operands: ``_grad_step`` (``acc + a^T b``) of the transposed operands."""
+        return _grad_step(acc, tl.trans(a), tl.trans(b), UPCAST, IEEE)
 
     @triton.jit
     def _gram_tile(a_ptr, b_ptr, sa_b, sa_t, sa_k, sb_b, sb_t, sb_k, bidx, t, s, Ta, Tb, K,
