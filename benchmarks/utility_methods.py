@@ -394,12 +394,13 @@ def train_one(args, config: dict) -> dict:
     kwargs = dict(config["method_kwargs"])
     if cls is not DPOptimizer:
         kwargs["steps_per_epoch"] = steps_per_epoch  # phases on the loader's epochs
+    seeds = private_seeds(seed)
     model, opt, loader = make_private(
         module=model, optimizer=base, data_loader=loader, max_grad_norm=config["max_grad_norm"],
         noise_multiplier=sigma, epochs=config["epochs"], accountant=config["accountant"],
         # two seeds derived from the run's seed: one seed for both would tie the CPU noise to batch membership
-        noise_generator=torch.Generator().manual_seed(private_seeds(seed)["noise"]),
-        sample_generator=torch.Generator().manual_seed(private_seeds(seed)["sampling"]),
+        noise_generator=torch.Generator().manual_seed(seeds["noise"]),
+        sample_generator=torch.Generator().manual_seed(seeds["sampling"]),
         optimizer_class=cls, **kwargs)
     trainable = _trained_coords(model, opt)
     start = time.perf_counter()

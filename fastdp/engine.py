@@ -346,7 +346,7 @@ class GradSampleEngine:
         self._pass_fused = False  # something was accumulated during this pass
         self._pass_was_dirty = False  # ... into a buffer that already held earlier micro-batches
         self._pass_no_fuse = False
-        self._pass_forwards: Dict[int, ForwardPass] = {}  # the forwards whose uses reached this pass
+        self._pass_forwards: set = set()  # the ForwardPass of every use that reached this pass
 
     def _abandon_pass(self) -> None:
         """A pass ended without finalising: drop what it accumulated (or poison the micro-batch sums)."""
@@ -385,7 +385,7 @@ class GradSampleEngine:
             torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
             self._callback_queued = task
         if use is not None and use.forward is not None:
-            self._pass_forwards[id(use.forward)] = use.forward
+            self._pass_forwards.add(use.forward)
         if use is None:  # untracked use: its parameter is clipped at the end of backward
             if self._pass_fused:
                 raise RuntimeError(
@@ -457,7 +457,7 @@ class GradSampleEngine:
         except BaseException:
             self._abandon_pass()
             raise
-        for f in self._pass_forwards.values():
+        for f in self._pass_forwards:
             f.done = True
         self._new_pass_state()
 

@@ -383,9 +383,10 @@ class SharedActivation(torch.Tensor):
         if not torch.is_grad_enabled():
             if _autograd_function_class() is not None:  # inside a custom Function's forward: its backward is unseen
                 for s in shared:  # (taken per row later only if its rows were still the samples here)
-                    s._fdp_src.escaped = s._fdp_src.escaped or True
                     if not s._fdp_rows:
                         s._fdp_src.escaped = "unaligned"
+                    elif not s._fdp_src.escaped:
+                        s._fdp_src.escaped = True
             return call(plain)
         first = args[0] if args else None
         if func in SHAPE_ONLY and not isinstance(first, SharedActivation):  # ``x.type_as(e)``: e's dtype / shape only
