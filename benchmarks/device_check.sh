@@ -12,7 +12,7 @@
 #                                                            # triton stage will pick wgmma tiles: run this to trust it)
 #   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
 # The test stage runs the default tiles (FASTDP_AUTOTUNE=0: no candidate timing per test shape); the triton e2e
-# run autotunes (kernels/_tuning.py) and records the tiles it picked in its JSON ("autotuned_tiles").
+# run autotunes (fastdp/kernels/_tuning.py) and records the tiles it picked in its JSON ("autotuned_tiles").
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -25,7 +25,7 @@ python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" 
 if [[ $STAGES == *tests* ]]; then
   # compiled Triton kernels against their references, then the engine with every kernel forced
   # (~14 kernels, each compiled for several dtypes and shape specialisations: give compilation room)
-  # (per-test results in tests_kernels.xml: which ops may join kernels/_backend.py::GPU_VALIDATED)
+  # (per-test results in tests_kernels.xml: which ops may join fastdp/kernels/_backend.py::GPU_VALIDATED)
   FASTDP_AUTOTUNE=0 timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels \
     tests/test_gpu.py -k "not every_candidate_tile" --junitxml "$OUT/tests_kernels.xml" 2>&1 | tail -25 \
     | tee "$OUT/tests_kernels.txt"
@@ -38,7 +38,7 @@ if [[ $STAGES == *tiles* ]]; then
     --junitxml "$OUT/tests_tiles.xml" 2>&1 | tail -15 | tee "$OUT/tests_tiles.txt"
 fi
 if [[ $STAGES == *norms* ]]; then
-  timeout 45 python3 benchmarks/check_norms.py vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
+  timeout 45 python3 -m fastdp.bench.check_norms vit,gpt2,wrn 2>&1 | grep -v -i warn | tee "$OUT/check_norms.txt"
 fi
 if [[ $STAGES == *bench* ]]; then
   # <= 4 minutes. The end-to-end suite: 3 workloads x fp32/bf16 x every variant (non-private, fastdp flat and
@@ -46,15 +46,15 @@ if [[ $STAGES == *bench* ]]; then
   # profiled pass (kernels per step), then, in what is left of 200 s, the largest bf16 batch of non-private,
   # fastdp and Opacus. Runs past the budget become 'skipped' rows; the JSON/CSV/MD are rewritten after every
   # workload, so a timeout still leaves the rows measured so far. FASTDP_COMMIT=<hash> records the commit.
-  timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 200 \
+  timeout 240 python3 -m fastdp.bench.e2e --out-dir "$OUT" --steps 20 --warmup 3 --time-budget 200 \
     --max-batch --max-batch-variants nonprivate,fastdp,opacus-hooks,opacus-ghost --max-batch-dtypes bf16 \
     ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 | tee "$OUT/e2e_log.txt" | tail -25
 fi
 if [[ $STAGES == *triton* ]]; then
   # the engine with every Triton kernel forced, beside non-private. The first step of each workload and dtype
-  # compiles ~4 tile candidates per kernel and times them (kernels/_tuning.py; by compile_check.py 0.2-6 s per
+  # compiles ~4 tile candidates per kernel and times them (fastdp/kernels/_tuning.py; by compile_check.py 0.2-6 s per
   # compilation, ~20 per workload and dtype), all inside the warm-up steps; the picks land in the JSON
-  FASTDP_BACKEND=triton timeout 240 python3 -m benchmarks.e2e --out-dir "$OUT/triton" \
+  FASTDP_BACKEND=triton timeout 240 python3 -m fastdp.bench.e2e --out-dir "$OUT/triton" \
     --variants nonprivate,fastdp,fastdp-per-layer \
     --steps 20 --warmup 3 --no-launches --time-budget 200 ${FASTDP_COMMIT:+--commit "$FASTDP_COMMIT"} 2>&1 \
     | tee "$OUT/e2e_triton_log.txt" | tail -12

@@ -1,5 +1,5 @@
 """The ``fastdp`` command line: ``fastdp train`` trains a small model with DP-SGD / DP-Adam on an image dataset;
-``fastdp bench`` runs the end-to-end step benchmark (``benchmarks/e2e.py``, source checkouts only).
+``fastdp bench`` runs the end-to-end step benchmark (``fastdp/bench/e2e.py``).
 
 Examples::
 
@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import math
-import os
 import secrets
 import sys
 import time
@@ -162,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use only the first N training samples (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=train, error=t.error)
-    # listed for `fastdp --help`; main() hands `fastdp bench ...` to benchmarks/e2e.py's own parser unparsed
+    # listed for `fastdp --help`; main() hands `fastdp bench ...` to fastdp/bench/e2e.py's own parser unparsed
     sub.add_parser("bench", add_help=False, help="end-to-end step benchmark: non-private, every fastdp method, Opacus "
-                   "hooks/ghost on ViT, GPT-2, WRN (source checkout only; fastdp bench --help)")
+                   "hooks/ghost on ViT, GPT-2, WRN (fastdp bench --help)")
     return parser
 
 
@@ -186,31 +184,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
 
 # ---------------------------------------------------------------------------------------------- bench
 def bench(argv: Sequence[str]) -> dict:
-    """Run ``benchmarks/e2e.py``'s ``main(argv)`` from the source tree that holds this ``fastdp`` package.
-
-    ``benchmarks/`` is not installed: it is found next to the package directory (a git checkout, used in place or
-    installed with ``pip install -e .``). From a wheel install this exits with status 2 and says so.
-    """
-    root = _source_root()
-    script = os.path.join(root, "benchmarks", "e2e.py")
-    if not (os.path.isfile(script) and os.path.isfile(os.path.join(root, "pyproject.toml"))):
-        print(f"fastdp bench: error: the benchmark suite ships with the source tree only, and {script} does not "
-              "exist (this fastdp is installed from a wheel). Clone the repository, `pip install -e .` there and "
-              "run `fastdp bench` (or `python -m benchmarks.e2e`) from it.", file=sys.stderr)
-        raise SystemExit(2)
-    if sys.path[:1] != [root]:
-        sys.path.insert(0, root)
-    # another top-level `benchmarks` may be imported already (opacus' wheel installs an unrelated one): drop it
-    loaded = getattr(sys.modules.get("benchmarks"), "__file__", None) or ""
-    if "benchmarks" in sys.modules and os.path.dirname(os.path.abspath(loaded)) != os.path.join(root, "benchmarks"):
-        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
-            del sys.modules[name]
-    return importlib.import_module("benchmarks.e2e").main(list(argv), prog="fastdp bench")
-
-
-def _source_root() -> str:
-    """The directory that holds the ``fastdp`` package directory (a checkout's root, or site-packages)."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """Run the end-to-end step benchmark, ``fastdp.bench.e2e.main(argv)`` (installed with the package)."""
+    from fastdp.bench import e2e
+    return e2e.main(list(argv), prog="fastdp bench")
 
 
 # ---------------------------------------------------------------------------------------------- train

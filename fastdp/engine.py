@@ -109,8 +109,10 @@ class PendingUse:
     __slots__ = ("counts", "param", "arrived", "forward")
 
     def __init__(self, counts: PendingCounts, param: nn.Parameter, forward: Optional["ForwardPass"] = None):
-        self.counts, self.param, self.arrived, self.forward = counts, param, False, forward
+        self.arrived = True  # nothing for __del__ to undo until the count is taken
+        self.counts, self.param, self.forward = counts, param, forward
         counts.add(param, 1)
+        self.arrived = False
 
     def arrive(self) -> bool:
         """Mark the gradient as arrived; False if it had arrived before (a retained graph run again)."""
@@ -120,8 +122,8 @@ class PendingUse:
         self.counts.add(self.param, -1)
         return True
 
-    def __del__(self):
-        if not self.arrived:
+    def __del__(self):  # also runs on an object whose __init__ raised: then there is nothing to undo
+        if not getattr(self, "arrived", True):
             self.counts.add(self.param, -1)
 
 

@@ -78,7 +78,7 @@ def count_launches(monkeypatch, module: str, *kernels: str) -> list:
         orig = getattr(mod, name)
         counting = type("K", (), {"__getitem__": lambda s, grid, n=name, o=orig: (calls.append(n), o[grid])[1]})()
         monkeypatch.setattr(mod, name, counting)
-        for tiles in REGISTRY.values():  # kernels launched through their tile registry (kernels/_tuning.py)
+        for tiles in REGISTRY.values():  # kernels launched through their tile registry (fastdp/kernels/_tuning.py)
             if tiles.fn is orig:
                 monkeypatch.setattr(tiles, "fn", counting)
     return calls

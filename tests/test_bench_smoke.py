@@ -1,18 +1,12 @@
-"""Smoke run of the GPU step benchmark on the CPU with tiny models (the CI signal for benchmarks/gpu_step.py)."""
+"""Smoke run of the GPU step benchmark on the CPU with tiny models (the CI signal for fastdp/bench/gpu_step.py)."""
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-# the repo's benchmarks/ package; opacus 1.6's wheel installs an unrelated top-level `benchmarks` package
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if not (getattr(sys.modules.get("benchmarks"), "__file__", None) or ROOT).startswith(ROOT):
-    del sys.modules["benchmarks"]
-from benchmarks import gpu_step  # noqa: E402
+from fastdp.bench import gpu_step  # noqa: E402
 
 
 def test_gpu_step_cpu_tiny(tmp_path):
@@ -50,7 +44,7 @@ def test_micro_adam_bench_smoke(tmp_path):
 
     if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
         pytest.skip("needs TRITON_INTERPRET=1 on the CPU")
-    from benchmarks import bench_micro_adam
+    from fastdp.bench import bench_micro_adam
 
     out = tmp_path / "m.json"
     res = bench_micro_adam.main(["--device", "cuda" if torch.cuda.is_available() else "cpu", "--tiny",

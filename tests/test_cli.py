@@ -160,19 +160,19 @@ def test_bench_tiny_run_through_the_cli(tmp_path):
     assert all(os.path.exists(p) and os.path.dirname(p) == str(tmp_path) for p in res["paths"])
 
 
-def test_bench_without_the_source_tree_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    import fastdp.cli
+def test_bench_results_go_to_the_checkout_or_the_current_directory(tmp_path, monkeypatch):
+    """In a checkout the default output folder is benchmarks/results; installed from a wheel (no checkout around the
+    package) it is ./fastdp-results, never a folder inside site-packages."""
+    from fastdp.bench import run_env
 
-    monkeypatch.setattr(fastdp.cli, "_source_root", lambda: str(tmp_path))  # as in site-packages after a wheel install
-    with pytest.raises(SystemExit) as exc:
-        main(["bench", "--device", "cpu"])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert "source tree only" in err and "pip install -e ." in err and "Traceback" not in err
+    assert run_env.results_dir("utility") == os.path.join(run_env.ROOT, "benchmarks", "results", "utility")
+    monkeypatch.setattr(run_env, "ROOT", str(tmp_path / "site-packages"))
+    monkeypatch.chdir(tmp_path)
+    assert run_env.results_dir() == os.path.join(str(tmp_path), "fastdp-results")
 
 
 def test_python_m_fastdp_bench_help_outside_the_repo(tmp_path):
-    """Run from another directory: benchmarks/ is found next to the package, not on the current directory."""
+    """Run from another directory: the benchmark suite is part of the installed package."""
     out = subprocess.run([sys.executable, "-m", "fastdp", "bench", "--help"], capture_output=True, text=True,
                          timeout=120, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr

@@ -1,4 +1,4 @@
-"""benchmarks/compile_check.py: the engine's kernels compile for the H100 (sm_90) on a machine without a GPU, and
+"""fastdp/bench/compile_check.py: the engine's kernels compile for the H100 (sm_90) on a machine without a GPU, and
 16-bit dots at 64-wide tiles lower to Hopper tensor-core instructions (wgmma)."""
 import json
 import os
@@ -18,7 +18,7 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     out = tmp_path / "compile.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.compile_check", "--kernels", "clip_factor,direct_norm",
+    proc = subprocess.run([sys.executable, "-m", "fastdp.bench.compile_check", "--kernels", "clip_factor,direct_norm",
                            "--dtypes", "bf16", "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

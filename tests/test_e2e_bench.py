@@ -1,4 +1,4 @@
-"""CPU smoke test of the end-to-end benchmark (benchmarks/e2e.py): the code path, not the numbers.
+"""CPU smoke test of the end-to-end benchmark (fastdp/bench/e2e.py): the code path, not the numbers.
 
 Tiny workloads, one torch thread, one warm-up and one timed step per variant: every variant's rows, failure rows (a
 variant forced to raise, Opacus ghost refusing GPT-2's tied weights), the JSON/CSV/MD/PNG outputs, the launch
@@ -7,18 +7,14 @@ counts, and the largest-batch search (pure logic with an injected memory limit, 
 import csv
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-# the repo's benchmarks/ package; opacus 1.6's wheel installs an unrelated top-level `benchmarks` package
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if not (getattr(sys.modules.get("benchmarks"), "__file__", None) or ROOT).startswith(ROOT):
-    del sys.modules["benchmarks"]
-from benchmarks import e2e  # noqa: E402
+from fastdp.bench import e2e  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--threads", "1"]
 try:  # the [bench] extra, not the [test] one: without it the plots are skipped with that reason
@@ -174,7 +170,7 @@ def test_time_budget_turns_runs_into_skipped_rows(tmp_path, restore_threads):
 
 def test_from_json_renders_the_earlier_gpu_step_results(tmp_path):
     """The H100 v3 results (written by the earlier gpu_step harness) render with --from-json: table and plots."""
-    src = os.path.join(ROOT, "benchmarks", "results", "h100_2026-11-26_v3", "gpu_step_2026-11-26.json")
+    src = os.path.join(REPO_ROOT, "benchmarks", "results", "h100_2026-11-26_v3", "gpu_step_2026-11-26.json")
     result = e2e.main(["--from-json", src, "--out-dir", str(tmp_path)])
     md = open(tmp_path / "gpu_step_2026-11-26.md").read()
     assert "H100" in md and md.count("| fastdp |") == 6  # 3 workloads x 2 dtypes

@@ -1,11 +1,11 @@
-"""benchmarks/launch_count.py: kernel-level ops per step, and the budgets the engine keeps (host overhead)."""
+"""fastdp/bench/launch_count.py: kernel-level ops per step, and the budgets the engine keeps (host overhead)."""
 import os
 
 import pytest
 import torch
 
 pytest.importorskip("transformers")
-from benchmarks import launch_count  # noqa: E402
+from fastdp.bench import launch_count
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""DPOptimizer's fused noise + SGD step (``kernels/noisy_sgd.py``): the unfused path's maths, masked_noise's noise,
+"""DPOptimizer's fused noise + SGD step (``fastdp/kernels/noisy_sgd.py``): the unfused path's maths, masked_noise's noise,
 masked coordinates never move, torch-compatible momentum state, and ``last_step_fused`` tells the truth."""
 import copy
 import warnings

@@ -1,8 +1,11 @@
-"""Packaging: the public API imports, and a built wheel installs fastdp and fastdp.kernels (never a top-level kernels)."""
+"""Packaging: the public API imports; a built wheel installs the one top-level package ``fastdp``; nothing in the
+repository shadows another installed distribution's top-level name when Python starts in the repository root."""
 import os
 import subprocess
 import sys
 import textwrap
+import zipfile
+from importlib import metadata
 
 import pytest
 
@@ -36,7 +39,46 @@ def test_ci_runs_the_readme_commands():
 def test_kernels_are_the_fastdp_subpackage():
     import fastdp.kernels
     assert fastdp.kernels.__name__ == "fastdp.kernels"
-    assert os.path.samefile(os.path.dirname(fastdp.kernels.__file__), os.path.join(ROOT, "kernels"))
+    assert os.path.samefile(os.path.dirname(fastdp.kernels.__file__), os.path.join(ROOT, "fastdp", "kernels"))
+
+
+def repository_top_level_names() -> set:
+    """Names that ``import NAME`` finds in this repository when Python starts in its root (sys.path[0] = root), or
+    that the tests make importable (tests/conftest.py puts tests/ on sys.path): ``NAME.py`` files and folders with an
+    ``__init__.py``. A folder without one is at most a namespace portion, which never hides an installed regular
+    package of the same name (the import system prefers the regular package, wherever it stands on sys.path)."""
+    names = set()
+    for folder in (ROOT, os.path.join(ROOT, "tests")):
+        for entry in os.listdir(folder):
+            path = os.path.join(folder, entry)
+            if entry.endswith(".py") and os.path.isfile(path) and not entry.startswith(("test_", "conftest")):
+                names.add(entry[:-3])
+            elif os.path.isfile(os.path.join(path, "__init__.py")):
+                names.add(entry)
+    return names
+
+
+def test_no_repository_name_shadows_an_installed_distribution():
+    """A dependency that starts shipping a top-level name this repository also uses (as transformers' `kernels` did
+    with the old top-level kernels/ folder) fails here, naming both, before it breaks an import somewhere else."""
+    installed = metadata.packages_distributions()
+    ours = repository_top_level_names()
+    assert "fastdp" in ours and "kernels" not in ours and "benchmarks" not in ours
+    clashes = {name: sorted(set(installed[name]) - {"fastdp"}) for name in ours if name in installed}
+    clashes = {name: dists for name, dists in clashes.items() if dists}
+    assert not clashes, f"repository names also installed by other distributions: {clashes}"
+
+
+@pytest.mark.parametrize("name", ["kernels", "benchmarks"])  # top-level folders of ours until issue 14
+def test_python_started_in_the_root_imports_the_installed_package(name):
+    """`python -c "import kernels"` run in the repository root finds the installed distribution's package (Hugging
+    Face's `kernels`, which transformers imports; opacus' `benchmarks`), never a folder of this repository."""
+    if name not in metadata.packages_distributions():
+        pytest.skip(f"no installed distribution provides {name!r}")
+    out = subprocess.run([sys.executable, "-c", f"import {name}; print({name}.__file__)"], capture_output=True,
+                         text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.abspath(out.stdout.strip()).startswith(ROOT + os.sep), out.stdout
 
 
 @pytest.mark.slow
@@ -46,14 +88,14 @@ def test_wheel_installs_and_imports(tmp_path):
                     str(wheel_dir), ROOT], check=True, cwd=tmp_path)
     wheels = list(wheel_dir.glob("fastdp-*.whl"))
     assert len(wheels) == 1
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheels[0]).namelist()}
+    assert top == {"fastdp", f"fastdp-{fastdp.__version__}.dist-info"}, f"the wheel installs {sorted(top)}"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
                     str(wheels[0])], check=True, cwd=tmp_path)
-    assert not (target / "kernels").exists(), "a top-level 'kernels' package was installed"
     probe = textwrap.dedent("""
         import importlib.util, os, sys
-        import fastdp, fastdp.kernels
+        import fastdp, fastdp.kernels, fastdp.bench.e2e
         assert fastdp.__file__.startswith(sys.argv[1]), fastdp.__file__
-        assert importlib.util.find_spec("kernels") is None, "plain 'kernels' is importable"
         import torch
         m = torch.nn.Linear(3, 2)
         opt = fastdp.DPOptimizer(m, torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=1.0,

@@ -1,17 +1,10 @@
-"""Smoke run of benchmarks/utility_methods.py: every study's code path at toy size (500 images, 1 seed, RDP)."""
+"""Smoke run of fastdp/bench/studies/utility_methods.py: every study's code path at toy size (500 images, 1 seed, RDP)."""
 import json
-import os
-import sys
 
 import pytest
 
 pytest.importorskip("matplotlib")
-# the repo's benchmarks/ package; opacus 1.6's wheel installs an unrelated top-level `benchmarks` package
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if not (getattr(sys.modules.get("benchmarks"), "__file__", None) or ROOT).startswith(ROOT):
-    del sys.modules["benchmarks"]
-from benchmarks import utility_methods  # noqa: E402
+from fastdp.bench.studies import utility_methods
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -1,17 +1,10 @@
-"""Smoke run of benchmarks/utility_micro_adam.py on the bundled digits dataset (no data files, a few seconds)."""
+"""Smoke run of fastdp/bench/studies/utility_micro_adam.py on the bundled digits dataset (no data files, a few seconds)."""
 import json
-import os
-import sys
 
 import pytest
 
 pytest.importorskip("matplotlib")
-# the repo's benchmarks/ package; opacus 1.6's wheel installs an unrelated top-level `benchmarks` package
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if not (getattr(sys.modules.get("benchmarks"), "__file__", None) or ROOT).startswith(ROOT):
-    del sys.modules["benchmarks"]
-from benchmarks import utility_micro_adam  # noqa: E402
+from fastdp.bench.studies import utility_micro_adam
 
 
 def test_utility_script_digits(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""Clip-and-accumulate (``kernels/clip_accumulate.py``) into an fp32 [p, d] gradient buffer vs Opacus' order:
+"""Clip-and-accumulate (``fastdp/kernels/clip_accumulate.py``) into an fp32 [p, d] gradient buffer vs Opacus' order:
 per-sample gradients, scaled by their clip factors, summed."""
 import pytest
 import torch

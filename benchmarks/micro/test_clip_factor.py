@@ -1,4 +1,4 @@
-"""Clip factors from squared norms (``kernels/clip_factor.py``): one launch vs the four PyTorch ops of the reference
+"""Clip factors from squared norms (``fastdp/kernels/clip_factor.py``): one launch vs the four PyTorch ops of the reference
 (sqrt, add, divide, clamp). A latency benchmark: per-layer clipping calls it once per weight inside backward (~50
 times per GPT-2 step), so what counts is the time per call at B = 16..256, not bandwidth (``op_bytes``: 8 B per
 sample, read and written once)."""

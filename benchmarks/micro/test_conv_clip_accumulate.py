@@ -1,4 +1,4 @@
-"""Conv clip-and-accumulate (``kernels/conv_clip_accumulate.py``) into an fp32 weight buffer: the reference (scaled
+"""Conv clip-and-accumulate (``fastdp/kernels/conv_clip_accumulate.py``) into an fp32 weight buffer: the reference (scaled
 dY, PyTorch's weight-gradient convolution), the Triton kernel (implicit im2col, fp32 per-sample partials times
 C_i, batch split over programs with atomics) and Opacus' order (``F.unfold`` patches, per-sample gradients by
 einsum, then the weighted sum)."""

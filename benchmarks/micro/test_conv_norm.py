@@ -1,4 +1,4 @@
-"""Per-sample conv weight-gradient norms (``kernels/conv_norm.py``): the reference's direct and ghost norms, the
+"""Per-sample conv weight-gradient norms (``fastdp/kernels/conv_norm.py``): the reference's direct and ghost norms, the
 Triton direct and ghost norms (implicit im2col; where this checkout's ``conv_norm`` module has the dispatcher) and
 Opacus' formulation (``F.unfold`` patches, per-sample gradients by einsum)."""
 import pytest
@@ -21,7 +21,7 @@ def naive(x, dy):
 def test_conv_norm(micro, conv_shape, dtype, impl):
     s = conv_shape
     if impl.startswith("triton") and not hasattr(conv_module, "conv_norm"):
-        pytest.skip("no Triton conv norm (kernels/conv_norm.py has no conv_norm dispatcher) in this checkout")
+        pytest.skip("no Triton conv norm (fastdp/kernels/conv_norm.py has no conv_norm dispatcher) in this checkout")
     micro.setup("conv_norm", s.name, impl, dtype)
     x = torch.randn(s.B, s.c_in, s.H, s.W, device=micro.device).to(dtype)
     dy = torch.randn(s.B, s.c_out, s.H, s.W, device=micro.device).to(dtype)

@@ -1,4 +1,4 @@
-"""Direct per-sample norm (``kernels/direct_norm.py``) vs Opacus' einsum of per-sample gradients."""
+"""Direct per-sample norm (``fastdp/kernels/direct_norm.py``) vs Opacus' einsum of per-sample gradients."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""MicroAdam's 4-bit error-feedback quantisation and dequantise-add (``kernels/ef_quant.py``): reference vs Triton.
+"""MicroAdam's 4-bit error-feedback quantisation and dequantise-add (``fastdp/kernels/ef_quant.py``): reference vs Triton.
 No naive variant: the reference already is the plain PyTorch formulation."""
 import math
 

@@ -1,4 +1,4 @@
-"""Embedding per-sample gradient norms through token equality (``kernels/embedding_norm.py``: reference and Triton)
+"""Embedding per-sample gradient norms through token equality (``fastdp/kernels/embedding_norm.py``: reference and Triton)
 vs dense per-sample gradients [B, V, d]."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Ghost norm and ghost cross term (``kernels/ghost_norm.py``) vs materialised per-sample gradients."""
+"""Ghost norm and ghost cross term (``fastdp/kernels/ghost_norm.py``) vs materialised per-sample gradients."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Masked + standardised direct norm (``kernels/masked_direct_norm.py``, RS / AdaDPIGU) vs materialised per-sample
+"""Masked + standardised direct norm (``fastdp/kernels/masked_direct_norm.py``, RS / AdaDPIGU) vs materialised per-sample
 gradients, standardised and masked in PyTorch."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Masked Gaussian noise in place (``kernels/masked_noise.py``) vs a full-size ``torch.randn`` masked / gathered."""
+"""Masked Gaussian noise in place (``fastdp/kernels/masked_noise.py``) vs a full-size ``torch.randn`` masked / gathered."""
 import functools
 import math
 

@@ -1,4 +1,4 @@
-"""MicroAdam's moment reconstruction and parameter update from the ring buffer (``kernels/microadam_update.py``)
+"""MicroAdam's moment reconstruction and parameter update from the ring buffer (``fastdp/kernels/microadam_update.py``)
 vs a dense [window, d] materialisation of the sparse gradients. Layouts as in ``test_topk_gather.py``."""
 import functools
 import math

@@ -1,4 +1,4 @@
-"""Noise + scale + SGD momentum step in one pass (``kernels/noisy_sgd.py``) vs the unfused sequence DPOptimizer runs
+"""Noise + scale + SGD momentum step in one pass (``fastdp/kernels/noisy_sgd.py``) vs the unfused sequence DPOptimizer runs
 otherwise: a full-size ``torch.randn`` (masked), added, scaled, then ``torch.optim.SGD.step``.
 
 On a flat fp32 parameter of d values (``flat_shape``), momentum 0.9, no weight decay, lr 0.1, B = 8; ``mask``: a

@@ -1,4 +1,4 @@
-"""Per-sample affine gradients of LayerNorm / GroupNorm (``kernels/norm_affine_grad.py``) vs autograd's per-sample
+"""Per-sample affine gradients of LayerNorm / GroupNorm (``fastdp/kernels/norm_affine_grad.py``) vs autograd's per-sample
 gradients through ``torch.func`` (naive: what a generic per-sample engine would run)."""
 import math
 

@@ -1,4 +1,4 @@
-"""Row-group absolute sums of clipped per-sample gradients (``kernels/row_abs_sum.py``, SPARTA's selection release)
+"""Row-group absolute sums of clipped per-sample gradients (``fastdp/kernels/row_abs_sum.py``, SPARTA's selection release)
 vs materialised per-sample gradients ``abs().sum()``."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""MicroAdam's gather-and-zero of the top-k entries into a ring row (``kernels/topk_gather.py``): per-tensor top-k
+"""MicroAdam's gather-and-zero of the top-k entries into a ring row (``fastdp/kernels/topk_gather.py``): per-tensor top-k
 (int32 global indices, fp32 values: DP-MicroAdam's default) and block top-k (int16 block-relative indices, bf16
 values: the frugal mode). Naive (per-tensor only): ``index_select`` + ``index_fill_`` with int64 indices."""
 import math

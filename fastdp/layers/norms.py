@@ -1,7 +1,7 @@
 """Normalisation layers: ``F.layer_norm``, ``F.group_norm``, ``F.rms_norm``.
 
 Their affine parameters act elementwise, so per-sample gradients are cheap to form explicitly
-([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias (``kernels/norm_affine_grad.py``: one
+([B, C]): ``sum dY * x_hat`` for the weight and ``sum dY`` for the bias (``fastdp/kernels/norm_affine_grad.py``: one
 pass over the activation on the GPU). Forward and the input
 gradient use PyTorch's native kernels (LayerNorm, GroupNorm) with the dtype autocast would pick;
 the batch-summed parameter gradients are never formed. BatchNorm mixes samples through batch

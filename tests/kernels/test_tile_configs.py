@@ -1,4 +1,4 @@
-"""Every candidate tile of every autotuned kernel (``kernels/_tuning.py``) against the reference.
+"""Every candidate tile of every autotuned kernel (``fastdp/kernels/_tuning.py``) against the reference.
 
 The autotuner picks a tile by speed alone, so each candidate must compute the same result: here each is forced in
 turn on shapes that are not multiples of any tile, with several tiles along every tiled dim at the 32-wide default

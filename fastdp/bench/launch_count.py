@@ -12,7 +12,7 @@ non-private"). This counts, for one step of each variant after warm-up steps:
 The real models' layer structure at tiny batch and sequence sizes: the counts depend on layers and tensors, not on
 B or T. Not a GPU measurement: ``fastdp bench`` counts the CUDA kernels of a profiled step on the device.
 
-    python -m benchmarks.launch_count [--workloads gpt2,wrn] [--variants nonprivate,fastdp,fastdp-per-layer]
+    python -m fastdp.bench.launch_count [--workloads gpt2,wrn] [--variants nonprivate,fastdp,fastdp-per-layer]
         [--backend reference|triton] [--out benchmarks/results/launch_count_<date>.json]
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import warnings
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from benchmarks.run_env import write_result
+from fastdp.bench.run_env import write_result
 
 VIEW_OPS = {
     "view", "_unsafe_view", "reshape", "_reshape_alias", "t", "transpose", "permute", "expand", "expand_as",
@@ -97,7 +97,7 @@ def _build(workload: str, narrow: bool = False, tiny: bool = False):
     (same 12 blocks and tied head, same ghost/direct and batching decisions: the reference backend counts 730 / 1141 /
     1346 ops at both widths), so the Triton interpreter finishes in minutes. ``tiny``: the workloads' ``--tiny`` models
     (fewer blocks: smaller counts; for smoke tests)."""
-    from benchmarks import workloads
+    from fastdp.bench import workloads
     if workload == "gpt2":
         model, make_batch, loss_fn = workloads.build_gpt2(tiny=tiny, seq_len=SIZES["gpt2"]["T"], narrow=narrow)
     elif narrow:
@@ -109,7 +109,7 @@ def _build(workload: str, narrow: bool = False, tiny: bool = False):
 
 def count(workload: str, variant: str, warmup: int = 2, narrow: bool = False, tiny: bool = False) -> dict:
     """Launches of one training step of ``variant`` (``benchmarks.e2e.VARIANTS``) on ``workload``."""
-    from benchmarks import e2e
+    from fastdp.bench import e2e
     model, batch, loss_fn = _build(workload, narrow, tiny)
     B = SIZES[workload]["B"]
     with warnings.catch_warnings():

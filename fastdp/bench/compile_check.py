@@ -3,12 +3,12 @@
 Each kernel is launched through its dispatcher on small CPU tensors with its launch intercepted: the arguments go
 through Triton's own binder (the same dtype, alignment and divisibility specialisation as a real launch) and are
 compiled for the target (default sm_90, the H100) by the Triton wheel's bundled ptxas. Per kernel, tile candidate
-(``kernels/_tuning.py``) and dtype it records: compile time (with a fresh Triton cache), registers per thread, spilled bytes (local memory),
+(``fastdp/kernels/_tuning.py``) and dtype it records: compile time (with a fresh Triton cache), registers per thread, spilled bytes (local memory),
 shared memory, whether 16-bit ``tl.dot`` became Hopper tensor-core instructions (``wgmma`` in the PTX) and whether
 the loads are software-pipelined (``cp.async`` in the PTX). It proves the kernels compile for the GPU and shows which
 tiles cannot run well (spills, shared memory over the limit); it measures nothing about speed.
 
-    python -m benchmarks.compile_check [--arch 90] [--kernels ghost_dot,clip_accumulate] [--dtypes fp32,bf16]
+    python -m fastdp.bench.compile_check [--arch 90] [--kernels ghost_dot,clip_accumulate] [--dtypes fp32,bf16]
                                        [--default-only] [--out benchmarks/results/compile_sm90_<date>.json]
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.run_env import write_result
+from fastdp.bench.run_env import write_result
 
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # bytes of shared memory per block (opt-in maximum)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

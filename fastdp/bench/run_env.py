@@ -10,7 +10,15 @@ from typing import Iterator, Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout's root
+
+
+def results_dir(*parts: str) -> str:
+    """Default output folder: ``benchmarks/results/<parts>`` of the checkout this fastdp runs from, else
+    ``./fastdp-results/<parts>`` (fastdp installed from a wheel: the benchmark code ships, the results folder not)."""
+    checkout = os.path.isfile(os.path.join(ROOT, "pyproject.toml")) and os.path.isdir(os.path.join(ROOT, "benchmarks"))
+    base = os.path.join(ROOT, "benchmarks", "results") if checkout else os.path.join(os.getcwd(), "fastdp-results")
+    return os.path.join(base, *parts)
 
 
 def machine() -> dict:

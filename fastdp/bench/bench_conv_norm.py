@@ -3,7 +3,7 @@ vs ghost (strided unfold + Gram) vs the implicit-im2col Triton kernels, direct a
 FASTDP_BACKEND=triton whatever the environment says; tiles autotuned unless FASTDP_AUTOTUNE=0), vs the non-private
 weight-gradient conv they add to. The Triton columns are checked against the reference (relative error < 2e-2).
 
-    python -m benchmarks.bench_conv_norm [--device cuda] [--batch 256]
+    python -m fastdp.bench.bench_conv_norm [--device cuda] [--batch 256]
 """
 from __future__ import annotations
 

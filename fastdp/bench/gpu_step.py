@@ -1,12 +1,12 @@
 """Step time and peak memory of non-private training vs fastdp flat clipping: ``benchmarks.e2e`` restricted to the
 variants ``nonprivate`` and ``fastdp``, kept under its old name and options for the runs recorded in
-``results/h100_2026-11-26_v*`` (the harness, the FLOP floor and the report live in ``benchmarks/e2e.py``).
+``results/h100_2026-11-26_v*`` (the harness, the FLOP floor and the report live in ``fastdp/bench/e2e.py``).
 
 Writes ``gpu_step_<date>[_cpu][_tiny].json`` and ``.md`` under ``--out-dir``; no launch counting, plots or
-largest-batch search (use ``python -m benchmarks.e2e`` / ``fastdp bench`` for those).
+largest-batch search (use ``python -m fastdp.bench.e2e`` / ``fastdp bench`` for those).
 
-    python -m benchmarks.gpu_step [--workloads vit,gpt2,wrn] [--dtypes fp32,bf16] [--variants nonprivate,fastdp]
-    python -m benchmarks.gpu_step --device cpu --tiny --steps 3 --warmup 1     # CI smoke run
+    python -m fastdp.bench.gpu_step [--workloads vit,gpt2,wrn] [--dtypes fp32,bf16] [--variants nonprivate,fastdp]
+    python -m fastdp.bench.gpu_step --device cpu --tiny --steps 3 --warmup 1     # CI smoke run
 """
 from __future__ import annotations
 
@@ -16,10 +16,9 @@ import os
 
 import torch
 
-from benchmarks import workloads
-from benchmarks.e2e import (
+from fastdp.bench import workloads
+from fastdp.bench.e2e import (
     DTYPES,
-    REPO,
     Config,
     _csv_arg,
     environment,
@@ -31,6 +30,7 @@ from benchmarks.e2e import (
     setup_device,
     time_steps,
 )
+from fastdp.bench.run_env import results_dir
 
 VARIANTS = ("nonprivate", "fastdp")
 # the harness used to live here: re-exported for code that imports it from gpu_step
@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="CPU-sized models (smoke runs)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--out-dir", default=results_dir())
     ap.add_argument("--commit", default=None, help="record this commit (for runs from a copy without .git)")
     args = ap.parse_args(argv)
     names = _csv_arg(args.workloads, workloads.WORKLOADS, "workloads")

@@ -1,8 +1,8 @@
 """MicroAdam vs torch.optim.Adam: step time and optimizer-state bytes on GPT-2-small-sized parameters,
 and each MicroAdam kernel (Triton) against its PyTorch reference.
 
-    python -m benchmarks.bench_micro_adam [--device cuda] [--steps 10] [--out benchmarks/results/micro_adam_<date>.json]
-    python -m benchmarks.bench_micro_adam --device cpu --tiny          # smoke run (CI)
+    python -m fastdp.bench.bench_micro_adam [--device cuda] [--steps 10] [--out benchmarks/results/micro_adam_<date>.json]
+    python -m fastdp.bench.bench_micro_adam --device cpu --tiny          # smoke run (CI)
 
 Parameters: the 148 tensors of stock HF GPT-2 small (124M, fp32; the tied embedding counted once) with random
 gradients. Step time: CUDA events (CPU: perf_counter) around ``optimizer.step()``, median after warm-up.
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.run_env import write_result
+from fastdp.bench.run_env import write_result
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
 from fastdp.kernels.topk_gather import gather_zero, gather_zero_ref

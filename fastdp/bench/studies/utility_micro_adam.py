@@ -18,11 +18,11 @@ Runs use ``--threads 1`` torch thread by default: on a shared 2-core machine two
 whenever another job runs (one Fashion-MNIST epoch went from 22-30 s to 146 s); one thread takes ~30 s per epoch
 and leaves the other core free (two stage processes with disjoint ``--clip-methods`` can share the JSONL).
 
-    python -m benchmarks.utility_micro_adam                       # the whole study (~1 h of runs of ~100 s each)
-    python -m benchmarks.utility_micro_adam --stage clip --clip-methods dpmicroadam --clip-seeds 1   # and 2: the
+    python -m fastdp.bench.studies.utility_micro_adam                       # the whole study (~1 h of runs of ~100 s each)
+    python -m fastdp.bench.studies.utility_micro_adam --stage clip --clip-methods dpmicroadam --clip-seeds 1   # and 2: the
                                                                   # 3-seed DP-MicroAdam C curve in results/utility/
-    python -m benchmarks.utility_micro_adam --stage report        # redo the summary from the JSONL
-    python -m benchmarks.utility_micro_adam --dataset digits --epochs 1 --seeds 0 --out-dir /tmp/u   # quick
+    python -m fastdp.bench.studies.utility_micro_adam --stage report        # redo the summary from the JSONL
+    python -m fastdp.bench.studies.utility_micro_adam --dataset digits --epochs 1 --seeds 0 --out-dir /tmp/u   # quick
 """
 from __future__ import annotations
 
@@ -41,10 +41,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.run_env import commit, machine, torch_threads
+from fastdp.bench.run_env import ROOT, commit, machine, results_dir, torch_threads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
+DEFAULT_OUT = results_dir("utility")
 DEFAULT_DATA = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 METHODS = ("dpsgd", "dpadam", "dpmicroadam")
 LABELS = {"dpsgd": "DP-SGD (momentum 0.9)", "dpadam": "DP-Adam", "dpmicroadam": "DP-MicroAdam"}
@@ -87,7 +86,7 @@ def _method_floats(text: str) -> Dict[str, List[float]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.utility_micro_adam", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastdp.bench.studies.utility_micro_adam", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--stage", choices=("lr", "main", "clip", "report", "all"), default="all")
     p.add_argument("--dataset", default="fashion-mnist", help="fastdp train --dataset (digits for a quick check)")
@@ -330,7 +329,7 @@ def write_report(args, records: List[dict], out: Dict[str, str]) -> dict:
     commits = sorted({str(r.get("fastdp_commit")) for r in used})
     threads = sorted({r["machine"]["torch_threads"] for r in used})
     lines = [f"# DP-MicroAdam vs DP-Adam vs DP-SGD on {args.dataset}, epsilon {args.epsilon:g}", "",
-             f"`python -m benchmarks.utility_micro_adam` (`benchmarks/utility_micro_adam.py`); raw runs: "
+             f"`python -m fastdp.bench.studies.utility_micro_adam` (`fastdp/bench/studies/utility_micro_adam.py`); raw runs: "
              f"`{os.path.basename(out['jsonl'])}` (one JSON line per run).", "",
              "## Setup", "",
              f"* `fastdp train`: SmallCNN (two conv + GroupNorm blocks), Poisson sampling, expected batch "

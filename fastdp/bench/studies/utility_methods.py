@@ -24,9 +24,9 @@ use n cores; then ``--report-only`` with the same flags writes the report). The 
 sample std over seeds per method and epsilon, the papers' numbers beside ours) and ``methods_<study>.png``
 (accuracy vs epsilon with error bars).
 
-    python -m benchmarks.utility_methods --study all                          # paper-like epochs: hours on a CPU
-    python -m benchmarks.utility_methods --study rs --epochs 4 --seeds 0,1,2  # a pilot
-    python -m benchmarks.utility_methods --study all --report-only            # the report from the JSONL
+    python -m fastdp.bench.studies.utility_methods --study all                          # paper-like epochs: hours on a CPU
+    python -m fastdp.bench.studies.utility_methods --study rs --epochs 4 --seeds 0,1,2  # a pilot
+    python -m fastdp.bench.studies.utility_methods --study all --report-only            # the report from the JSONL
 """
 from __future__ import annotations
 
@@ -47,10 +47,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from benchmarks.run_env import commit, machine, torch_threads
+from fastdp.bench.run_env import ROOT, commit, machine, results_dir, torch_threads
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "utility")
+DEFAULT_OUT = results_dir("utility")
 DEFAULT_DATA = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
 MOMENTUM = 0.9
 VAL_SPLIT_SEED = 12345  # the permutation that holds out the lr probe's validation images (not a training seed)
@@ -158,7 +157,7 @@ def _shard(text: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.utility_methods", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m fastdp.bench.studies.utility_methods", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--study", choices=STUDIES + ("all",), default="all")
     p.add_argument("--seeds", type=_ints, default=[0, 1, 2])
@@ -663,7 +662,7 @@ def write_report(args, studies: Sequence[str], out: Dict[str, str]) -> Dict[str,
     records = [r for r in load_records(out["jsonl"]) if r.get("status") in ("ok", "diverged")]
     one = next(iter(records), None)
     lines = ["# Utility of the sparse DP methods against DP-SGD (RS, AdaDPIGU, SPARTA)", "",
-             "`python -m benchmarks.utility_methods` (`benchmarks/utility_methods.py`); raw runs: `methods.jsonl` (one "
+             "`python -m fastdp.bench.studies.utility_methods` (`fastdp/bench/studies/utility_methods.py`); raw runs: `methods.jsonl` (one "
              "JSON line per run). Accuracy is top-1 on the test set (all 10,000 images unless a section says "
              "otherwise), in %; mean ± sample standard deviation (n - 1) over seeds. Learning rates are constant; "
              "each section lists them.", "",

@@ -3,7 +3,7 @@
 Workload (issue: fastdp core): d=128, T=64, B=32, 3 blocks, 4 heads, vocab 256, tied embeddings.
 A step is forward + backward + optimizer step + zero_grad on a fixed synthetic batch.
 
-    python -m benchmarks.cpu_transformer_step [--steps 20] [--threads 2] [--out benchmarks/results/cpu_transformer_step.json]
+    python -m fastdp.bench.cpu_transformer_step [--steps 20] [--threads 2] [--out benchmarks/results/cpu_transformer_step.json]
 
 Every variant runs with glibc keeping freed memory (``fastdp.cpu_memory``; ``--default-malloc`` to compare).
 """
@@ -20,7 +20,7 @@ import traceback
 import torch
 
 import fastdp
-from benchmarks.run_env import write_result
+from fastdp.bench.run_env import write_result
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.models import TinyTransformer, lm_loss
 

@@ -32,11 +32,11 @@ device, versions, commit, date), ``.csv`` (one row per measurement), ``.md`` (ra
 workload, what each variant measures, failures) and PNG plots (time and memory ratio per workload/variant;
 throughput vs batch size when ``--batch-sizes`` ran several). The files are rewritten after every workload and pass.
 
-    python -m benchmarks.e2e                                   # everything on the GPU (or: fastdp bench)
-    python -m benchmarks.e2e --device cpu --tiny --steps 2 --warmup 1 --threads 1     # CI smoke run
-    python -m benchmarks.e2e --variants nonprivate,fastdp,opacus-hooks --max-batch --dtypes bf16
-    python -m benchmarks.e2e --workloads wrn --batch-sizes wrn=64:128:256:512
-    python -m benchmarks.e2e --from-json results/RUN/e2e_DATE.json --out-dir results/RUN    # redo md/csv/plots
+    python -m fastdp.bench.e2e                                   # everything on the GPU (or: fastdp bench)
+    python -m fastdp.bench.e2e --device cpu --tiny --steps 2 --warmup 1 --threads 1     # CI smoke run
+    python -m fastdp.bench.e2e --variants nonprivate,fastdp,opacus-hooks --max-batch --dtypes bf16
+    python -m fastdp.bench.e2e --workloads wrn --batch-sizes wrn=64:128:256:512
+    python -m fastdp.bench.e2e --from-json results/RUN/e2e_DATE.json --out-dir results/RUN    # redo md/csv/plots
 """
 from __future__ import annotations
 
@@ -62,14 +62,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdp
-from benchmarks import workloads
-from benchmarks.run_env import git
+from fastdp.bench import workloads
+from fastdp.bench.run_env import git, results_dir
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.kernels._tuning import chosen_tiles
 from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 
 DTYPES = ("fp32", "bf16")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_SIZE_FACTOR = 100  # sample_size = 100 * B: sample rate 0.01, 100 steps per epoch
 SPARTA_CLAIM = "SPARTA fine-tuning at 20% rows should be faster than non-private full fine-tuning"
 
@@ -886,7 +885,7 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
                     help="a probe fits only if its peak memory is at most this (simulates a smaller device)")
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="runs that would start after this many seconds become 'skipped' rows")
-    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results"))
+    ap.add_argument("--out-dir", default=results_dir())
     ap.add_argument("--commit", default=None, help="record this commit (for runs from a copy without .git)")
     ap.add_argument("--from-json", default=None, metavar="PATH",
                     help="run nothing: rewrite the CSV, markdown and plots of a saved e2e JSON into --out-dir")

@@ -1,1 +1,0 @@
-"""Kernel microbenchmarks (pytest-benchmark); the harness and the work formulas are in ``conftest.py``."""
