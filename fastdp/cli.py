@@ -5,6 +5,8 @@ Examples::
 
     fastdp train --dataset digits --method dpsgd --target-epsilon 3 --epochs 3
     fastdp train --dataset mnist --data-dir ../shared/data --noise-multiplier 1.0 --epochs 5
+    fastdp train --dataset mnist --data-dir ../shared/data --checkpoint-dir run1     # saved every 100 steps
+    fastdp train --dataset mnist --data-dir ../shared/data --checkpoint-dir run1 --resume   # after a kill
     python -m fastdp train --help
     fastdp bench --device cpu --tiny --steps 2 --warmup 1     # fastdp bench --help for the options
 
@@ -17,6 +19,8 @@ import argparse
 import contextlib
 import hashlib
 import math
+import os
+import re
 import secrets
 import sys
 import time
@@ -28,6 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from fastdp.atomic import atomic_write
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.data import DATASETS, load_dataset
 from fastdp.engine import NonFiniteNormError
@@ -38,6 +43,11 @@ from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
 
 MOMENTUM = 0.9
+DEFAULT_TARGET_EPSILON = 3.0
+CHECKPOINT_FILE = "checkpoint.pt"
+CHECKPOINT_FORMAT = "fastdp-train-checkpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY = 100
 # --method -> the base optimizer fastdp wraps (nonprivate: trained without the DP wrapper, for comparison)
 BASE_OPTIMIZERS = {
     "dpsgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM),
@@ -109,10 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "no clipping or noise, for comparison; sparta, rs, adadpigu, bitfit, last-layer, "
                         "random-groups: the sparse DP methods (fastdp.methods) on SGD with momentum 0.9 "
                         "(default: %(default)s)")
-    t.add_argument("--target-epsilon", type=_number(float, 0), default=3.0, metavar="EPS",
-                   help="calibrate the noise to spend this epsilon over --epochs (default: %(default)s)")
+    t.add_argument("--target-epsilon", type=_number(float, 0), default=None, metavar="EPS",
+                   help=f"calibrate the noise to spend this epsilon over --epochs (default: {DEFAULT_TARGET_EPSILON} "
+                        "unless --noise-multiplier is given)")
     t.add_argument("--noise-multiplier", type=_number(float, 0, lo_open=False), default=None, metavar="SIGMA",
-                   help="use this noise multiplier instead of calibrating to --target-epsilon")
+                   help="use this noise multiplier instead of calibrating to a target epsilon (excludes "
+                        "--target-epsilon)")
     t.add_argument("--delta", type=_number(float, 0, hi=1), default=1e-5, help="(default: %(default)g)")
     t.add_argument("--epochs", type=_number(int, 0), default=3, help="(default: %(default)s)")
     t.add_argument("--batch-size", type=_number(int, 0), default=None, metavar="B",
@@ -159,6 +171,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--limit", type=_number(int, 0), default=None, metavar="N",
                    help="use only the first N training samples (quick runs)")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--checkpoint-dir", default=None, metavar="DIR",
+                   help=f"save the run to DIR/{CHECKPOINT_FILE} every --checkpoint-every steps and at the end (model, "
+                        "optimizer, accountant, sampler and noise generator states, written atomically). The file "
+                        "holds the generators' states: keep it as private as the data")
+    t.add_argument("--checkpoint-every", type=_number(int, 0), default=None, metavar="N",
+                   help=f"steps between checkpoints (default: {DEFAULT_CHECKPOINT_EVERY}; needs --checkpoint-dir)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --checkpoint-dir (same options: the next steps, the final model and "
+                        "epsilon are those of the uninterrupted run)")
     t.set_defaults(func=train, error=t.error)
     # listed for `fastdp --help`; main() hands `fastdp bench ...` to fastdp/bench/e2e.py's own parser unparsed
     sub.add_parser("bench", add_help=False, help="end-to-end step benchmark: non-private, every fastdp method, Opacus "
@@ -176,6 +197,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["bench"]:
         result = bench(args[1:])
+        if argv is None and result["exit_status"]:  # a failed measurement fails the command (fastdp bench --help)
+            sys.exit(result["exit_status"])
     else:
         parsed = build_parser().parse_args(args)
         result = parsed.func(parsed)
@@ -191,9 +214,25 @@ def bench(argv: Sequence[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- train
 def train(args: argparse.Namespace) -> dict:
-    """Run ``fastdp train``; returns {test_accuracy, epsilon, noise_multiplier, samples_per_second, ...}."""
+    """Run ``fastdp train``; returns {test_accuracy, epsilon, noise_multiplier, samples_per_second, ...}.
+
+    Every check of the options and of the data runs before the first step. With ``--checkpoint-dir`` the run is
+    saved every ``--checkpoint-every`` steps and at the end (``save_checkpoint``); ``--resume`` continues it exactly
+    (the sampler is replayed from the epoch's start, the model, optimizer, accountant and noise generator come from
+    the checkpoint), after checking that the options and the data are the checkpointed run's.
+    """
     error = args.error  # the train parser's error(): `fastdp train: error: ...` and exit status 2
     private = args.method != "nonprivate"
+    if args.noise_multiplier is not None and args.target_epsilon is not None:
+        error(f"give --noise-multiplier or --target-epsilon, not both: --noise-multiplier {args.noise_multiplier:g} "
+              f"is not calibrated to --target-epsilon {args.target_epsilon:g} (its epsilon could exceed it)")
+    if args.noise_multiplier is not None:
+        target_epsilon = None
+    else:
+        target_epsilon = DEFAULT_TARGET_EPSILON if args.target_epsilon is None else args.target_epsilon
+    _check_method_phases(args, error)
+    if (args.resume or args.checkpoint_every is not None) and not args.checkpoint_dir:
+        error("--resume and --checkpoint-every need --checkpoint-dir")
     defaults = DEFAULTS[args.dataset]
     batch_size = args.batch_size or defaults["batch_size"]
     lr = args.lr or defaults["lr"]["sparse" if args.method in SPARSE_METHODS else args.method]
@@ -205,6 +244,8 @@ def train(args: argparse.Namespace) -> dict:
         device = torch.device(args.device)
     if args.amp == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         error("--amp bf16: this GPU does not support bfloat16")
+    if args.reproducible and args.secure_mode:
+        error("--reproducible seeds the noise from --seed; --secure-mode draws it from the OS: choose one")
     if device.type == "cpu":
         retain_freed_memory()  # this process only trains: no page faults per step (fastdp.cpu_memory)
 
@@ -212,18 +253,37 @@ def train(args: argparse.Namespace) -> dict:
         train_set, test_set, meta = load_dataset(args.dataset, data_dir=args.data_dir, limit=args.limit)
     except (FileNotFoundError, ValueError) as err:
         error(str(err))
+    c, h, w = meta["image_shape"]
+    if args.model == "cnn" and (h != w or h < 4):
+        error(f"--model cnn needs square images of at least 4x4 pixels, {args.dataset} has {h}x{w}: use --model mlp")
 
-    if args.reproducible and args.secure_mode:
-        error("--reproducible seeds the noise from --seed; --secure-mode draws it from the OS: choose one")
+    ckpt_path, ckpt, config, fingerprint = None, None, None, None
+    if args.checkpoint_dir:
+        ckpt_path = os.path.join(args.checkpoint_dir, CHECKPOINT_FILE)
+        try:  # a folder that cannot take the checkpoint fails now, not after the first N steps
+            os.makedirs(args.checkpoint_dir, exist_ok=True)
+        except OSError as err:
+            error(f"--checkpoint-dir {args.checkpoint_dir}: cannot create the folder ({err})")
+        if not os.access(args.checkpoint_dir, os.W_OK):
+            error(f"--checkpoint-dir {args.checkpoint_dir}: the folder is not writable")
+        config = _run_config(args, target_epsilon=target_epsilon, batch_size=batch_size, lr=lr, device=device)
+        fingerprint = _data_fingerprint(train_set, test_set)
+        if args.resume:
+            ckpt = _load_checkpoint(ckpt_path, config, fingerprint, error)
+        elif os.path.exists(ckpt_path):
+            error(f"--checkpoint-dir {args.checkpoint_dir} already holds a checkpoint ({ckpt_path}): pass --resume to "
+                  "continue that run, or choose another folder")
+
     torch.manual_seed(args.seed)
     model = _make_model(args.model, meta, defaults).to(device)
     base_opt = BASE_OPTIMIZERS["dpsgd" if args.method in SPARSE_METHODS else args.method](model.parameters(), lr)
     method_class, method_args = SPARSE_METHODS.get(args.method, (DPOptimizer, lambda a: {}))
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=not private,
-                        generator=torch.Generator().manual_seed(args.seed))
+    sample_gen = torch.Generator().manual_seed(args.seed)  # nonprivate: the shuffling's generator
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=not private, generator=sample_gen)
     optimizer = base_opt
     seeds = private_seeds(args.seed if args.reproducible else None)
     if private:
+        sample_gen = torch.Generator().manual_seed(seeds["sampling"])
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus, calibration search
             if args.noise_multiplier == 0:  # the warning is replaced by the epsilon line below
@@ -232,60 +292,198 @@ def train(args: argparse.Namespace) -> dict:
             if args.clipping == "per_layer":  # equal thresholds: sqrt(sum R_k^2) = R over all the model's tensors
                 names = [n for n, _ in model.named_parameters()]
                 max_grad_norm = {n: args.max_grad_norm / len(names) ** 0.5 for n in names}
-            model, optimizer, loader = make_private(
-                module=model, optimizer=base_opt, data_loader=loader, max_grad_norm=max_grad_norm,
-                noise_multiplier=args.noise_multiplier,
-                target_epsilon=None if args.noise_multiplier is not None else args.target_epsilon,
-                target_delta=args.delta, epochs=args.epochs, clipping=args.clipping, accountant=args.accountant,
-                noise_generator=None if args.secure_mode else torch.Generator(device).manual_seed(seeds["noise"]),
-                secure_mode=args.secure_mode, sample_generator=torch.Generator().manual_seed(seeds["sampling"]),
-                optimizer_class=method_class,
-                **method_args(args))
+            try:
+                model, optimizer, loader = make_private(
+                    module=model, optimizer=base_opt, data_loader=loader, max_grad_norm=max_grad_norm,
+                    noise_multiplier=args.noise_multiplier, target_epsilon=target_epsilon,
+                    target_delta=args.delta, epochs=args.epochs, clipping=args.clipping, accountant=args.accountant,
+                    noise_generator=None if args.secure_mode else torch.Generator(device).manual_seed(seeds["noise"]),
+                    secure_mode=args.secure_mode, sample_generator=sample_gen,
+                    optimizer_class=method_class,
+                    **method_args(args))
+            except ValueError as err:
+                error(_as_options(str(err)))
         print(f"noise_multiplier {optimizer.noise_multiplier:.4f}, sample_rate {optimizer.sample_rate:.4g}, "
               f"expected batch size {optimizer.expected_batch_size}, {len(loader)} steps per epoch", flush=True)
+
+    start_epoch, resumed_at = 0, None
+    totals = {"samples": 0, "steps": 0, "train_time": 0.0}  # of the completed epochs
+    if ckpt is not None:
+        if private and ckpt["noise_multiplier"] != optimizer.noise_multiplier:
+            error(f"--resume: the checkpoint's noise multiplier {ckpt['noise_multiplier']} is not this run's "
+                  f"{optimizer.noise_multiplier}")
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, RuntimeError, KeyError, TypeError) as err:
+            error(f"--resume: {ckpt_path}: cannot restore the model and optimizer ({err})")
+        torch.set_rng_state(ckpt["torch_rng_state"])
+        start_epoch, totals = ckpt["epoch"], dict(ckpt["totals"])
+        resumed_at = totals["steps"] + ckpt["epoch_stats"]["steps"]
+        print(f"resumed from {ckpt_path} after {resumed_at} steps (epoch {min(start_epoch + 1, args.epochs)}/"
+              f"{args.epochs}, step {ckpt['epoch_stats']['steps']} of it)", flush=True)
     print(f"{args.method} on {args.dataset} ({meta['train_size']} train / {meta['test_size']} test), "
           f"model {args.model}, lr {lr:g}, batch size {batch_size}, {args.epochs} epochs, device {device}, "
           f"amp {args.amp}", flush=True)
 
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.amp == "bf16" \
         else contextlib.nullcontext
-    samples, steps, train_time = 0, 0, 0.0
-    for epoch in range(1, args.epochs + 1):
+    every = args.checkpoint_every or DEFAULT_CHECKPOINT_EVERY
+
+    def checkpoint(epoch, epoch_start_state, epoch_stats, finished=False):
+        save_checkpoint(ckpt_path, {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": config, "data": fingerprint,
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "noise_multiplier": optimizer.noise_multiplier if private else None,
+            "epoch": epoch, "finished": finished, "sampler_state": epoch_start_state,
+            "torch_rng_state": torch.get_rng_state(), "totals": dict(totals), "epoch_stats": epoch_stats})
+
+    for epoch in range(start_epoch, args.epochs):
+        if ckpt is not None and epoch == start_epoch:  # replay the epoch's sampling from its start
+            epoch_start_state, skip, start = ckpt["sampler_state"], ckpt["epoch_stats"]["steps"], ckpt["epoch_stats"]
+            sample_gen.set_state(epoch_start_state)
+        else:
+            epoch_start_state, skip, start = sample_gen.get_state(), 0, None
+        on_step = None
+        if ckpt_path is not None:
+            def on_step(steps_in_epoch, epoch_stats, epoch=epoch, epoch_start_state=epoch_start_state):
+                if (totals["steps"] + steps_in_epoch) % every == 0:
+                    checkpoint(epoch, epoch_start_state, epoch_stats())
         try:
             n, k, secs, loss = _train_epoch(model, optimizer, loader, device, autocast,
-                                            desc=f"epoch {epoch}/{args.epochs}", progress=not args.no_progress)
+                                            desc=f"epoch {epoch + 1}/{args.epochs}", progress=not args.no_progress,
+                                            skip=skip, start=start, on_step=on_step)
         except NonFiniteNormError as err:
-            sys.exit(f"fastdp train: error: training diverged in epoch {epoch} ({err}). Try a smaller --lr.")
-        samples, steps, train_time = samples + n, steps + k, train_time + secs
+            sys.exit(f"fastdp train: error: training diverged in epoch {epoch + 1} ({err}). Try a smaller --lr.")
+        totals = {"samples": totals["samples"] + n, "steps": totals["steps"] + k,
+                  "train_time": totals["train_time"] + secs}
         # the exact loss and sample count are not privatised: outside the epsilon below (as in Opacus' examples)
-        print(f"epoch {epoch}/{args.epochs}: {n} samples in {secs:.2f} s, train_loss {loss:.4f}"
+        print(f"epoch {epoch + 1}/{args.epochs}: {n} samples in {secs:.2f} s, train_loss {loss:.4f}"
               + (" (exact: not covered by epsilon)" if private else ""), flush=True)
+    if ckpt_path is not None and not (ckpt is not None and ckpt["finished"]):
+        checkpoint(args.epochs, sample_gen.get_state(), _EMPTY_EPOCH, finished=True)
+    samples, steps, train_time = totals["samples"], totals["steps"], totals["train_time"]
     accuracy = evaluate(model, test_set, device, autocast)
 
+    bound = args.accountant
     if private:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             epsilon = optimizer.epsilon(args.delta)
+        for w in caught:
+            if "Optimal order is the" in str(w.message):
+                continue  # opacus' RDP order range
+            if "reporting the RDP bound" in str(w.message):
+                bound = f"{args.accountant}; the RDP bound: PRV cannot compute this run"
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         sigma = optimizer.noise_multiplier
+        phase = getattr(optimizer, "phase", None)
         optimizer.detach()
     else:
-        epsilon, sigma = math.inf, None
+        epsilon, sigma, phase = math.inf, None, None
     result = {
         "test_accuracy": accuracy, "epsilon": epsilon, "delta": args.delta if private else None,
         "accountant": args.accountant if private else None, "noise_multiplier": sigma,
         "samples_per_second": samples / train_time if train_time > 0 else 0.0, "train_time_s": train_time,
         "samples": samples, "steps": steps, "epochs": args.epochs, "dataset": args.dataset, "method": args.method,
         "model": args.model, "batch_size": batch_size, "lr": lr, "device": str(device), "amp": args.amp,
+        "phase": phase, "checkpoint": ckpt_path, "resumed_at_step": resumed_at,
     }
     print(f"test_accuracy: {accuracy:.4f}")
     if private:
-        print(f"epsilon: {epsilon:.2f} (delta={args.delta:g}, accountant={args.accountant})")
+        print(f"epsilon: {epsilon:.2f} (delta={args.delta:g}, accountant={bound})")
         print(f"noise_multiplier: {sigma:.4f}")
     else:
         print("epsilon: inf (not private)")
         print("noise_multiplier: n/a (not private)")
     print(f"samples_per_second: {result['samples_per_second']:.0f}", flush=True)
     return result
+
+
+def _check_method_phases(args, error) -> None:
+    """Refuse a sparse method whose sparse phase the run would never reach (its results would be another method's)."""
+    if args.method == "sparta" and args.epochs < args.warmup_epochs + 2:
+        error(f"--method sparta with --warmup-epochs {args.warmup_epochs} trains sparsely from epoch "
+              f"{args.warmup_epochs + 2} on ({args.warmup_epochs} warm-up epochs, then one row-selection epoch): "
+              f"--epochs {args.epochs} never reaches it. Give --epochs >= {args.warmup_epochs + 2} or fewer "
+              "--warmup-epochs")
+    if args.method == "adadpigu" and args.epochs < args.pretrain_epochs + 1:
+        error(f"--method adadpigu with --pretrain-epochs {args.pretrain_epochs} trains sparsely from epoch "
+              f"{args.pretrain_epochs + 1} on: --epochs {args.epochs} never reaches it. Give --epochs >= "
+              f"{args.pretrain_epochs + 1} or fewer --pretrain-epochs")
+
+
+# library argument -> the `fastdp train` option that sets it (messages of make_private's errors)
+_OPTION_OF = {"target_epsilon": "--target-epsilon", "target_delta": "--delta", "delta": "--delta",
+              "noise_multiplier": "--noise-multiplier", "max_grad_norm": "--max-grad-norm", "epochs": "--epochs",
+              "sparsity": "--sparsity", "warmup_epochs": "--warmup-epochs", "final_rate": "--final-rate",
+              "refresh_per_epoch": "--refresh-per-epoch", "retention": "--retention",
+              "pretrain_epochs": "--pretrain-epochs"}
+
+
+def _as_options(message: str) -> str:
+    """A library error message with its argument names replaced by the command line's options."""
+    names = "|".join(sorted(_OPTION_OF, key=len, reverse=True))
+    return re.sub(rf"\b({names})\b", lambda m: _OPTION_OF[m.group(1)], message)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+# options that may differ between a run and its --resume (everything else must be the same)
+_RESUME_MAY_CHANGE = ("data_dir", "no_progress", "checkpoint_dir", "checkpoint_every", "resume", "func", "error")
+_EMPTY_EPOCH = {"samples": 0, "steps": 0, "batches": 0, "loss_sum": 0.0, "secs": 0.0}
+
+
+def _run_config(args, *, target_epsilon, batch_size, lr, device) -> dict:
+    """The options that define a run, defaults resolved (compared on --resume)."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_MAY_CHANGE}
+    config.update(target_epsilon=target_epsilon, batch_size=batch_size, lr=lr, device=device.type)
+    return config
+
+
+def _data_fingerprint(train_set, test_set) -> str:
+    """SHA-256 of the training and test tensors (a resumed run must see the same data)."""
+    h = hashlib.sha256()
+    for t in (*train_set.tensors, *test_set.tensors):
+        h.update(str((tuple(t.shape), t.dtype)).encode())
+        h.update(t.detach().cpu().contiguous().numpy())
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str, payload: dict) -> None:
+    """``torch.save(payload)`` to ``path`` atomically and readable by its owner only (``fastdp.atomic``): a run killed
+    at any moment leaves the previous checkpoint or the new one, never a partial file."""
+    with atomic_write(path, "wb", private=True) as f:
+        torch.save(payload, f)
+
+
+def _load_checkpoint(path: str, config: dict, fingerprint: str, error) -> dict:
+    """The checkpoint at ``path``, checked against this run's options and data (parser errors otherwise)."""
+    if not os.path.isfile(path):
+        error(f"--resume: no checkpoint at {path}")
+    folder = os.path.dirname(os.path.abspath(path))
+    for name in os.listdir(folder):  # left by a run killed while writing (the checkpoint itself is whole)
+        if name.startswith(f".{os.path.basename(path)}.") and name.endswith(".tmp"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        error(f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})")
+    keys = ("config", "data", "model", "optimizer", "noise_multiplier", "epoch", "finished", "sampler_state",
+            "torch_rng_state", "totals", "epoch_stats")
+    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
+        error(f"--resume: {path} is not a fastdp train checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION or any(k not in ckpt for k in keys):
+        error(f"--resume: {path} is a checkpoint of another version ({ckpt.get('version')!r}) or incomplete")
+    saved = ckpt["config"]
+    changed = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
+    if changed:
+        error(f"--resume: the checkpoint in {os.path.dirname(path) or '.'} was written by a run with other options: "
+              + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {config.get(k)})" for k in changed)
+              + ". Resume with the run's options (only --data-dir, --no-progress and --checkpoint-every may change)")
+    if ckpt["data"] != fingerprint:
+        error(f"--resume: the training or test data differ from those of the checkpointed run ({path})")
+    return ckpt
 
 
 def private_seeds(seed: Optional[int] = None) -> dict:
@@ -310,14 +508,26 @@ def _make_model(kind: str, meta: dict, defaults: dict) -> torch.nn.Module:
     return SmallCNN(in_channels=c, num_classes=meta["num_classes"], width=defaults["width"], image_size=h)
 
 
-def _train_epoch(model, optimizer, loader, device, autocast, desc, progress):
-    """One pass over ``loader``; returns (samples, steps, wall seconds, mean train loss over non-empty batches)."""
+def _train_epoch(model, optimizer, loader, device, autocast, desc, progress, skip=0, start=None, on_step=None):
+    """One pass over ``loader``; returns (samples, steps, wall seconds, mean train loss over non-empty batches).
+
+    Resuming mid-epoch: the loader (its sampler's generator set to the epoch's starting state) draws the epoch's
+    batches again and the first ``skip`` are not trained on (the checkpoint holds their result); ``start`` holds
+    the epoch's figures up to the checkpoint, so the numbers returned are the whole epoch's. ``on_step(steps,
+    stats)`` runs after every step (``stats()`` gives the epoch's figures so far, with a device sync); its time is
+    not counted.
+    """
     model.train()
-    n, steps, loss_sum, batches = 0, 0, torch.zeros((), device=device), 0
+    start = start or _EMPTY_EPOCH
+    n, steps, batches = start["samples"], start["steps"], start["batches"]
+    loss_sum = torch.tensor(start["loss_sum"], dtype=torch.float32, device=device)
+    paused = 0.0
     _sync(device)
-    start = time.perf_counter()
+    t0 = time.perf_counter()
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, file=sys.stderr, dynamic_ncols=True)
-    for x, y in bar:
+    for i, (x, y) in enumerate(bar):
+        if i < skip:
+            continue  # trained before the checkpoint: drawn again only to replay the sampler's stream
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast():
             out = model(x)
@@ -332,8 +542,18 @@ def _train_epoch(model, optimizer, loader, device, autocast, desc, progress):
         optimizer.step()
         optimizer.zero_grad()
         n, steps = n + len(y), steps + 1
+        if on_step is not None:
+            t_pause = time.perf_counter()
+
+            def stats():
+                _sync(device)
+                return {"samples": n, "steps": steps, "batches": batches, "loss_sum": loss_sum.item(),
+                        "secs": start["secs"] + t_pause - t0 - paused}
+            on_step(steps, stats)
+            paused += time.perf_counter() - t_pause
     _sync(device)
-    return n, steps, time.perf_counter() - start, loss_sum.item() / max(batches, 1)
+    secs = start["secs"] + time.perf_counter() - t0 - paused
+    return n, steps, secs, loss_sum.item() / max(batches, 1)
 
 
 @torch.no_grad()

@@ -25,6 +25,8 @@ _SOURCES = {
 }
 _KEYS = ("x_train", "y_train", "x_test", "y_test")
 
+NUM_CLASSES = 10
+
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -48,7 +50,10 @@ def load_dataset(name: str, data_dir: Optional[str] = None,
         ``meta``: ``{"name", "image_shape": (1, H, W), "num_classes", "train_size", "test_size"}``.
 
     Raises:
-        ValueError: unknown ``name``, bad ``limit``, or an .npz file without the expected arrays.
+        ValueError: unknown ``name``, bad ``limit``, or a data file that cannot be used (not a readable .npz
+            archive, a missing or unreadable array, images not ``uint8 [N, H, W]``, labels not integers in
+            ``0..num_classes-1``, an empty split, train and test images of different sizes); the message names the
+            file, the array and what is wrong. Everything is checked here, before any training.
         FileNotFoundError: the .npz file is missing (the message names the path and where to get it).
     """
     if name not in DATASETS:
@@ -57,12 +62,14 @@ def load_dataset(name: str, data_dir: Optional[str] = None,
         raise ValueError(f"limit must be a positive int, got {limit!r}")
     if name == "digits":
         x_train, y_train, x_test, y_test = _digits()
+        source = "scikit-learn's digits"
     else:
-        x_train, y_train, x_test, y_test = _npz(name, data_dir)
+        x_train, y_train, x_test, y_test, source = _npz(name, data_dir)
+    _check_splits(source, x_train, y_train, x_test, y_test)
     if limit is not None:
         x_train, y_train = x_train[:limit], y_train[:limit]
     train, test = TensorDataset(x_train, y_train), TensorDataset(x_test, y_test)
-    meta = {"name": name, "image_shape": tuple(x_train.shape[1:]), "num_classes": 10,
+    meta = {"name": name, "image_shape": tuple(x_train.shape[1:]), "num_classes": NUM_CLASSES,
             "train_size": len(train), "test_size": len(test)}
     return train, test, meta
 
@@ -93,18 +100,73 @@ def _npz(name: str, data_dir: Optional[str]):
             f"{name} data not found: {os.path.abspath(path)} does not exist. Pass --data-dir (or data_dir=) pointing "
             f"at the folder that holds {_FILES[name]}: a numpy .npz archive with uint8 arrays x_train [60000, 28, 28], "
             f"y_train, x_test [10000, 28, 28], y_test, made from the original IDX files at {_SOURCES[name]}.")
-    with np.load(path) as d:
+    arrays = _read_npz(path)
+    mean, std = NORMALISATION[name]
+    out = []
+    for (kx, ky) in (("x_train", "y_train"), ("x_test", "y_test")):
+        x, y = arrays[kx], arrays[ky]
+        if x.dtype != np.uint8:  # the normalisation below assumes 0-255 pixels
+            raise ValueError(f"{path}: {kx} must be uint8 (0-255) as in the original IDX files, got {x.dtype}")
+        if x.ndim != 3:
+            raise ValueError(f"{path}: {kx} must be images [N, H, W], got shape {x.shape}")
+        _check_labels(path, ky, y, len(x), kx)
+        xt = torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std).unsqueeze(1)
+        out += [xt, torch.from_numpy(y.astype(np.int64))]
+    return (*out, path)
+
+
+def _read_npz(path: str) -> dict:
+    """The four arrays of an .npz archive, or a ValueError naming the file (and the array) and what is wrong."""
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as err:  # empty, truncated or garbage file: EOFError, BadZipFile, "pickled data"...
+        raise ValueError(f"{path}: not a readable .npz archive ({type(err).__name__}: {err}); expected a numpy .npz "
+                         f"with the arrays {list(_KEYS)}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive with the arrays {list(_KEYS)}")
+    with archive as d:
         missing = [k for k in _KEYS if k not in d.files]
         if missing:
             raise ValueError(f"{path} lacks the arrays {missing}; expected {list(_KEYS)}")
-        arrays = [d[k] for k in _KEYS]
-    mean, std = NORMALISATION[name]
-    out = []
-    for x, y in (arrays[:2], arrays[2:]):
-        if x.dtype != np.uint8:  # the normalisation below assumes 0-255 pixels
-            raise ValueError(f"{path}: images must be uint8 (0-255) as in the original IDX files, got {x.dtype}")
-        if x.ndim != 3 or len(x) != len(y):
-            raise ValueError(f"{path}: images must be [N, H, W] with one label each, got {x.shape} and {y.shape}")
-        xt = torch.from_numpy(x).to(torch.float32).div_(255.0).sub_(mean).div_(std).unsqueeze(1)
-        out += [xt, torch.from_numpy(y.astype(np.int64))]
-    return tuple(out)
+        arrays = {}
+        for k in _KEYS:
+            try:
+                arrays[k] = d[k]
+            except Exception as err:  # bad CRC, damaged header, Python objects (pickled data)...
+                raise ValueError(f"{path}: array {k!r} cannot be read ({type(err).__name__}: {err}); the file is damaged "
+                                 "or holds Python objects instead of numeric arrays") from None
+    return arrays
+
+
+def _check_labels(source: str, key: str, y, n: int, images_key: str) -> None:
+    """Labels ``key`` of ``source``: integers in 0..NUM_CLASSES-1, one per image of ``images_key`` (``n`` of them)."""
+    y = np.asarray(y)
+    if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{source}: {key} must hold integer class labels 0..{NUM_CLASSES - 1}, got dtype {y.dtype} "
+                         "(float labels would be truncated)")
+    if y.ndim != 1:
+        raise ValueError(f"{source}: {key} must be one label per image (shape [N]), got shape {y.shape}")
+    if len(y) != n:
+        raise ValueError(f"{source}: {key} has {len(y)} labels for {n} images in {images_key}")
+    if len(y) and (y.min() < 0 or y.max() >= NUM_CLASSES):
+        raise ValueError(f"{source}: {key} holds labels {y.min()}..{y.max()}, outside 0..{NUM_CLASSES - 1} "
+                         f"({NUM_CLASSES} classes)")
+
+
+def _check_splits(source: str, x_train, y_train, x_test, y_test) -> None:
+    """Checks shared by every dataset, before any training: non-empty splits, one image size, labels in range."""
+    for kx, ky, x, y in (("x_train", "y_train", x_train, y_train), ("x_test", "y_test", x_test, y_test)):
+        if len(x) == 0:
+            raise ValueError(f"{source}: {kx} is empty (no {'training' if kx == 'x_train' else 'test'} images)")
+        if min(x.shape[1:]) < 1:
+            raise ValueError(f"{source}: {kx} has images of size {_size(x)}")
+        _check_labels(source, ky, y.numpy() if isinstance(y, torch.Tensor) else y, len(x), kx)
+    if tuple(x_train.shape[1:]) != tuple(x_test.shape[1:]):
+        raise ValueError(f"{source}: x_test has images of size {_size(x_test)}, x_train of {_size(x_train)}: both "
+                         "splits must have the same image size")
+
+
+def _size(x) -> str:
+    """``HxW`` of images [N, C, H, W] (``CxHxW`` when C > 1)."""
+    dims = tuple(x.shape[1:])
+    return "x".join(map(str, dims[1:] if dims[0] == 1 else dims))

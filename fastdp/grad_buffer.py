@@ -6,7 +6,7 @@ optimizer hands the views to the wrapped optimizer as ``p.grad`` (no copy for fp
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,10 +27,7 @@ class GradBuffer:
         self.views: Dict[nn.Parameter, torch.Tensor] = {}
         for (device, dtype), ps in groups.items():
             flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=device)
-            offset = 0
-            for p in ps:
-                self.views[p] = flat[offset:offset + p.numel()].view(p.shape)
-                offset += p.numel()
+            self.views.update(zip(ps, flat_views(flat, ps)))
             self.flats.append(flat)
             self.groups.append(ps)
         self.touched: set = set()
@@ -47,3 +44,13 @@ class GradBuffer:
         """Accumulation view of ``p`` (marks it as touched)."""
         self.touched.add(p)
         return self.views[p]
+
+
+def flat_views(flat: torch.Tensor, like: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Consecutive views of the 1-D ``flat``, shaped like each tensor of ``like`` in turn (no copy)."""
+    out, offset = [], 0
+    for t in like:
+        n = t.numel()
+        out.append(flat[offset:offset + n].view(t.shape))
+        offset += n
+    return out

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from fastdp.grad_buffer import flat_views
+
 
 @dataclass(frozen=True)
 class Mask:
@@ -72,3 +74,27 @@ class Mask:
             if t is not None and (t.shape != param.shape or t.device != param.device):
                 raise ValueError(f"{what} of shape {tuple(t.shape)} on {t.device} does not match the parameter "
                                  f"({tuple(param.shape)} on {param.device})")
+
+
+class FlatMasks:
+    """One bool tensor per flat gradient buffer: True where a coordinate trains (``engine.masks`` laid out as the
+    buffer), cached until the buffer or the masks change (``engine.mask_version``)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._cache = None
+
+    def get(self, grads) -> list:
+        """``grads``: a ``fastdp.grad_buffer.GradBuffer``; returns one [numel] bool tensor per ``grads.flats``."""
+        key = (id(grads), self.engine.mask_version)
+        if self._cache is None or self._cache[0] != key:
+            out = []
+            for flat, params in zip(grads.flats, grads.groups):
+                m = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+                for p, v in zip(params, flat_views(m, params)):
+                    mask = self.engine.masks.get(p)
+                    if mask is not None:
+                        v.copy_(mask.dense)
+                out.append(m)
+            self._cache = (key, out)
+        return self._cache[1]

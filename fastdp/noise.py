@@ -45,3 +45,46 @@ def gaussian_noise(like: torch.Tensor, std: float, *, generator: Optional[torch.
         z = secure_standard_normal(like.numel()).reshape(like.shape)
         return (z * std).to(device=like.device, dtype=acc_dtype(like))
     return torch.normal(0.0, float(std), like.shape, generator=generator, device=like.device, dtype=acc_dtype(like))
+
+
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+
+
+def mix62(base: int, k: int) -> int:
+    """Step ``k``'s 62-bit seed from a 62-bit ``base``: SplitMix64's output function of ``base + k * golden``
+    (a bijection of its 64-bit input, so distinct k give distinct 64-bit outputs), top 62 bits."""
+    z = (base + k * _GOLDEN) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 2
+
+
+def draw_seed_base(gen: torch.Generator) -> int:
+    """62 bits from ``gen`` on its device (one sync)."""
+    return int(torch.randint(0, 2 ** 62, (1,), device=gen.device, generator=gen))
+
+
+class NoiseSeeds:
+    """The stream of 62-bit per-launch seeds of the counter-based (Philox) noise kernels, from ``generator``, else
+    from torch's default generator.
+
+    A CUDA generator is drawn from once (one device sync, the first masked or fused step), for a 62-bit base kept in
+    ``state_dict``; launch k then uses ``mix62(base, k)`` on the host (no sync per step). Drawing the base advances
+    the generator, so two optimizers given one generator object get different streams, and the base keeps the CUDA
+    seed's 64 bits (a CPU ``torch.Generator`` seeded from it would keep 32). A CPU generator is drawn from directly.
+    """
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+        self.base: Optional[int] = None
+        self.count = 0
+
+    def next(self) -> int:
+        gen = self.generator
+        if gen is not None and gen.device.type != "cpu":
+            if self.base is None:
+                self.base = draw_seed_base(gen)
+            self.count += 1
+            return mix62(self.base, self.count)
+        return int(torch.randint(0, 2 ** 62, (1,), generator=gen))

@@ -8,10 +8,12 @@ After ``step()`` the wrapped optimizer sees, for every trainable parameter,
 does not: ``loss_reduction`` only says how the per-sample gradients are recovered from the loss), where
 ``sum_i c_i g_i`` comes from the book-keeping engine and ``S`` is the
 clipping rule's sensitivity (``max_grad_norm`` for flat and automatic clipping). Methods that change
-one stage override it: ``pre_step``, ``clipped_sums``, ``add_noise``, ``scale_grad``.
+one stage override it (``step``'s template): ``pre_step``, ``release`` (itself ``clipped_sums`` -> ``add_noise`` ->
+``scale_grad``), ``account``, ``update``, ``after_step``.
 """
 from __future__ import annotations
 
+import enum
 import math
 import warnings
 from typing import Optional, Sequence, Union
@@ -26,9 +28,19 @@ from fastdp.fused_sgd import FusedSGDStep
 from fastdp.grad_buffer import GradBuffer
 from fastdp.kernels._backend import backend_for_op
 from fastdp.kernels.masked_noise import masked_noise
-from fastdp.noise import gaussian_noise
+from fastdp.masks import FlatMasks
+from fastdp.noise import NoiseSeeds, gaussian_noise
+from fastdp.optimizer_checks import STATE_VERSION, check_arguments, checked_state
 
-STATE_VERSION = 1
+
+class Released(enum.Enum):
+    """What ``DPOptimizer.release`` released: the noisy mean gradient in ``.grad`` (the wrapped optimizer then
+    steps), the same with SGD's update already applied by the fused kernel, or nothing but what a method released
+    itself (SPARTA's selection scores: no update)."""
+
+    GRADIENT = "gradient"
+    FUSED_UPDATE = "fused update"
+    NOTHING = "nothing"
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -94,43 +106,48 @@ class DPOptimizer(torch.optim.Optimizer):
                  generator: Optional[torch.Generator] = None, secure_mode: bool = False,
                  clipping: str = "flat", gamma: float = 0.01, sample_rate: Optional[float] = None,
                  fused_per_layer: bool = True):
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, DPOptimizer):
             raise TypeError("optimizer is already a DPOptimizer")
-        if not (isinstance(expected_batch_size, int) and expected_batch_size > 0):
-            raise ValueError(f"expected_batch_size must be a positive int, got {expected_batch_size!r}")
-        if not (isinstance(sample_size, int) and sample_size >= expected_batch_size):
-            raise ValueError(f"sample_size must be an int >= expected_batch_size, got {sample_size!r}")
-        if secure_mode and generator is not None:
-            raise ValueError("secure_mode draws noise from the OS CSPRNG; do not pass a generator with it")
+        check_arguments(optimizer, expected_batch_size, sample_size, max_grad_norm, target_delta, secure_mode, generator)
         self.original_optimizer = optimizer
         self.model = model
-        self.expected_batch_size = expected_batch_size
-        self.sample_size = sample_size
+        self.expected_batch_size = int(expected_batch_size)
+        self.sample_size = int(sample_size)
         self.sample_rate = expected_batch_size / sample_size if sample_rate is None else float(sample_rate)
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
         self.accountant_name = accountant
         self.accountant = make_accountant(accountant)
-        self.generator = generator
+        self.seeds = NoiseSeeds(generator)  # the noise generator, and per-launch seeds of the counter-based kernels
         self.secure_mode = secure_mode
         self.noise_multiplier = self._resolve_sigma(noise_multiplier, target_epsilon, target_delta, epochs, steps)
         self.target_delta = target_delta
         named = _trainable_named(model)
         self._check_params(named)
         self.clip_rule = make_clip_rule(clipping, max_grad_norm, named, gamma)
+        noise_std = self.noise_multiplier * self.clip_rule.sensitivity
+        if not (math.isfinite(noise_std) and 8 * noise_std < torch.finfo(torch.float32).max):
+            raise ValueError(f"noise_multiplier * max_grad_norm = {self.noise_multiplier:g} * "
+                             f"{self.clip_rule.sensitivity:g}: the noise's standard deviation would overflow float32 "
+                             "(the step would write non-finite weights); use a smaller max_grad_norm")
         self.clipping = clipping
         self.max_grad_norm = max_grad_norm
         self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction,
                                        fused_per_layer=fused_per_layer and self.clip_rule.per_param)
-        self._mask_cache = None
-        self._seed_base: Optional[int] = None  # per-step noise seeds of a CUDA generator (``_noise_seed``)
-        self._seed_count = 0
+        self.flat_masks = FlatMasks(self.engine)  # the engine's masks laid out as the flat buffers
         self.steps_taken = 0
         self._fused_sgd = FusedSGDStep()
         self._fused_at = -1  # steps_taken after the last fused step
         self.fused_fallback_reason: Optional[str] = None  # why the last step through DPOptimizer.step was not fused
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        """The noise's ``torch.Generator`` (None: torch's default generator)."""
+        return self.seeds.generator
+
+    @generator.setter
+    def generator(self, value: Optional[torch.Generator]) -> None:
+        self.seeds.generator = value
 
     # torch.optim.Optimizer interface, shared with the wrapped optimizer
     @property
@@ -167,7 +184,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if sigma is not None:
             if target_epsilon is not None:
                 raise ValueError("give noise_multiplier or target_epsilon, not both")
-            if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+            if not (isinstance(sigma, (int, float)) and not isinstance(sigma, bool) and math.isfinite(sigma)
+                    and sigma >= 0):
                 raise ValueError(f"noise_multiplier must be a finite number >= 0, got {sigma!r}")
             if sigma == 0:
                 warnings.warn("noise_multiplier=0: gradients are clipped but not noised; this run is NOT "
@@ -194,7 +212,7 @@ class DPOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------- step
     def pre_step(self) -> bool:
         """Checks before privatising; returns False to skip the step."""
-        if self.engine.poisoned:
+        if self.engine.sums.poisoned:
             raise RuntimeError("a backward pass failed after part of its clipped gradients were added to the sums of "
                                "earlier micro-batches; call optimizer.zero_grad() and redo the step's micro-batches")
         if self.engine.num_backward == 0:
@@ -231,10 +249,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if masks and not self.secure_mode:
             kernel = [f.dtype == torch.float32 and backend_for_op("masked_noise", f) == "triton" for f in grads.flats]
             if any(kernel):
-                flat_masks = self._flat_masks(grads)
+                flat_masks = self.flat_masks.get(grads)
                 for flat, fmask, k in zip(grads.flats, flat_masks, kernel):
                     if k:
-                        masked_noise(flat, std, self._noise_seed(), mask=fmask)
+                        masked_noise(flat, std, self.seeds.next(), mask=fmask)
                     else:
                         flat += gaussian_noise(flat, std, generator=self.generator) * fmask
                 return
@@ -244,73 +262,73 @@ class DPOptimizer(torch.optim.Optimizer):
             if p in grads.views:
                 grads.views[p].mul_(mask.dense)
 
-    def _flat_masks(self, grads: GradBuffer):
-        """One bool tensor per flat buffer: True where a coordinate trains (cached until the masks change)."""
-        key = (id(grads), self.engine.mask_version)
-        if self._mask_cache is None or self._mask_cache[0] != key:
-            out = []
-            for flat, params in zip(grads.flats, grads.groups):
-                m = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
-                offset = 0
-                for p in params:
-                    mask = self.engine.masks.get(p)
-                    if mask is not None:
-                        m[offset:offset + p.numel()] = mask.dense.reshape(-1)
-                    offset += p.numel()
-                out.append(m)
-            self._mask_cache = (key, out)
-        return self._mask_cache[1]
-
-    def _noise_seed(self) -> int:
-        """A 62-bit seed for the counter-based noise of one step, from ``generator``, else from torch's default
-        generator.
-
-        A CUDA generator is drawn from once (one device sync, the first masked or fused step), for a 62-bit base
-        kept in ``state_dict``; step k then uses ``mix62(base, k)`` on the host (no sync per step). Drawing the
-        base advances the generator, so two optimizers given one generator object get different streams, and the
-        base keeps the CUDA seed's 64 bits (a CPU ``torch.Generator`` seeded from it would keep 32).
-        """
-        gen = self.generator
-        if gen is not None and gen.device.type != "cpu":
-            if self._seed_base is None:
-                self._seed_base = _draw_seed_base(gen)
-            self._seed_count += 1
-            return mix62(self._seed_base, self._seed_count)
-        return int(torch.randint(0, 2 ** 62, (1,), generator=gen))
-
     def scale_grad(self, grads: GradBuffer) -> None:
         for flat in grads.flats:
             flat /= self.expected_batch_size
 
     def step(self, closure=None):
+        """One DP step, as stages a method overrides one of: ``pre_step`` (checks) -> ``release`` (the privatised
+        gradient in ``.grad``) -> ``account`` -> ``update`` (the wrapped optimizer) -> ``after_step``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if not self.pre_step():
             return loss
+        released = self.release()
+        self.account()
+        self.update(released)
+        self.after_step()
+        return loss
+
+    def release(self) -> Released:
+        """Privatise the clipped sums and release them: noise (``add_noise``) and the division by the expected batch
+        size (``scale_grad``) in place, then the buffer's views as ``.grad``; or, where ``fused_plan`` allows, the
+        fused kernel, which also applies SGD's update. The engine's sums are consumed."""
         grads = self.clipped_sums()
-        plan, self.fused_fallback_reason = (self._fused_sgd.plan(self, grads) if self.fuse_sgd
-                                            else (None, "fuse_sgd is off"))
+        plan, self.fused_fallback_reason = self.fused_plan(grads)
         if plan is None:
             self.add_noise(grads)
             self.scale_grad(grads)
         else:
-            self._fused_sgd.run(self, plan)
+            self._fused_sgd.run(self.original_optimizer, plan, self.noise_std(), 1.0 / self.expected_batch_size,
+                                self.seeds)
         for p, g in grads.views.items():
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.engine.reset()
-        self.engine.stale_grad_check = True
+        self.engine.sums.released = True
+        return Released.GRADIENT if plan is None else Released.FUSED_UPDATE
+
+    def fused_plan(self, grads: GradBuffer):
+        """``(plan, None)`` when noise, scaling and SGD's update can run as one fused launch per flat buffer, else
+        ``(None, reason)`` (``fastdp.fused_sgd``)."""
+        if not self.fuse_sgd:
+            return None, "fuse_sgd is off"
+        cls, dp_reason = type(self), None
+        if self.secure_mode:
+            dp_reason = "secure_mode draws its noise from the OS CSPRNG"
+        elif (cls.add_noise is not DPOptimizer.add_noise or cls.scale_grad is not DPOptimizer.scale_grad
+              or "add_noise" in vars(self) or "scale_grad" in vars(self)):
+            dp_reason = "add_noise or scale_grad is overridden"
+        return self._fused_sgd.plan(self.original_optimizer, grads, self.engine.masks, self.flat_masks, dp_reason)
+
+    def account(self) -> None:
+        """One step of the accountant at this step's noise multiplier and sample rate."""
         self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
         self.steps_taken += 1
-        if plan is None:
+
+    def update(self, released: Released) -> None:
+        """The wrapped optimizer's step on the released ``.grad`` (a fused release has applied it already)."""
+        if released is Released.GRADIENT:
             self.original_optimizer.step()
             self._fused_sgd.after_unfused_step()
-        elif getattr(self.original_optimizer.step, "_wrapped_by_lr_sched", False):
-            self.original_optimizer._opt_called = True  # what the LR scheduler's wrapper of step() records
-        if plan is not None:
+        elif released is Released.FUSED_UPDATE:
+            if getattr(self.original_optimizer.step, "_wrapped_by_lr_sched", False):
+                self.original_optimizer._opt_called = True  # what the LR scheduler's wrapper of step() records
             self._fused_at = self.steps_taken
-        return loss
+
+    def after_step(self) -> None:
+        """Called after every step (methods change phase or masks here)."""
 
     @property
     def last_step_fused(self) -> bool:
@@ -325,7 +343,7 @@ class DPOptimizer(torch.optim.Optimizer):
         for p in self.engine.param_names:  # parameters outside the optimizer were given a .grad too
             p.grad = None
         self.engine.reset()
-        self.engine.stale_grad_check = False
+        self.engine.sums.released = False
 
     def _no_hooks(self, *args, **kwargs):
         raise NotImplementedError(
@@ -370,47 +388,41 @@ class DPOptimizer(torch.optim.Optimizer):
                 "noise_multiplier": self.noise_multiplier,
                 "sample_rate": self.sample_rate,
                 "generator_state": self.generator.get_state() if self.generator is not None else None,
-                "seed_base": self._seed_base,
-                "seed_count": self._seed_count,
+                "seed_base": self.seeds.base,
+                "seed_count": self.seeds.count,
             },
         }
 
     def load_state_dict(self, state_dict):
-        if "fastdp" not in state_dict:
+        """Load ``state_dict()``'s output: all or nothing. Every part is checked first (the step count against the
+        accountant's history included: an inconsistent state could under-report epsilon); on any error nothing of
+        this optimizer, nor of the wrapped one, has changed."""
+        if not isinstance(state_dict, dict) or "fastdp" not in state_dict:
             raise ValueError("not a DPOptimizer state dict (no 'fastdp' entry): loading a plain optimizer state "
                              "would lose the privacy accounting history")
-        st = state_dict["fastdp"]
-        if st["version"] != STATE_VERSION:
-            raise ValueError(f"unsupported DPOptimizer state version {st['version']}")
-        if st["accountant"] != self.accountant_name:
-            raise ValueError(f"state was accounted with {st['accountant']!r}, this optimizer uses "
-                             f"{self.accountant_name!r}")
-        self.original_optimizer.load_state_dict(state_dict["optimizer"])
-        self.accountant.load_state_dict(st["accountant_state"])
-        self.steps_taken = st["steps_taken"]
+        if "optimizer" not in state_dict:
+            raise ValueError("DPOptimizer state dict without the wrapped optimizer's state ('optimizer' entry)")
+        history, steps_taken, generator_state, seed_base, seed_count = checked_state(state_dict["fastdp"], self.accountant_name)
+        generator_backup = None
+        if self.generator is not None and generator_state is not None:
+            generator_backup = self.generator.get_state()
+            try:
+                self.generator.set_state(generator_state)
+            except Exception as err:
+                raise ValueError(f"DPOptimizer state: generator_state does not fit this optimizer's noise generator "
+                                 f"({self.generator.device}): {err}") from None
+        backup = self.original_optimizer.state_dict()
+        try:
+            self.original_optimizer.load_state_dict(state_dict["optimizer"])
+        except Exception:  # a failed load leaves the wrapped optimizer and the generator as they were
+            self.original_optimizer.load_state_dict(backup)
+            if generator_backup is not None:
+                self.generator.set_state(generator_backup)
+            raise
+        self.accountant.history = history
+        self.steps_taken = steps_taken
         self._fused_at = -1
-        if self.generator is not None and st["generator_state"] is not None:
-            self.generator.set_state(st["generator_state"])
-        self._seed_base, self._seed_count = st.get("seed_base"), st.get("seed_count", 0)
-
-
-_GOLDEN = 0x9E3779B97F4A7C15
-_MASK64 = (1 << 64) - 1
-
-
-def mix62(base: int, k: int) -> int:
-    """Step ``k``'s 62-bit seed from a 62-bit ``base``: SplitMix64's output function of ``base + k * golden``
-    (a bijection of its 64-bit input, so distinct k give distinct 64-bit outputs), top 62 bits."""
-    z = (base + k * _GOLDEN) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) >> 2
-
-
-def _draw_seed_base(gen: torch.Generator) -> int:
-    """62 bits from ``gen`` on its device (one sync)."""
-    return int(torch.randint(0, 2 ** 62, (1,), device=gen.device, generator=gen))
-
+        self.seeds.base, self.seeds.count = seed_base, seed_count
 
 def _trainable_named(model: nn.Module):
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]

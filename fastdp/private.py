@@ -5,6 +5,8 @@ The model is returned as is (hooks attached, no wrapper class), the optimizer as
 """
 from __future__ import annotations
 
+import math
+import numbers
 import secrets
 import warnings
 from typing import Optional, Sequence, Union
@@ -67,6 +69,13 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     expected_batch_size = max(1, int(round(sample_rate * sample_size)))
     if target_epsilon is not None and epochs is None:
         raise ValueError("target_epsilon needs epochs")
+    if epochs is not None:
+        if not (isinstance(epochs, numbers.Real) and not isinstance(epochs, bool) and math.isfinite(epochs)
+                and epochs > 0):
+            raise ValueError(f"epochs must be a finite number > 0, got {epochs!r}")
+        if target_epsilon is not None and int(epochs * len(data_loader)) < 1:
+            raise ValueError(f"epochs={epochs!r} of {len(data_loader)} steps each is "
+                             f"{epochs * len(data_loader):.3g} steps: at least one step is needed")
     if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, DPOptimizer)):
         raise TypeError("optimizer_class must be DPOptimizer or a subclass (a fastdp method)")
     if getattr(optimizer_class, "needs_epochs", False):

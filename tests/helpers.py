@@ -113,3 +113,44 @@ def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol,
     named = dict(model.named_parameters())
     for n, v in ref.items():
         assert_close(eng.summed[named[n]], v, rtol, atol * max(v.abs().max().item(), 1e-30), n)
+
+
+# ------------------------------------------------------- shared by the engine invariants (tests/engine/)
+def sq_loss(out, *_):
+    """Sum of squares of the output, averaged over the batch."""
+    return out.pow(2).sum() / out.shape[0]
+
+
+def lm_sum_loss(out, y):
+    """Token cross-entropy summed over each sample's tokens, averaged over the batch."""
+    import torch.nn.functional as F
+    return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / out.shape[0]
+
+
+def check_exact(model, x, *extra, loss=sq_loss, R=1e-2):
+    """Engine norms and clipped sums equal the torch.func reference (clipping active); every parameter trained."""
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=R, rtol=1e-9, atol=1e-12, every_param=True)
+
+
+def dp_sgd(model, R, B=1):
+    """A noiseless ``DPOptimizer`` over SGD at lr 1 (loss_reduction="sum"): a step moves the model by exactly minus
+    the clipped sum, so one sample moves it by at most R."""
+    import warnings
+
+    import fastdp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
+                                  max_grad_norm=R, expected_batch_size=B, sample_size=100 * B, loss_reduction="sum")
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+
+
+def small_mlp():
+    """Linear(4, 8) - Tanh - Linear(8, 3) in float64, seeded."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()

@@ -69,7 +69,7 @@ def test_no_repository_name_shadows_an_installed_distribution():
     assert not clashes, f"repository names also installed by other distributions: {clashes}"
 
 
-@pytest.mark.parametrize("name", ["kernels", "benchmarks"])  # top-level folders of ours until issue 14
+@pytest.mark.parametrize("name", ["kernels", "benchmarks"])  # once top-level folders of ours, now fastdp.kernels, fastdp.bench
 def test_python_started_in_the_root_imports_the_installed_package(name):
     """`python -c "import kernels"` run in the repository root finds the installed distribution's package (Hugging
     Face's `kernels`, which transformers imports; opacus' `benchmarks`), never a folder of this repository."""

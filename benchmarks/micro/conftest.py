@@ -19,7 +19,7 @@ normwise (``|got - truth| <= rtol * max|truth|``) for matrices and parameter upd
 
 Triton variants run only on CUDA: timings under ``TRITON_INTERPRET=1`` measure the interpreter. With
 ``--benchmark-disable`` and ``TRITON_INTERPRET=1`` they run once through the interpreter as a correctness check
-(what ``tests/test_micro_bench_smoke.py`` does in CI).
+(what ``tests/benchmarks/test_micro_bench_smoke.py`` does in CI).
 
 Timing: pytest-benchmark's calibrated rounds. On CUDA the timer synchronises the device before reading the clock
 and a round is at least 1 ms of back-to-back calls, so the mean is device time per call including launch overhead

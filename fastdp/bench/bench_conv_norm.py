@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
+from fastdp.bench.timing import time_calls
 from fastdp.kernels import conv_norm_ref
 from fastdp.kernels._backend import HAS_TRITON
 from fastdp.kernels.conv_norm import conv_norm
@@ -24,17 +23,8 @@ SHAPES = [(3, 16, 32, 1), (16, 64, 32, 1), (64, 64, 32, 1), (64, 128, 32, 2), (1
 
 
 def bench(fn, device, reps=10):
-    fn()
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+    """Median ms of ``reps`` calls after one warm-up call (:func:`fastdp.bench.timing.time_calls`)."""
+    return time_calls(fn, device, reps, warmup=1).median_ms
 
 
 def main(argv=None):

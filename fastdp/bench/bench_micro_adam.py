@@ -5,7 +5,8 @@ and each MicroAdam kernel (Triton) against its PyTorch reference.
     python -m fastdp.bench.bench_micro_adam --device cpu --tiny          # smoke run (CI)
 
 Parameters: the 148 tensors of stock HF GPT-2 small (124M, fp32; the tied embedding counted once) with random
-gradients. Step time: CUDA events (CPU: perf_counter) around ``optimizer.step()``, median after warm-up.
+gradients. Step time: ``optimizer.step()`` timed by ``fastdp.bench.timing`` (CUDA events; CPU: perf_counter),
+median after warm-up.
 State bytes: the optimizer's state tensors after the first step (Adam: exp_avg, exp_avg_sq; MicroAdam: ring
 indices and values, error feedback); MicroAdam's shared scratch (fp32 working gradient and moment buffers
 sized to the largest tensor) is reported separately.
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 
 import torch
 
 from fastdp.bench.run_env import write_result
+from fastdp.bench.timing import time_calls
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
 from fastdp.kernels.topk_gather import gather_zero, gather_zero_ref
@@ -36,22 +36,8 @@ def gpt2_shapes(tiny: bool):
 
 
 def timer(fn, device, steps, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    """Median ms of ``steps`` calls after ``warmup`` (:func:`fastdp.bench.timing.time_calls`)."""
+    return time_calls(fn, device, steps, warmup).median_ms
 
 
 def optimizers(device):

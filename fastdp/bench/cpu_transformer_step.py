@@ -13,14 +13,13 @@ import argparse
 import copy
 import datetime
 import platform
-import statistics
-import time
 import traceback
 
 import torch
 
 import fastdp
 from fastdp.bench.run_env import write_result
+from fastdp.bench.timing import Timing, time_calls
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.models import TinyTransformer, lm_loss
 
@@ -53,13 +52,13 @@ def make_variants(model, B, n):
             "opacus_ghost": opacus("ghost")}
 
 
-def time_variant(build, idx, tgt, steps, warmup):
+def time_variant(build, idx, tgt, steps, warmup) -> list:
+    """A fresh copy under the variant ``build`` makes; ms of each of ``steps`` steps after ``warmup``."""
     built = build()
     m, opt = built[0], built[1]
     crit = built[2] if len(built) > 2 else None
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def step():
         logits = m(idx)
         if crit is not None:  # opacus ghost: its criterion wrapper runs both backward passes
             loss = crit(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
@@ -68,9 +67,8 @@ def time_variant(build, idx, tgt, steps, warmup):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+
+    return time_calls(step, "cpu", steps, warmup).times_ms
 
 
 def main(argv=None):
@@ -85,6 +83,8 @@ def main(argv=None):
     ap.add_argument("--default-malloc", action="store_true",
                     help="keep glibc's default trim/mmap thresholds (see fastdp.cpu_memory)")
     args = ap.parse_args(argv)
+    if args.steps < 2:
+        raise SystemExit("--steps must be >= 2 (two interleaved rounds of steps // 2)")
     torch.set_num_threads(args.threads)
     retained = False if args.default_malloc else retain_freed_memory()  # for every variant alike
     torch.manual_seed(0)
@@ -106,15 +106,14 @@ def main(argv=None):
             except Exception as err:  # a failure is a row, never a dropped row
                 errors[v] = f"{type(err).__name__}: {err}".splitlines()[0][:300]
                 traceback.print_exc()
-    base = statistics.median(samples["nonprivate"]) if samples.get("nonprivate") else None
+    base = Timing(samples["nonprivate"]).median_ms if samples.get("nonprivate") else None
     for v in order:
         if v in errors:
             rows.append({"variant": v, "error": errors[v]})
             continue
-        med = statistics.median(samples[v])
-        rows.append({"variant": v, "median_ms": 1e3 * med, "p20_ms": 1e3 * sorted(samples[v])[len(samples[v]) // 5],
-                     "p80_ms": 1e3 * sorted(samples[v])[4 * len(samples[v]) // 5],
-                     "ratio_to_nonprivate": med / base if base else None, "steps": len(samples[v])})
+        t = Timing(samples[v]).summary()
+        rows.append({"variant": v, "median_ms": t["median_ms"], "p20_ms": t["p20_ms"], "p80_ms": t["p80_ms"],
+                     "ratio_to_nonprivate": t["median_ms"] / base if base else None, "steps": t["steps"]})
     result = {"workload": f"TinyTransformer d=128 T={args.seq} B={args.batch} 3 blocks vocab=256 tied, fp32",
               "device": f"cpu ({platform.processor() or platform.machine()}), {args.threads} threads",
               "torch": torch.__version__, "retain_freed_memory": retained, "date": datetime.date.today().isoformat(), "rows": rows}

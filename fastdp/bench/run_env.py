@@ -1,4 +1,5 @@
-"""Where a benchmark or study ran: the machine and the fastdp commit, recorded with every result."""
+"""Where a benchmark or study ran (the machine and the fastdp commit, recorded with every result), and how its
+result files are written: whole or not at all (``fastdp.atomic.atomic_write``)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,8 @@ import subprocess
 from typing import Iterator, Optional
 
 import torch
+
+from fastdp.atomic import atomic_write
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout's root
 
@@ -62,11 +65,28 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def write_json(obj, path: str) -> None:
+    """``obj`` as indented JSON (what JSON cannot hold as ``str``), atomically."""
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=1, default=str)
+
+
+def write_text(text: str, path: str) -> None:
+    """``text`` to ``path``, atomically."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def save_figure(fig, path: str, **savefig_kwargs) -> None:
+    """A matplotlib figure as PNG, atomically."""
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", **savefig_kwargs)
+
+
 def write_result(result: dict, path: Optional[str]) -> dict:
     """Write ``result`` as JSON to ``path`` (nothing if None), adding the machine and commit where it lacks them."""
     if path:
         result.setdefault("machine", machine())
         result.setdefault("commit", commit())
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        write_json(result, path)
     return result

@@ -14,7 +14,7 @@ from fastdp.grad_sample import ConvGrad, DenseGrad
 from fastdp.kernels._common import cast, upcast
 from fastdp.tap import register_op
 
-from ._autocast import anchor_of, check_batch, compute_operands, open_uses, plain_input, taps_of, values
+from ._common import anchor_of, check_batch, compute_operands, open_uses, plain_input, taps_of, values
 
 _CONV = {1: F.conv1d, 2: F.conv2d}
 

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdp.grad_sample import EmbeddingGrad, pull_back
-from fastdp.tap import BatchSizeError, SharedActivation, UnsupportedLayerError, register_op
+from fastdp.shared_activation import SharedActivation
+from fastdp.tap import BatchSizeError, UnsupportedLayerError, register_op
 
-from ._autocast import taps_of
+from ._common import taps_of
 
 
 class _Lookup:

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 
 from fastdp.grad_sample import DenseGrad, LinearGrad
 from fastdp.kernels._common import as_btd, cast, upcast
-from fastdp.tap import BatchSizeError, ParamTap, UnsupportedLayerError, register_op
+from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
-from ._autocast import anchor_of, compute_operands, open_uses, plain_input, taps_of, values
+from ._common import anchor_of, check_batch, compute_operands, open_uses, plain_input, taps_of, values
 
 
 class _LinearFn(torch.autograd.Function):
@@ -54,18 +54,14 @@ class _LinearFn(torch.autograd.Function):
 
 
 def _batch_of(x: torch.Tensor, taps) -> int | None:
-    """Samples in x's leading dim; a 2-D input of B*k rows is accepted only from known sample-major flatteners."""
+    """Samples in x's leading dim when it holds B*k sample-major rows (a 2-D input from a known flattener, HF
+    Conv1D), else None after the layers' batch check (``check_batch``: x leads with the batch size)."""
     ctx = next(t for t in taps if t is not None)._fdp_ctx
     B = ctx.batch_size
-    if x.dim() < 2:
-        raise UnsupportedLayerError(f"input of shape {tuple(x.shape)} has no batch dim (module '{ctx.owner}')")
-    if B is None or x.shape[0] == B:
-        return None
-    if x.dim() == 2 and ctx.rows_sample_major and B > 0 and x.shape[0] % B == 0:
+    if x.dim() == 2 and ctx.rows_sample_major and B and x.shape[0] != B and x.shape[0] % B == 0:
         return B
-    raise BatchSizeError(
-        f"module '{ctx.owner}' ({ctx.owner_type}): the model input has batch size {B} but this linear op sees "
-        f"{x.shape[0]} rows; per-sample gradients need the sample dim to stay leading in every layer input")
+    check_batch(x, taps, "linear", min_dim=2)
+    return None
 
 
 def _apply(x, w, b, transposed: bool, op: str):

@@ -20,7 +20,7 @@ from fastdp.kernels._common import cast, upcast
 from fastdp.kernels.norm_affine_grad import norm_affine_grad
 from fastdp.tap import ParamTap, UnsupportedLayerError, register_op
 
-from ._autocast import anchor_of, check_batch, open_uses, plain_input, taps_of, values
+from ._common import anchor_of, check_batch, open_uses, plain_input, taps_of, values
 
 
 @functools.lru_cache(maxsize=None)

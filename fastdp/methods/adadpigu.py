@@ -45,7 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from fastdp.grad_buffer import GradBuffer
+from fastdp.grad_buffer import GradBuffer, flat_views
 from fastdp.kernels._common import acc_dtype
 from fastdp.masks import Mask
 from fastdp.methods.base import PhasedDPOptimizer
@@ -81,11 +81,7 @@ def global_topk_masks(scores: Sequence[torch.Tensor], k: int) -> List[torch.Tens
         keep = flat > thr
         need = k - int(keep.sum())
         keep[(flat == thr).nonzero().flatten()[:need]] = True
-    out, offset = [], 0
-    for s in scores:
-        out.append(keep[offset:offset + s.numel()].view(s.shape).to(s.device))
-        offset += s.numel()
-    return out
+    return [v.to(s.device) for v, s in zip(flat_views(keep, scores), scores)]
 
 
 class AdaDPIGU(PhasedDPOptimizer):
@@ -227,8 +223,8 @@ class AdaDPIGU(PhasedDPOptimizer):
             s.copy_(torch.where(m, s_new, s))
             torch.sqrt(s.clamp(*self.bounds), out=b)
 
-    def _after_step(self) -> None:
-        super()._after_step()  # may start a new epoch (new phase or a grown mask)
+    def after_step(self) -> None:
+        super().after_step()  # may start a new epoch (new phase or a grown mask)
         if self.phase == "sparse":
             self._install_masks()  # the new a, b
 

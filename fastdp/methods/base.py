@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from fastdp.grad_buffer import flat_views
 from fastdp.optimizer import DPOptimizer
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
@@ -107,12 +108,8 @@ class PhasedDPOptimizer(DPOptimizer):
     def _begin_epoch(self, epoch: int) -> None:
         """Set masks / trainable parameters for ``epoch`` (before its first forward)."""
 
-    def step(self, closure=None):
-        loss = super().step(closure)
-        self._after_step()
-        return loss
-
-    def _after_step(self) -> None:
+    def after_step(self) -> None:
+        """A new epoch begins: its phase's masks and trainable parameters."""
         if self.steps_taken % self.steps_per_epoch == 0:
             self._begin_epoch(self.epoch)
 
@@ -144,8 +141,4 @@ class PhasedDPOptimizer(DPOptimizer):
 
 def split_by_params(flat: torch.Tensor, params: List[nn.Parameter]) -> List[Tuple[nn.Parameter, torch.Tensor]]:
     """Views of a flat tensor as consecutive pieces shaped like ``params``."""
-    out, offset = [], 0
-    for p in params:
-        out.append((p, flat[offset:offset + p.numel()].view(p.shape)))
-        offset += p.numel()
-    return out
+    return list(zip(params, flat_views(flat, params)))

@@ -77,15 +77,15 @@ class RandomSparsification(PhasedDPOptimizer):
         for p, m in split_by_params(keep, self.params):
             self.engine.set_mask(p, Mask.from_coords(m.to(p.device)))
 
-    def step(self, closure=None):
-        loss = super().step(closure)
+    def after_step(self) -> None:
+        """Ranked RS: add the released gradient (and fresh noise off the mask) to the ranking accumulators."""
+        super().after_step()
         if self.ranked:
             std = self.noise_std() / self.expected_batch_size
             for z, p in zip(self.z, self.params):
                 fresh = gaussian_noise(z, std, generator=self.generator, secure=self.secure_mode)
                 z += p.grad.float() + fresh * (~self.engine.masks[p].dense)
         self._install()
-        return loss
 
     def _method_state(self) -> dict:
         if not self.ranked:

@@ -25,10 +25,13 @@ from typing import Dict
 
 import torch
 
+from fastdp.abs_stats import AbsSumObserver
+from fastdp.grad_buffer import flat_views
 from fastdp.masks import Mask
 from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles, row_group_dims
 from fastdp.methods.baselines import check_sparsity, keep_rows
 from fastdp.noise import gaussian_noise
+from fastdp.optimizer import Released
 
 SELECTIONS = ("per-sample", "aggregate")
 TOPK = ("per-layer", "global")
@@ -59,6 +62,8 @@ class SPARTA(PhasedDPOptimizer):
         self.sparsity, self.warmup_epochs, self.selection, self.topk = sparsity, warmup_epochs, selection, topk
         self.scores: Dict[torch.nn.Parameter, torch.Tensor] = {}
         self.selected: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.row_stats = AbsSumObserver()  # selection epoch, per-sample scores: sum_i |c_i G_i| per output neuron
+        self.engine.observers.append(self.row_stats)
         self._begin_epoch(0)
 
     @property
@@ -77,9 +82,9 @@ class SPARTA(PhasedDPOptimizer):
                 self.engine.set_mask(p, None)
                 if starts or p not in self.scores:
                     self.scores[p] = torch.zeros(p.shape[self.group_dim[p]], dtype=torch.float32, device=p.device)
-            self.engine.collect_abs_rows = dict(self.group_dim) if self.selection == "per-sample" else {}
+            self.row_stats.rows = dict(self.group_dim) if self.selection == "per-sample" else {}
         else:
-            self.engine.collect_abs_rows = {}
+            self.row_stats.rows = {}
             if not self.selected:
                 self._select_rows()
             for p in self.eligible:
@@ -98,20 +103,16 @@ class SPARTA(PhasedDPOptimizer):
                     out[self.param_name[p]] = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
         return out
 
-    def step(self, closure=None):
+    def release(self) -> Released:
+        """Selection epoch: release noisy row scores, no gradient (other phases: ``DPOptimizer.release``)."""
         if self.phase != "selection":
-            return super().step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.pre_step()
+            return super().release()
         std = self.noise_std()
         for p in self.eligible:
             dim = self.group_dim[p]
             n_rows = p.shape[dim]
             if self.selection == "per-sample":  # sum_i sum_k |c_i G_i[j, k]| per row j (fused on Linear-like layers)
-                s = self.engine.abs_row_sums.get(p)
+                s = self.row_stats.row_sums.get(p)
                 s = torch.zeros(n_rows, device=p.device) if s is None else s.float()
             else:
                 s = self.engine.buffer.views[p].abs().movedim(dim, 0).reshape(n_rows, -1).sum(1).float()
@@ -119,10 +120,7 @@ class SPARTA(PhasedDPOptimizer):
             noise = gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator, secure=self.secure_mode)
             self.scores[p] += (s + noise) / self.expected_batch_size
         self.engine.reset()  # nothing else is released: no gradient, no update in this epoch
-        self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
-        self.steps_taken += 1
-        self._after_step()
-        return loss
+        return Released.NOTHING
 
     def _select_rows(self) -> None:
         """Keep the top rows by released score (clamped at 0), per layer or globally; reset optimizer state."""
@@ -135,10 +133,8 @@ class SPARTA(PhasedDPOptimizer):
             k = keep_rows(flat.numel(), self.sparsity)
             keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
             keep[torch.topk(flat, k).indices] = True
-            offset = 0
-            for p, s in scores.items():
-                self.selected[p] = keep[offset:offset + s.numel()].nonzero().flatten()
-                offset += s.numel()
+            for p, v in zip(scores, flat_views(keep, scores.values())):
+                self.selected[p] = v.nonzero().flatten()
         self._reset_optimizer_state(self.eligible)
 
     def _method_state(self) -> dict:

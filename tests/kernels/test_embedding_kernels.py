@@ -95,7 +95,7 @@ def test_empty_batch():
     assert (embedding_accumulate(idx, dy, torch.zeros(0, device=DEVICE), 7) == 0).all()
 
 
-# -- audit fixes: index range, scale / out / d shapes, bf16 out, the tied cross term on the accumulated values ---------
+# -- edge cases: index range, scale / out / d shapes, bf16 out, the tied cross term on the accumulated values ----------
 
 BACKENDS = ["reference", "triton"]
 

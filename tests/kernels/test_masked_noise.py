@@ -57,9 +57,9 @@ def test_bad_arguments(backend):
         masked_noise(g, 1.0, 0, mask=torch.ones(4, 3, dtype=torch.bool), rows=torch.tensor([0]))
 
 
-# -- audit fixes: the full 64-bit seed, checked rows and masks ---------------------------------------------------------
+# -- edge cases: the full 64-bit seed, checked rows and masks ----------------------------------------------------------
 
-SEED = 3081012064131973355  # a 62-bit per-step seed (DPOptimizer._noise_seed's range)
+SEED = 3081012064131973355  # a 62-bit per-step seed (fastdp.noise.NoiseSeeds' range)
 
 
 def _noise(seed, **sel):
@@ -92,7 +92,7 @@ def test_bad_seeds_raise(backend):
 
 @pytest.mark.interpreter
 def test_kernel_seed_keeps_small_seeds_and_splits_large_ones(monkeypatch):
-    """Kernel: seed < 2^31 - 1 draws the stream it drew before the fix (Philox key = seed); the key is seed mod 2^64
+    """Kernel: seed < 2^31 - 1 keeps its stream (Philox key = seed); the key is seed mod 2^64
     (a negative seed is its two's complement)."""
     monkeypatch.setenv("FASTDP_BACKEND", "triton")
     from fastdp.kernels.masked_noise import seed_halves

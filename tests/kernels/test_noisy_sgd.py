@@ -197,9 +197,9 @@ def test_bad_arguments_raise(backend):
             pytest.fail(f"case {i} did not raise")
 
 
-# -- audit fixes: the full 64-bit seed, rows (strided, out of range) and strided masks ----------------------------------
+# -- edge cases: the full 64-bit seed, rows (strided, out of range) and strided masks -----------------------------------
 
-SEED = 3081012064131973355  # a 62-bit per-step seed (DPOptimizer._noise_seed's range)
+SEED = 3081012064131973355  # a 62-bit per-step seed (fastdp.noise.NoiseSeeds' range)
 
 
 @pytest.mark.parametrize("mode", ["all", "mask", "rows", "list"])

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fastdp.bench.run_env import ROOT, commit, machine, results_dir, torch_threads
+from fastdp.bench.run_env import ROOT, atomic_write, commit, machine, results_dir, save_figure, torch_threads, write_text
 
 DEFAULT_OUT = results_dir("utility")
 DEFAULT_DATA = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
@@ -339,9 +339,8 @@ def pretrained(args, model_name: str, pre: dict) -> dict:
     print(f"[pretrain] {model_name} on {pre['dataset']}: test accuracy {ckpt['test_accuracy']:.4f} "
           f"({ckpt['wall_s']:.1f} s) -> {os.path.relpath(path)}", flush=True)
     os.makedirs(args.out_dir, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)  # atomic: parallel shards may both pre-train (deterministically) and both write
+    with atomic_write(path, "wb") as f:  # parallel shards may both pre-train (deterministically) and both write
+        torch.save(ckpt, f)
     return ckpt
 
 
@@ -680,8 +679,7 @@ def write_report(args, studies: Sequence[str], out: Dict[str, str]) -> Dict[str,
         lines += _study_section(args, study, rows, out[f"png_{study}"], records)
         _plot(args, study, rows, out[f"png_{study}"])
     os.makedirs(os.path.dirname(out["md"]) or ".", exist_ok=True)
-    with open(out["md"], "w") as f:
-        f.write("\n".join(lines))
+    write_text("\n".join(lines), out["md"])
     return summary
 
 
@@ -724,7 +722,7 @@ def _plot(args, study: str, rows, path: str) -> None:
     if methods:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from fastdp.bench.run_env import ROOT, commit, machine, results_dir, torch_threads
+from fastdp.bench.run_env import ROOT, commit, machine, results_dir, save_figure, torch_threads, write_text
 
 DEFAULT_OUT = results_dir("utility")
 DEFAULT_DATA = os.environ.get("FASTDP_DATA_DIR", os.path.join(os.path.dirname(ROOT), "shared", "data"))
@@ -392,8 +392,7 @@ def write_report(args, records: List[dict], out: Dict[str, str]) -> dict:
                   "an optimizer invariant to the gradient's scale (Adam, MicroAdam; eps = 1e-8 aside) takes the same steps "
                   "for every such C, whereas SGD at a fixed lr takes steps proportional to C.", ""]
     lines += ["![accuracy per method and vs the clipping norm](" + os.path.basename(out["png"]) + ")", ""]
-    with open(out["md"], "w") as f:
-        f.write("\n".join(lines))
+    write_text("\n".join(lines), out["md"])
     _plot(args, s, out["png"])
     return s
 
@@ -441,7 +440,7 @@ def _plot(args, s: dict, path: str) -> None:
     fig.suptitle(f"{args.dataset}, epsilon {args.epsilon:g}, delta {args.delta:g}, {args.epochs} epochs, "
                  f"batch {args.batch_size}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

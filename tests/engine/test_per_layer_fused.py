@@ -99,7 +99,7 @@ def test_fused_clips_each_parameter_during_backward_and_frees_its_activations():
 
         opt.engine.submit = counting_submit
         xi = x.detach().clone().requires_grad_()
-        xi.register_hook(lambda g, e=opt.engine, f=fused: seen.__setitem__(f, (len(e._ready), len(e._pass_sq))))
+        xi.register_hook(lambda g, e=opt.engine, f=fused: seen.__setitem__(f, (len(e._ready), len(e.pass_.sq))))
         ce(model(xi), y).backward()
         seen[(fused, "peak")] = max(live)
         opt.detach()
@@ -190,7 +190,7 @@ def test_failed_backward_after_partial_accumulation():
         with pytest.raises(RuntimeError, match="boom"):
             ce(model(x), y).backward()
         model.fail = False
-        assert opt.engine._pass_sq  # the second layer was accumulated before the failure
+        assert opt.engine.pass_.sq  # the second layer was accumulated before the failure
 
     # first micro-batch fails after the last layer was accumulated: dropped, the next pass starts clean
     failing_backward()
@@ -262,7 +262,7 @@ class ScaledInput(nn.Module):
 
 
 def test_large_explicit_gradients_are_clipped_in_backward_small_ones_batched():
-    from fastdp.engine import SMALL_NUMEL
+    from fastdp.small_params import SMALL_NUMEL
 
     torch.manual_seed(4)
     model = ScaledInput(SMALL_NUMEL + 5)

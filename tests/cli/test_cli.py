@@ -103,7 +103,7 @@ def test_mnist_quick_run(data_dir):
 
 def test_python_m_fastdp_help():
     out = subprocess.run([sys.executable, "-m", "fastdp", "train", "--help"], capture_output=True, text=True,
-                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.returncode == 0, out.stderr
     assert "--target-epsilon" in out.stdout and "--dataset" in out.stdout
 

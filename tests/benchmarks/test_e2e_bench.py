@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("transformers")
 from fastdp.bench import e2e  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/benchmarks/ -> the checkout
 
 TINY = ["--device", "cpu", "--tiny", "--steps", "1", "--warmup", "1", "--threads", "1"]
 try:  # the [bench] extra, not the [test] one: without it the plots are skipped with that reason

@@ -13,7 +13,7 @@ import torch
 from fastdp.kernels._backend import HAS_TRITON
 
 pytest.importorskip("pytest_benchmark")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/benchmarks/ -> the checkout
 
 
 def _pytest(*args):

@@ -321,3 +321,21 @@ def test_non_scalar_loss_is_an_error():
     with pytest.raises(RuntimeError, match="scalar"):
         m(torch.randn(4, 3)).backward()
     eng.detach()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", ["one-slope", "per-channel-2d", "per-channel-conv"])
+def test_prelu(case, dtype):
+    """nn.PReLU's slopes: per-sample gradient sum(min(0, x) * dY) over each channel's positions (README's example
+    of a layer handler, fastdp/layers/prelu.py)."""
+    if case == "one-slope":
+        model, x = nn.Sequential(nn.Linear(5, 4), nn.PReLU(), nn.Linear(4, 3)), torch.randn(6, 7, 5)
+    elif case == "per-channel-2d":
+        model, x = nn.Sequential(nn.Linear(5, 4), nn.PReLU(4), nn.Linear(4, 3)), torch.randn(6, 5)
+    else:
+        model, x = nn.Sequential(nn.Conv2d(2, 3, 3), nn.PReLU(3), nn.Flatten(), nn.Linear(48, 3)), torch.randn(6, 2, 6, 6)
+    with torch.no_grad():  # slopes of both signs, so both branches of the input gradient are taken
+        for m in model:
+            if isinstance(m, nn.PReLU):
+                m.weight.uniform_(-0.5, 0.5)
+    check(model, x, dtype=dtype)

@@ -328,9 +328,9 @@ def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed(m
     step k's seed is mix62(base, k) on the host: reproducible from the generator, resumed from state_dict, and two
     optimizers given one generator object get different streams (the base draw advances it; the audit found the
     old initial_seed()-based stream repeated across optimizers and kept 32 bits of the seed)."""
-    import fastdp.optimizer as O
+    import fastdp.noise as N
 
-    class DeviceGenerator:  # what _noise_seed reads of a CUDA torch.Generator: a stream of 62-bit draws
+    class DeviceGenerator:  # what NoiseSeeds reads of a CUDA torch.Generator: a stream of 62-bit draws
         device = torch.device("cuda")
 
         def __init__(self, seed):
@@ -348,7 +348,7 @@ def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed(m
         draws.append(gen)
         return int(torch.randint(0, 2 ** 62, (1,), generator=gen.g))
 
-    monkeypatch.setattr(O, "_draw_seed_base", draw)
+    monkeypatch.setattr(N, "draw_seed_base", draw)
 
     def make_opt(gen):
         opt = make(nn.Linear(3, 2), sigma=1.0, R=1.0, B=8)
@@ -356,22 +356,22 @@ def test_noise_seed_stream_of_a_device_generator_is_host_side_and_checkpointed(m
         return opt
 
     a, b = make_opt(DeviceGenerator(5)), make_opt(DeviceGenerator(5))
-    seeds = [a._noise_seed() for _ in range(200)]
-    assert seeds[:3] == [b._noise_seed() for _ in range(3)] and len(set(seeds)) == 200
+    seeds = [a.seeds.next() for _ in range(200)]
+    assert seeds[:3] == [b.seeds.next() for _ in range(3)] and len(set(seeds)) == 200
     assert all(0 <= s < 2 ** 62 for s in seeds) and len(draws) == 2  # one draw per optimizer, not per step
-    assert make_opt(DeviceGenerator(6))._noise_seed() != seeds[0]
+    assert make_opt(DeviceGenerator(6)).seeds.next() != seeds[0]
     shared = DeviceGenerator(7)
     first, second = make_opt(shared), make_opt(shared)
-    assert {first._noise_seed() for _ in range(50)}.isdisjoint({second._noise_seed() for _ in range(50)})
+    assert {first.seeds.next() for _ in range(50)}.isdisjoint({second.seeds.next() for _ in range(50)})
     state = a.state_dict()
-    nxt = a._noise_seed()
+    nxt = a.seeds.next()
     c = make_opt(DeviceGenerator(99))
     c.load_state_dict(state)
-    assert c._noise_seed() == nxt
+    assert c.seeds.next() == nxt
 
 
 def test_mix62_is_injective_over_steps():
-    from fastdp.optimizer import mix62
+    from fastdp.noise import mix62
     for base in (0, 1, 2 ** 62 - 1, 123456789):
         out = [mix62(base, k) for k in range(1, 5001)]
         assert len(set(out)) == 5000 and all(0 <= v < 2 ** 62 for v in out)

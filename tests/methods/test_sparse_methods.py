@@ -146,10 +146,10 @@ def test_selection_release_has_sensitivity_R(selection):
                                                                          "noise_multiplier": 0.0})
         opt.engine.loss_reduction = "sum"
         if selection == "per-sample":
-            opt.engine.collect_abs = set(opt.eligible)  # the per-coordinate sums the row scores reduce
+            opt.row_stats.coords = set(opt.eligible)  # the per-coordinate sums the row scores reduce
         F.cross_entropy(m(xs), ys, reduction="sum").backward()
         if selection == "per-sample":
-            vec = [opt.engine.abs_sums[p] for p in opt.eligible]
+            vec = [opt.row_stats.sums[p] for p in opt.eligible]
         else:
             vec = [opt.engine.buffer.views[p].abs() for p in opt.eligible]
         return torch.cat([v.flatten() for v in vec])
@@ -332,7 +332,7 @@ def test_selection_row_scores_reduce_the_per_coordinate_release(backend, monkeyp
     m = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(), torch.nn.Linear(9, 5), torch.nn.Tanh(),
                             torch.nn.Linear(5, 3))
     opt = SPARTA(m, sgd(m), warmup_epochs=0, **dp())
-    opt.engine.collect_abs = set(opt.eligible)
+    opt.row_stats.coords = set(opt.eligible)
     x, y = torch.randn(B, 4, 6), torch.randint(0, 3, (B, 4))
     calls = []
     orig = LinearGrad.materialize
@@ -340,8 +340,8 @@ def test_selection_row_scores_reduce_the_per_coordinate_release(backend, monkeyp
     F.cross_entropy(m(x).reshape(-1, 3), y.reshape(-1)).backward()
     assert len(calls) == len(opt.eligible)  # only for the per-coordinate check above, not for the row scores
     for p in opt.eligible:
-        rows = opt.engine.abs_sums[p].sum(1)
-        assert torch.allclose(opt.engine.abs_row_sums[p], rows, rtol=1e-5, atol=1e-7)
+        rows = opt.row_stats.sums[p].sum(1)
+        assert torch.allclose(opt.row_stats.row_sums[p], rows, rtol=1e-5, atol=1e-7)
 
 
 def _global_topk_run(m, opt, make_batch, steps):
@@ -379,7 +379,7 @@ def test_sparta_global_topk_freezes_a_layer_given_no_row(seed):
     assert {"4.weight", "0.bias", "2.bias"} <= moved(m, before)
     check_accounting(opt, 7)
     if seed == 0:
-        assert kept["0.weight"] == 0  # the case of the audit's reproducer (MLP 2-4-64-10, sparsity 0.2)
+        assert kept["0.weight"] == 0  # seed 0: global top-k keeps no row of the 4-neuron first layer (MLP 2-4-64-10, sparsity 0.2)
 
 
 def test_sparta_global_topk_freezes_a_conv_layer_given_no_row():
@@ -455,7 +455,7 @@ def test_make_private_methods_count_epochs_in_loader_batches(method):
         assert sum(int((~v).sum()) for v in opt.masks.values()) > sum(int((~v).sum()) for v in masks.values())
 
 
-def test_make_private_steps_per_epoch_for_the_audits_digits_case():
+def test_make_private_steps_per_epoch_on_the_digits_split():
     """digits' training split (N=1437) at B=21: 69 loader batches, round(N / B) = 68."""
     from torch.utils.data import DataLoader, TensorDataset
 

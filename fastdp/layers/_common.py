@@ -1,4 +1,4 @@
-"""Shared helpers for layer handlers: autocast casting and the supported-layer table."""
+"""What every layer handler shares: taps and the anchor, autocast casting, the batch-size check of a layer input."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -6,20 +6,6 @@ from typing import Optional, Sequence
 import torch
 
 from fastdp.tap import BatchSizeError, ParamTap, UnsupportedLayerError, unwrap
-
-# (layer, intercepted op, per-sample norm): the README's table has exactly these rows (tested).
-SUPPORTED_LAYERS = [
-    ("nn.Linear (any leading dims)", "`F.linear`", "ghost or direct, cheaper by FLOPs"),
-    ("transformers Conv1D", "`torch.addmm` / `x @ W`", "ghost or direct"),
-    ("nn.Conv1d, nn.Conv2d (stride, padding incl. 'same', dilation, groups, padding modes)", "`F.conv1d/2d`",
-     "direct (per-sample tiles) or ghost over patches"),
-    ("nn.Embedding (padding_idx)", "`F.embedding`", "ghost through index equality"),
-    ("nn.LayerNorm, nn.GroupNorm, nn.RMSNorm (and subclasses, e.g. timm's)", "`F.layer_norm/group_norm/rms_norm`",
-     "exact per-sample, O(B·C)"),
-    ("tied weights (Embedding + LM head, any repeated use of a parameter)", "any of the above", "exact cross terms"),
-    ("parameters used directly (`cls_token`, `pos_embed`, scales)", "elementwise broadcasting, `expand`",
-     "exact per-sample"),
-]
 
 
 def compute_operands(device_type: str, *tensors: Optional[torch.Tensor]):
