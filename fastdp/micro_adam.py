@@ -20,6 +20,7 @@ from typing import Optional
 
 import torch
 
+from fastdp.accounting import is_int
 from fastdp.kernels._backend import backend_for
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_quant
 from fastdp.kernels.microadam_update import microadam_update
@@ -56,7 +57,7 @@ class MicroAdam(torch.optim.Optimizer):
                  quant_block_size: int = 100_000, topk_block_size: int = 32_000):
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
-        if not (isinstance(window, int) and window >= 1):
+        if not (is_int(window) and window >= 1):
             raise ValueError(f"window must be a positive int, got {window!r}")
         if ef_bits not in (32, 4):
             raise ValueError(f"ef_bits must be 32 or 4, got {ef_bits!r}")

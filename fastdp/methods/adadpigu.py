@@ -45,6 +45,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from fastdp.accounting import is_int
 from fastdp.grad_buffer import GradBuffer, flat_views
 from fastdp.kernels._common import acc_dtype
 from fastdp.masks import Mask
@@ -131,11 +132,11 @@ class AdaDPIGU(PhasedDPOptimizer):
         if pretrain_noise_multiplier is not None and dp.get("target_epsilon") is not None:
             raise ValueError("give noise_multiplier (not target_epsilon) together with pretrain_noise_multiplier; "
                              "choose the pair with fastdp.accounting so the composed epsilon meets the target")
-        if not (isinstance(pretrain_epochs, int) and pretrain_epochs >= 1):
+        if not (is_int(pretrain_epochs) and pretrain_epochs >= 1):
             raise ValueError(f"pretrain_epochs must be an int >= 1, got {pretrain_epochs!r}")
         if not 0 < retention <= 1:
             raise ValueError(f"retention must be in (0, 1], got {retention}")
-        if not (isinstance(unfreeze_epochs, int) and unfreeze_epochs >= 0) or unfreeze_step < 0:
+        if not (is_int(unfreeze_epochs) and unfreeze_epochs >= 0) or unfreeze_step < 0:
             raise ValueError("unfreeze_epochs must be an int >= 0 and unfreeze_step >= 0")
         if unfreeze_to is None:
             unfreeze_to = min(1.0, retention + unfreeze_step * unfreeze_epochs)

@@ -12,11 +12,13 @@ subsampled-Gaussian step.
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from fastdp.accounting import is_int
 from fastdp.grad_buffer import flat_views
 from fastdp.optimizer import DPOptimizer
 
@@ -89,7 +91,7 @@ class PhasedDPOptimizer(DPOptimizer):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, steps_per_epoch: Optional[int] = None,
                  **dp):
-        if steps_per_epoch is not None and not (isinstance(steps_per_epoch, int) and steps_per_epoch > 0):
+        if steps_per_epoch is not None and not (is_int(steps_per_epoch) and steps_per_epoch > 0):
             raise ValueError(f"steps_per_epoch must be a positive int, got {steps_per_epoch!r}")
         super().__init__(model, optimizer, **dp)
         spe = steps_per_epoch or max(1, round(self.sample_size / self.expected_batch_size))
@@ -128,8 +130,16 @@ class PhasedDPOptimizer(DPOptimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        """All or nothing, as ``DPOptimizer.load_state_dict``: a method part that fails to load restores the step
+        count, the accountant, the wrapped optimizer and the method's own state as they were."""
+        backup = copy.deepcopy(self.state_dict())
         super().load_state_dict(state_dict)
-        self._load_method_state(state_dict["fastdp"].get("method", {}))
+        try:
+            self._load_method_state(state_dict["fastdp"].get("method", {}))
+        except BaseException:
+            super().load_state_dict(backup)
+            self._load_method_state(backup["fastdp"]["method"])
+            raise
         self._begin_epoch(self.epoch)
 
     def _method_state(self) -> dict:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from fastdp.accounting import is_int
 from fastdp.masks import Mask
 from fastdp.methods.base import PhasedDPOptimizer, split_by_params
 from fastdp.noise import gaussian_noise
@@ -30,9 +31,9 @@ class RandomSparsification(PhasedDPOptimizer):
                  ranked: bool = False, epochs: int = None, seed: int = 0, **dp):
         if not 0 <= final_rate < 1:
             raise ValueError(f"final_rate must be in [0, 1), got {final_rate}")
-        if not (isinstance(refresh_per_epoch, int) and refresh_per_epoch >= 1):
+        if not (is_int(refresh_per_epoch) and refresh_per_epoch >= 1):
             raise ValueError("refresh_per_epoch must be a positive int")
-        if not (isinstance(epochs, int) and epochs >= 1):
+        if not (is_int(epochs) and epochs >= 1):
             raise ValueError("RandomSparsification needs the total number of epochs (epochs=E) for its cooling")
         if dp.get("steps") is None:
             dp["epochs"] = epochs  # also the calibration horizon when a target epsilon is given

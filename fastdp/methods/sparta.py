@@ -26,6 +26,7 @@ from typing import Dict
 import torch
 
 from fastdp.abs_stats import AbsSumObserver
+from fastdp.accounting import is_int
 from fastdp.grad_buffer import flat_views
 from fastdp.masks import Mask
 from fastdp.methods.base import PhasedDPOptimizer, find_head, parameter_roles, row_group_dims
@@ -48,7 +49,7 @@ class SPARTA(PhasedDPOptimizer):
             raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
         if topk not in TOPK:
             raise ValueError(f"topk must be one of {TOPK}, got {topk!r}")
-        if not (isinstance(warmup_epochs, int) and warmup_epochs >= 0):
+        if not (is_int(warmup_epochs) and warmup_epochs >= 0):
             raise ValueError("warmup_epochs must be a non-negative int")
         roles = parameter_roles(model, find_head(model, head))
         self.eligible = [p for p, r in roles.items() if r == "weight"]
