@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from fastdp.atomic import atomic_write
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.data import DATASETS, load_dataset
 from fastdp.engine import NonFiniteNormError
@@ -41,13 +40,19 @@ from fastdp.micro_adam import MicroAdam
 from fastdp.models import MLP, SmallCNN
 from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
+from fastdp.train_checkpoint import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    DEFAULT_CHECKPOINT_EVERY,
+    data_fingerprint,
+    load_checkpoint,
+    run_config,
+    save_checkpoint,
+)
 
 MOMENTUM = 0.9
 DEFAULT_TARGET_EPSILON = 3.0
-CHECKPOINT_FILE = "checkpoint.pt"
-CHECKPOINT_FORMAT = "fastdp-train-checkpoint"
-CHECKPOINT_VERSION = 1
-DEFAULT_CHECKPOINT_EVERY = 100
 # --method -> the base optimizer fastdp wraps (nonprivate: trained without the DP wrapper, for comparison)
 BASE_OPTIMIZERS = {
     "dpsgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM),
@@ -266,10 +271,10 @@ def train(args: argparse.Namespace) -> dict:
             error(f"--checkpoint-dir {args.checkpoint_dir}: cannot create the folder ({err})")
         if not os.access(args.checkpoint_dir, os.W_OK):
             error(f"--checkpoint-dir {args.checkpoint_dir}: the folder is not writable")
-        config = _run_config(args, target_epsilon=target_epsilon, batch_size=batch_size, lr=lr, device=device)
-        fingerprint = _data_fingerprint(train_set, test_set)
+        config = run_config(args, target_epsilon=target_epsilon, batch_size=batch_size, lr=lr, device=device)
+        fingerprint = data_fingerprint(train_set, test_set)
         if args.resume:
-            ckpt = _load_checkpoint(ckpt_path, config, fingerprint, error)
+            ckpt = load_checkpoint(ckpt_path, config, fingerprint, error)
         elif os.path.exists(ckpt_path):
             error(f"--checkpoint-dir {args.checkpoint_dir} already holds a checkpoint ({ckpt_path}): pass --resume to "
                   "continue that run, or choose another folder")
@@ -429,61 +434,7 @@ def _as_options(message: str) -> str:
 
 # ----------------------------------------------------------------------------------------- checkpoints
 # options that may differ between a run and its --resume (everything else must be the same)
-_RESUME_MAY_CHANGE = ("data_dir", "no_progress", "checkpoint_dir", "checkpoint_every", "resume", "func", "error")
 _EMPTY_EPOCH = {"samples": 0, "steps": 0, "batches": 0, "loss_sum": 0.0, "secs": 0.0}
-
-
-def _run_config(args, *, target_epsilon, batch_size, lr, device) -> dict:
-    """The options that define a run, defaults resolved (compared on --resume)."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _RESUME_MAY_CHANGE}
-    config.update(target_epsilon=target_epsilon, batch_size=batch_size, lr=lr, device=device.type)
-    return config
-
-
-def _data_fingerprint(train_set, test_set) -> str:
-    """SHA-256 of the training and test tensors (a resumed run must see the same data)."""
-    h = hashlib.sha256()
-    for t in (*train_set.tensors, *test_set.tensors):
-        h.update(str((tuple(t.shape), t.dtype)).encode())
-        h.update(t.detach().cpu().contiguous().numpy())
-    return h.hexdigest()
-
-
-def save_checkpoint(path: str, payload: dict) -> None:
-    """``torch.save(payload)`` to ``path`` atomically and readable by its owner only (``fastdp.atomic``): a run killed
-    at any moment leaves the previous checkpoint or the new one, never a partial file."""
-    with atomic_write(path, "wb", private=True) as f:
-        torch.save(payload, f)
-
-
-def _load_checkpoint(path: str, config: dict, fingerprint: str, error) -> dict:
-    """The checkpoint at ``path``, checked against this run's options and data (parser errors otherwise)."""
-    if not os.path.isfile(path):
-        error(f"--resume: no checkpoint at {path}")
-    folder = os.path.dirname(os.path.abspath(path))
-    for name in os.listdir(folder):  # left by a run killed while writing (the checkpoint itself is whole)
-        if name.startswith(f".{os.path.basename(path)}.") and name.endswith(".tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(folder, name))
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        error(f"--resume: {path} is not a readable checkpoint ({type(err).__name__}: {err})")
-    keys = ("config", "data", "model", "optimizer", "noise_multiplier", "epoch", "finished", "sampler_state",
-            "torch_rng_state", "totals", "epoch_stats")
-    if not (isinstance(ckpt, dict) and ckpt.get("format") == CHECKPOINT_FORMAT):
-        error(f"--resume: {path} is not a fastdp train checkpoint")
-    if ckpt.get("version") != CHECKPOINT_VERSION or any(k not in ckpt for k in keys):
-        error(f"--resume: {path} is a checkpoint of another version ({ckpt.get('version')!r}) or incomplete")
-    saved = ckpt["config"]
-    changed = [k for k in sorted(set(saved) | set(config)) if saved.get(k) != config.get(k)]
-    if changed:
-        error(f"--resume: the checkpoint in {os.path.dirname(path) or '.'} was written by a run with other options: "
-              + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {config.get(k)})" for k in changed)
-              + ". Resume with the run's options (only --data-dir, --no-progress and --checkpoint-every may change)")
-    if ckpt["data"] != fingerprint:
-        error(f"--resume: the training or test data differ from those of the checkpointed run ({path})")
-    return ckpt
 
 
 def private_seeds(seed: Optional[int] = None) -> dict:
