@@ -189,16 +189,15 @@ class GradSampleEngine:
 
     def _check_use(self, grad: PerSampleGrad, use: Optional[PendingUse]) -> None:
         """Refuse a gradient whose samples were already clipped: a forward backpropagated twice."""
-        name = self.param_names.get(grad.param, "?")
         if use is not None and use.forward is not None and use.forward.done and not use.arrived:
             raise RuntimeError(
-                f"parameter '{name}' received a gradient from a forward whose samples "
+                f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a forward whose samples "
                 "were already clipped in an earlier backward pass (one forward, several backward calls, e.g. two "
                 "losses or two heads with retain_graph=True): each sample would be clipped once per pass, and its "
                 "contribution could exceed max_grad_norm. Sum the losses and call backward once.")
         if use is not None and not use.arrive():  # a retained graph run backward again
             raise RuntimeError(
-                f"parameter '{name}' received a gradient from a graph that was "
+                f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a graph that was "
                 "already backpropagated (retain_graph=True): the same samples would be clipped twice (their "
                 "contribution would exceed max_grad_norm). Sum the losses and call backward once.")
 

@@ -107,9 +107,11 @@ class _SharedOp:
         src = shared[0]._fdp_src
         batched = [] if func in SHAPE_ONLY else [a for a in self.flat if isinstance(a, torch.Tensor)
                                                  and not isinstance(a, SharedActivation) and _batched(a, src.batch_size)]
-        if func in ELEMENTWISE and self._meets_batch(batched):  # broadcast over the batch, or taken per row
-            return self.call([_at_batched_op(a, self._out_shape(), self.name) if isinstance(a, SharedActivation) else a
-                              for a in self.flat])
+        if func in ELEMENTWISE:
+            out_shape = torch.broadcast_shapes(*(v.shape for v in self.plain if isinstance(v, torch.Tensor)))
+            if self._meets_batch(batched, out_shape):  # broadcast over the batch, or taken per row
+                return self.call([_at_batched_op(a, out_shape, self.name) if isinstance(a, SharedActivation) else a
+                                  for a in self.flat])
         if func in EXPANDERS and isinstance(first, SharedActivation) and len(shared) == 1:
             out = self.call(self.plain)
             if _batch_broadcast(first, out.shape) and (func is not _T.repeat or _repeat_is_expand(first, out.shape)):
@@ -129,13 +131,9 @@ class _SharedOp:
                     s._fdp_src.escaped = True
         return self.call(self.plain)
 
-    def _out_shape(self):
-        return torch.broadcast_shapes(*(v.shape for v in self.plain if isinstance(v, torch.Tensor)))
-
-    def _meets_batch(self, batched) -> bool:
-        """An elementwise op with operands carrying the batch: batched tensors, or lookups one row per sample aligned
-        with the output beside lookups that are not."""
-        out_shape = self._out_shape()
+    def _meets_batch(self, batched, out_shape) -> bool:
+        """An elementwise op (output shape ``out_shape``) with operands carrying the batch: batched tensors, or lookups
+        one row per sample aligned with the output beside lookups that are not."""
         aligned = [s for s in self.shared if s._fdp_rows and s.dim() == len(out_shape) and s.shape[0] == out_shape[0]]
         return bool(batched) or 0 < len(aligned) < len(self.shared)
 
