@@ -10,6 +10,7 @@ Examples:
     >>> opt.step(); opt.zero_grad()
 """
 from fastdp.accounting import get_epsilon, get_noise_multiplier
+from fastdp.audit import audit
 from fastdp.clipping import AutomaticClip, FlatClip, PerLayerClip
 from fastdp.engine import BatchSizeError, GradSampleEngine, NonFiniteNormError
 from fastdp.layers import SUPPORTED_LAYERS
@@ -17,6 +18,8 @@ from fastdp.micro_adam import DPMicroAdam, MicroAdam
 from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
 from fastdp.tap import UnsupportedLayerError
+from fastdp.validate import fix, validate
+from fastdp.virtual_batches import VirtualBatches
 
 __version__ = "0.1.0"
 
@@ -32,7 +35,11 @@ __all__ = [
     "PerLayerClip",
     "SUPPORTED_LAYERS",
     "UnsupportedLayerError",
+    "VirtualBatches",
+    "audit",
+    "fix",
     "get_epsilon",
     "get_noise_multiplier",
     "make_private",
+    "validate",
 ]

@@ -38,6 +38,7 @@ from fastdp.engine import NonFiniteNormError
 from fastdp.methods import SPARTA, AdaDPIGU, BiTFiT, LastLayer, RandomGroups, RandomSparsification
 from fastdp.micro_adam import MicroAdam
 from fastdp.models import MLP, SmallCNN
+from fastdp.noise import mix62
 from fastdp.optimizer import DPOptimizer
 from fastdp.private import make_private
 from fastdp.train_checkpoint import (
@@ -50,6 +51,7 @@ from fastdp.train_checkpoint import (
     run_config,
     save_checkpoint,
 )
+from fastdp.train_distributed import all_ranks_sum, launched_distributed, relaunch_with_torchrun, start_ranks
 
 MOMENTUM = 0.9
 DEFAULT_TARGET_EPSILON = 3.0
@@ -185,10 +187,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true",
                    help="continue the run saved in --checkpoint-dir (same options: the next steps, the final model and "
                         "epsilon are those of the uninterrupted run)")
+    t.add_argument("--nproc", type=_number(int, 0), default=1, metavar="N",
+                   help="data-parallel training on N processes of this machine (DistributedDataParallel: gloo on "
+                        "the CPU, NCCL with one GPU each on CUDA), started with torch.distributed.run; the same as "
+                        "`torchrun --nproc_per_node=N -m fastdp train ...`. --batch-size is then the global "
+                        "expected batch (default: %(default)s)")
     t.set_defaults(func=train, error=t.error)
     # listed for `fastdp --help`; main() hands `fastdp bench ...` to fastdp/bench/e2e.py's own parser unparsed
     sub.add_parser("bench", add_help=False, help="end-to-end step benchmark: non-private, every fastdp method, Opacus "
                    "hooks/ghost on ViT, GPT-2, WRN (fastdp bench --help)")
+    # the same for `fastdp audit ...`, handed to fastdp/audit/cli.py's parser
+    sub.add_parser("audit", add_help=False, help="empirical privacy audit with one training run: eps_lower against the "
+                   "claimed epsilon (fastdp audit --help)")
     return parser
 
 
@@ -204,8 +214,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[dict]:
         result = bench(args[1:])
         if argv is None and result["exit_status"]:  # a failed measurement fails the command (fastdp bench --help)
             sys.exit(result["exit_status"])
+    elif args[:1] == ["audit"]:
+        from fastdp.audit import cli as audit_cli
+        result = audit_cli.main(args[1:])
     else:
         parsed = build_parser().parse_args(args)
+        if getattr(parsed, "nproc", 1) > 1 and not launched_distributed():
+            return relaunch_with_torchrun(parsed.nproc, args)
         result = parsed.func(parsed)
     return result if argv is not None else None
 
@@ -251,6 +266,9 @@ def train(args: argparse.Namespace) -> dict:
         error("--amp bf16: this GPU does not support bfloat16")
     if args.reproducible and args.secure_mode:
         error("--reproducible seeds the noise from --seed; --secure-mode draws it from the OS: choose one")
+    world, rank = start_ranks(args, device, error)  # (1, 0) unless started as one of several ranks (torchrun)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
     if device.type == "cpu":
         retain_freed_memory()  # this process only trains: no page faults per step (fastdp.cpu_memory)
 
@@ -281,6 +299,8 @@ def train(args: argparse.Namespace) -> dict:
 
     torch.manual_seed(args.seed)
     model = _make_model(args.model, meta, defaults).to(device)
+    if world > 1:  # each rank clips its samples; fastdp all-reduces the clipped sums (fastdp.distributed)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     base_opt = BASE_OPTIMIZERS["dpsgd" if args.method in SPARSE_METHODS else args.method](model.parameters(), lr)
     method_class, method_args = SPARSE_METHODS.get(args.method, (DPOptimizer, lambda a: {}))
     sample_gen = torch.Generator().manual_seed(args.seed)  # nonprivate: the shuffling's generator
@@ -288,7 +308,8 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = base_opt
     seeds = private_seeds(args.seed if args.reproducible else None)
     if private:
-        sample_gen = torch.Generator().manual_seed(seeds["sampling"])
+        # each rank samples its own shard: its own stream (correlated inclusions would void the Poisson analysis)
+        sample_gen = torch.Generator().manual_seed(seeds["sampling"] if world == 1 else mix62(seeds["sampling"], rank))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # opacus, calibration search
             if args.noise_multiplier == 0:  # the warning is replaced by the epsilon line below
@@ -360,6 +381,8 @@ def train(args: argparse.Namespace) -> dict:
                                             skip=skip, start=start, on_step=on_step)
         except NonFiniteNormError as err:
             sys.exit(f"fastdp train: error: training diverged in epoch {epoch + 1} ({err}). Try a smaller --lr.")
+        if world > 1:  # the epoch's samples over all ranks (the loss printed is rank 0's)
+            n = int(all_ranks_sum(n))
         totals = {"samples": totals["samples"] + n, "steps": totals["steps"] + k,
                   "train_time": totals["train_time"] + secs}
         # the exact loss and sample count are not privatised: outside the epsilon below (as in Opacus' examples)
@@ -402,6 +425,9 @@ def train(args: argparse.Namespace) -> dict:
         print("epsilon: inf (not private)")
         print("noise_multiplier: n/a (not private)")
     print(f"samples_per_second: {result['samples_per_second']:.0f}", flush=True)
+    if world > 1:
+        result["world_size"] = world
+        torch.distributed.destroy_process_group()
     return result
 
 

@@ -29,7 +29,7 @@ from torch import nn
 
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
-from fastdp.engine_state import ForwardPass, PassState, PendingCounts, PendingUse, SumState
+from fastdp.engine_state import ForwardPass, PassState, PendingCounts, PendingUse, RecomputedUse, SumState
 from fastdp.grad_buffer import GradBuffer
 from fastdp.grad_sample import DenseGrad, PerSampleGrad, masked, per_sample_dot
 from fastdp.masks import Mask
@@ -53,7 +53,8 @@ class GradSampleEngine:
     time is refused (its samples would be clipped and added twice), and so is ``create_graph=True``.
 
     Args:
-        module: the model. Sample dim is dim 0 of every layer input.
+        module: the model. Sample dim is dim 0 of every layer input (``batch_first=False``: dim 1 of the model
+            input and of every [T, B, ...] layer input, as Opacus' ``GradSampleModule(batch_first=False)``).
         clip_rule: turns per-sample squared norms into clip factors (``fastdp.clipping``).
         loss_reduction: "mean" if the loss averages over the batch (per-sample gradients are then
             ``B`` times the per-sample output gradients), "sum" otherwise.
@@ -67,9 +68,12 @@ class GradSampleEngine:
     """
 
     def __init__(self, module: nn.Module, clip_rule: ClipRule, *, loss_reduction: str = "mean",
-                 fused_per_layer: Optional[bool] = None):
+                 fused_per_layer: Optional[bool] = None, batch_first: bool = True):
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
+        self.batch_first = batch_first
         if fused_per_layer and not clip_rule.per_param:
             raise ValueError(f"fused_per_layer needs a per-parameter clipping rule, got {clip_rule!r}")
         self.module, self.clip_rule, self.loss_reduction = module, clip_rule, loss_reduction
@@ -113,9 +117,14 @@ class GradSampleEngine:
         """Remove every hook; the module is a plain PyTorch module again."""
         self.hooks.detach()
 
-    def open_use(self, tap: Optional[ParamTap]) -> Optional[PendingUse]:
-        """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit``."""
-        return None if tap is None else PendingUse(self._pending, tap._fdp_param, self._forward)
+    def open_use(self, tap: Optional[ParamTap]):
+        """Record (in forward) a use of ``tap``'s parameter whose gradient will reach ``submit`` (a ``PendingUse``; a
+        ``RecomputedUse``, not counted, while a checkpointed region is recomputed: ``fastdp.checkpointing``)."""
+        if tap is None:
+            return None
+        if self.hooks.replaying:
+            return RecomputedUse(tap._fdp_param)
+        return PendingUse(self._pending, tap._fdp_param, self._forward)
 
     def set_mask(self, param: nn.Parameter, mask: Optional[Mask]) -> None:
         """Train only ``mask``'s coordinates of ``param`` (norms after masking); None removes the mask."""
@@ -188,7 +197,14 @@ class GradSampleEngine:
             self._clip_in_backward(grad.param)
 
     def _check_use(self, grad: PerSampleGrad, use: Optional[PendingUse]) -> None:
-        """Refuse a gradient whose samples were already clipped: a forward backpropagated twice."""
+        """Refuse a gradient whose samples were already clipped: a forward backpropagated twice (or the graph of a
+        checkpointed region's recomputation, whose original nodes hand over the same gradients)."""
+        if isinstance(use, RecomputedUse):
+            raise RuntimeError(
+                f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient through the graph that "
+                "activation checkpointing recomputed in backward (a backward pass run inside a checkpointed "
+                "region): its samples' gradients also come through the original forward's graph and would be clipped "
+                "twice. Do not backpropagate inside a checkpointed region.")
         if use is not None and use.forward is not None and use.forward.done and not use.arrived:
             raise RuntimeError(
                 f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a forward whose samples "

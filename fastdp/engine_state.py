@@ -1,7 +1,8 @@
 """The engine's state between and within backward passes, as named objects.
 
 * ``PendingCounts`` / ``PendingUse`` / ``ForwardPass``: the parameter uses a forward recorded and whether their
-  gradients have arrived (per-layer rules clip a parameter inside backward once none is pending).
+  gradients have arrived (per-layer rules clip a parameter inside backward once none is pending). ``RecomputedUse``: a
+  use opened by a checkpointed region's recomputation, which does not count.
 * ``PassState``: what the backward pass under way has done so far (its batch size, the parameters it already
   clipped, whether it accumulated into the buffer).
 * ``SumState``: the lifecycle of the flat buffer of clipped sums across the passes of one step (empty, holding
@@ -72,6 +73,26 @@ class PendingUse:
     def __del__(self):  # also runs on an object whose __init__ raised: then there is nothing to undo
         if not getattr(self, "arrived", True):
             self.counts.add(self.param, -1)
+
+
+class RecomputedUse:
+    """A use opened while a checkpointed region is recomputed in backward (``fastdp.checkpointing``): not counted.
+
+    The recomputation only rebuilds the tensors the original forward's nodes saved; those nodes' backward hands the
+    per-sample gradients over, with the ``PendingUse``s the original forward opened. A gradient through the
+    recomputed graph itself (a backward inside a checkpointed region) would be a second copy of them: refused.
+    """
+
+    __slots__ = ("param",)
+    forward = None
+    arrived = False
+
+    def __init__(self, param: nn.Parameter):
+        self.param = param
+
+    def arrive(self) -> bool:
+        """Nothing to uncount (called in forward where a use hands nothing: a shared lookup's own use)."""
+        return True
 
 
 @dataclass

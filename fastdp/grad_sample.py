@@ -5,8 +5,10 @@ forward) for every sample of the batch, in whatever compact form that layer allo
 
 * ``LinearGrad``: ``G_i = dY_i^T X_i`` from the layer input and output gradient (Linear, Conv1D,
   matmul); its norm is a ghost norm or a direct per-sample norm, whichever costs fewer FLOPs.
-* ``ConvGrad``: a convolution, i.e. a Linear over unfolded patches, summed by the conv backward.
-* ``EmbeddingGrad``: rows of dY scattered to the looked-up indices.
+* ``ConvGrad``: a convolution, i.e. a Linear over unfolded patches, summed by the conv backward (also a
+  transposed convolution, operands swapped); ``ConvNdGrad``: the same for 3-D, through PyTorch's n-d convolution.
+* ``EmbeddingGrad``: rows of dY scattered to the looked-up indices; ``EmbeddingBagGrad`` /
+  ``EmbeddingBagMaxGrad``: one bag per sample (sum / mean, max).
 * ``DenseGrad``: an explicit [B, *param.shape] tensor (biases, norm layers, generic parameters).
 
 Each knows its per-sample squared norm (``sq_norm``), how to materialise itself (the exact fallback
@@ -25,7 +27,7 @@ from fastdp.kernels import (
     conv_per_sample_grad_ref,
     direct_dot_ref,
 )
-from fastdp.kernels._common import acc_dtype, as_btd, cast, upcast
+from fastdp.kernels._common import acc_dtype, as_btd, batch_chunks, cast, upcast
 from fastdp.kernels.clip_accumulate import clip_accumulate
 from fastdp.kernels.conv_clip_accumulate import conv_clip_accumulate
 from fastdp.kernels.conv_norm import conv_norm
@@ -408,3 +410,141 @@ def _embedding_linear(a: EmbeddingGrad, b: LinearGrad):
     if b.transposed or b.rows is not None:
         return None
     return embedding_linear_dot(a.idx, a.dy, b.x, b.dy)
+
+
+class ConvNdGrad(ConvGrad):
+    """A 3-D convolution's weight gradient, in ``ConvGrad``'s layout and geometry, through PyTorch's n-d
+    weight-gradient convolution (the implicit-im2col kernels of ``fastdp.kernels.conv_norm`` take 1-D and 2-D only).
+
+    Norm: direct, from the explicit per-sample gradients of a chunk of the batch at a time (one grouped
+    weight-gradient convolution with the batch folded into the groups; ``batch_chunks`` bounds the chunk's
+    ``chunk x numel`` temporaries). Clipped sum: one weight-gradient convolution of the clip-scaled dY (the
+    non-private cost, paid once). Both upcast 16-bit operands first, so the norm measures exactly the products the
+    sum adds.
+    """
+
+    def _per_sample(self, sl: slice) -> torch.Tensor:
+        """[b, *weight_shape] per-sample gradients of the samples ``sl`` (kept filters only), fp32 (fp64 for fp64)."""
+        x, dy = upcast(self.x[sl]), upcast(self.dy[sl])
+        b, c_in, c_out = x.shape[0], x.shape[1], dy.shape[1]
+        w = torch.empty((b * c_out, *self.weight_shape[1:]), dtype=x.dtype, device=x.device)  # shape only
+        g = torch.ops.aten.convolution_backward(
+            dy.reshape(1, b * c_out, *dy.shape[2:]), x.reshape(1, b * c_in, *x.shape[2:]), w, None,
+            list(self.stride), list(self.padding), list(self.dilation), False, [0] * len(self.stride),
+            b * self.groups, [False, True, False])[1]
+        return g.view(b, *self.weight_shape)
+
+    def _chunks(self):
+        numel = math.prod(self.weight_shape)
+        per_sample = numel + self.x[0].numel() + self.dy[0].numel()
+        return batch_chunks(self.x.shape[0], per_sample)
+
+    def sq_norm(self):
+        out = torch.zeros(self.x.shape[0], dtype=acc_dtype(self.x), device=self.x.device)
+        for sl in self._chunks():
+            if sl.stop > sl.start:
+                out[sl] = self._per_sample(sl).flatten(1).pow(2).sum(1)
+        return out
+
+    def materialize(self):
+        B = self.x.shape[0]
+        g = torch.zeros((B, *self.weight_shape), dtype=acc_dtype(self.x), device=self.x.device)
+        for sl in self._chunks():
+            if sl.stop > sl.start:
+                g[sl] = self._per_sample(sl)
+        if self.rows is not None:
+            full = g.new_zeros(B, *self.param.shape)
+            full[:, self.rows] = g
+            return full
+        return g
+
+    def clipped_sum(self, scale, out):
+        xx = upcast(self.x)
+        scaled = upcast(self.dy) * scale.to(xx.dtype).view(-1, *([1] * (self.dy.dim() - 1)))
+        w = torch.empty(self.weight_shape, dtype=xx.dtype, device=xx.device)  # shape only
+        g = torch.ops.aten.convolution_backward(
+            scaled, xx, w, None, list(self.stride), list(self.padding), list(self.dilation), False,
+            [0] * len(self.stride), self.groups, [False, True, False])[1]
+        if self.rows is not None:
+            return out.index_add_(0, self.rows, g.to(out.dtype))
+        return out.add_(g.to(out.dtype))
+
+
+class EmbeddingBagGrad(PerSampleGrad):
+    """Sum / mean-mode embedding bag (``F.embedding_bag``): bag b's gradient is ``a_b dY_b^T``, where ``a_b`` [V] holds
+    the summed weight of each table row in bag b (``per_sample_weights`` or 1 in sum mode, 1 / bag size in mean mode,
+    0 for ``padding_idx`` entries).
+
+    ids [N]: the rows looked up; bag [N]: the bag (sample) of each; coef [N] (fp32, fp64 for fp64 dY): its weight;
+    dy [B, D]: the output gradient. ``||G_b||^2 = ||a_b||^2 ||dY_b||^2`` (``||a_b||^2`` from the distinct (bag, row)
+    pairs); the clipped sum is one index-add of the N rows ``c_bag coef dY_bag`` (the memory of PyTorch's own
+    embedding-bag backward).
+    """
+
+    def __init__(self, param, owner, num_embeddings: int):
+        super().__init__(param, owner)
+        self.num_embeddings = num_embeddings
+        self.ids = self.bag = self.coef = self.dy = None
+
+    def set(self, ids: torch.Tensor, bag: torch.Tensor, coef: torch.Tensor, dy: torch.Tensor) -> None:
+        self.dy = upcast(dy)
+        self.ids, self.bag, self.coef = ids, bag, coef.to(self.dy.dtype)
+        self.batch_size = dy.shape[0]
+
+    def _keys(self) -> torch.Tensor:
+        return self.bag.long() * self.num_embeddings + self.ids.long()  # (int32 ids: no overflow)
+
+    def sq_norm(self):
+        B = self.dy.shape[0]
+        pairs, inv = torch.unique(self._keys(), return_inverse=True)
+        a = torch.zeros(pairs.numel(), dtype=self.dy.dtype, device=self.dy.device).index_add_(0, inv, self.coef)
+        a2 = torch.zeros(B, dtype=self.dy.dtype, device=self.dy.device)
+        a2.index_add_(0, torch.div(pairs, self.num_embeddings, rounding_mode="floor"), a * a)
+        return a2 * self.dy.pow(2).sum(1)
+
+    def materialize(self):
+        B, V = self.dy.shape[0], self.num_embeddings
+        a = torch.zeros(B * V, dtype=self.dy.dtype, device=self.dy.device).index_add_(0, self._keys(), self.coef)
+        return a.view(B, V, 1) * self.dy.view(B, 1, -1)
+
+    def clipped_sum(self, scale, out):
+        weight = scale.to(self.dy.dtype)[self.bag] * self.coef
+        return out.index_add_(0, self.ids, (weight[:, None] * self.dy[self.bag]).to(out.dtype))
+
+    def release(self):
+        self.ids = self.bag = self.coef = self.dy = None
+
+
+class EmbeddingBagMaxGrad(PerSampleGrad):
+    """Max-mode embedding bag: coordinate d of bag b's output is that of row ``rows[b, d]``, so bag b's gradient has
+    one entry per column, ``dY_b[d]`` at (``rows[b, d]``, d), and ``||G_b|| = ||dY_b||`` (0 for a bag without ids).
+
+    rows [B, D] (the forward's max indices); valid [B] bool: the bag has an id (not ``padding_idx``); dy [B, D].
+    """
+
+    def __init__(self, param, owner, num_embeddings: int):
+        super().__init__(param, owner)
+        self.num_embeddings = num_embeddings
+        self.rows = self.dy = None
+
+    def set(self, rows: torch.Tensor, valid: torch.Tensor, dy: torch.Tensor) -> None:
+        self.rows = rows
+        self.dy = upcast(dy) * valid.to(upcast(dy).dtype).unsqueeze(1)  # an empty bag's output is a constant 0
+        self.batch_size = dy.shape[0]
+
+    def sq_norm(self):
+        return self.dy.pow(2).sum(1)
+
+    def materialize(self):
+        B, D = self.dy.shape
+        g = torch.zeros(B, self.num_embeddings, D, dtype=self.dy.dtype, device=self.dy.device)
+        return g.scatter_(1, self.rows.unsqueeze(1), self.dy.unsqueeze(1))
+
+    def clipped_sum(self, scale, out):
+        cols = torch.arange(self.dy.shape[1], device=self.dy.device).expand_as(self.rows)
+        vals = self.dy * scale.to(self.dy.dtype).unsqueeze(1)
+        return out.index_put_((self.rows.reshape(-1), cols.reshape(-1)), vals.reshape(-1).to(out.dtype),
+                              accumulate=True)
+
+    def release(self):
+        self.rows = self.dy = None

@@ -10,20 +10,31 @@ for ``ef_bits=4``); 4. ``p <- p (1 - lr wd) - lr m / (sqrt(v) + eps)`` with ``m`
 window sums (``fastdp.kernels.microadam_update``).
 
 With ``density=1`` and ``window >= steps`` this is exactly Adam (AdamW with decoupled weight decay).
+
+The step is horizontally fused (``fused=True``, the default): the tensors of a parameter group that share device,
+dtype and step count are stepped together as one flat "chunk" (``_Chunk``) whose state lives in a few flat buffers;
+each tensor's ``optimizer.state[p]`` entries are views into them, with the shapes and dtypes of the per-tensor layout
+(checkpoints are interchangeable with ``fused=False``). A step is then a fixed number of vectorised ops per chunk
+(one ``foreach`` add of the gradients, one abs, the top-k of ``rows_topk`` per block geometry, one gather, the
+quantisation over 2-D views per tensor size, two scatters of the window and a dense update), not per tensor.
+``fused=False`` steps tensor by tensor through the kernels of ``fastdp.kernels`` (Triton on CUDA): the reference
+the fused step equals bit for bit (``tests/methods/test_micro_adam.py``).
 State per parameter (``ef_bits=4``, ``density=0.01``, ``window=10``, ``topk="block"``): int16 indices
 0.2 B + bf16 values 0.2 B + 4-bit EF 0.5 B = 0.9 B, against 8 B for Adam's two fp32 moments.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+import sys
+from typing import List, Optional
 
 import torch
 
 from fastdp.accounting import is_int
 from fastdp.kernels._backend import backend_for
-from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_quant
+from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_quant, quant_affine
 from fastdp.kernels.microadam_update import microadam_update
+from fastdp.kernels.rows_topk import rows_topk, rows_topk_ref
 from fastdp.kernels.topk_gather import gather_zero
 from fastdp.optimizer import DPOptimizer
 
@@ -39,10 +50,14 @@ class MicroAdam(torch.optim.Optimizer):
         density: fraction of each tensor's coordinates kept per step (top-k).
         window: number of sparse gradients kept (the ring buffer's rows).
         ef_bits: 32 (fp32 error feedback) or 4 (4-bit asymmetric block quantisation).
-        topk: "tensor" (global top-k per tensor, int32 indices, fp32 values) or "block" (top-k per block of
-            ``topk_block_size`` values, int16 block-relative indices, bf16 values).
+        topk: "tensor" (global top-k per tensor, int32 indices, fp32 values) or "block" (top-k per block of at
+            most ``topk_block_size`` values, equal blocks per tensor, int16 block-relative indices, bf16 values).
         quant_block_size: values per quantisation block of the 4-bit error feedback.
-        topk_block_size: values per top-k block (<= 32768 so indices fit int16).
+        topk_block_size: most values per top-k block (<= 32768 so indices fit int16).
+        fused: step the tensors of a group together over flat state buffers (module docstring); False: tensor by
+            tensor (the reference).
+        chunk_elements: the fused step's chunks hold at most max(this, the largest tensor) values, which bounds
+            its scratch (about 21 bytes per chunk value: fp32 working gradient, |a|, window moments, masks).
 
     Examples:
         >>> w = torch.nn.Parameter(torch.randn(100))
@@ -54,7 +69,8 @@ class MicroAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  density: float = 0.01, window: int = 10, ef_bits: int = 32, topk: str = "tensor",
-                 quant_block_size: int = 100_000, topk_block_size: int = 32_000):
+                 quant_block_size: int = 100_000, topk_block_size: int = 32_000, fused: bool = True,
+                 chunk_elements: int = 1 << 24):
         if not 0.0 < density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {density}")
         if not (is_int(window) and window >= 1):
@@ -67,31 +83,37 @@ class MicroAdam(torch.optim.Optimizer):
             raise ValueError("topk_block_size must be in [1, 32768] (int16 block-relative indices)")
         if quant_block_size < 1:
             raise ValueError("quant_block_size must be positive")
+        if not (is_int(chunk_elements) and chunk_elements >= 1):
+            raise ValueError(f"chunk_elements must be a positive int, got {chunk_elements!r}")
         if lr < 0 or eps <= 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
             raise ValueError("need lr >= 0, eps > 0, weight_decay >= 0 and betas in [0, 1)")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults)
         self.density, self.window, self.ef_bits, self.topk = density, window, ef_bits, topk
         self.quant_block_size, self.topk_block_size = quant_block_size, topk_block_size
+        self.fused, self.chunk_elements = bool(fused), chunk_elements
         self._workspace = {}
         self._weights = {}
+        self._chunks = {}  # param group index -> [_Chunk]
 
     def __repr__(self):
         dev = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
         return (f"MicroAdam(density={self.density}, window={self.window}, ef_bits={self.ef_bits}, topk={self.topk!r}, "
-                f"backend={backend_for(dev)!r})")
+                f"fused={self.fused}, backend={backend_for(dev) if not self.fused else 'torch'!r})")
 
     # ------------------------------------------------------------------ state
     def _layout(self, d: int):
         """(entries per ring row, entries per top-k block (0: per tensor), top-k block size, padded length).
 
-        The last top-k block is padded with zeros to full size; its padding can be selected (value 0,
-        index past the tensor) and is skipped by the kernels.
+        Blocks are balanced: ``n_blocks = ceil(d / topk_block_size)`` blocks of ``ceil(d / n_blocks)`` values
+        (so ``density`` is kept to within rounding, not inflated by a short last block). The last block is padded
+        with zeros to full size; its padding can be selected (value 0, index past the tensor) and is skipped by
+        the kernels.
         """
         if self.topk == "tensor":
             return max(1, math.ceil(self.density * d)), 0, 0, d
-        bs = min(self.topk_block_size, d)
-        n_blocks = math.ceil(d / bs)
+        n_blocks = math.ceil(d / self.topk_block_size)
+        bs = math.ceil(d / n_blocks)  # balanced: the padding is < n_blocks values, not up to a whole block
         per_block = max(1, math.ceil(self.density * bs))
         return n_blocks * per_block, per_block, bs, n_blocks * bs
 
@@ -135,6 +157,7 @@ class MicroAdam(torch.optim.Optimizer):
                     self._check_state(p, st)
                     states[p] = st
         super().load_state_dict(state_dict)
+        self._chunks = {}  # the fused step re-adopts the loaded tensors into fresh flat buffers
         for p, st in states.items():
             self.state[p] = st
 
@@ -171,6 +194,11 @@ class MicroAdam(torch.optim.Optimizer):
         return sum(v.numel() * v.element_size() for st in self.state.values() for v in st.values()
                    if isinstance(v, torch.Tensor))
 
+    def scratch_bytes(self) -> int:
+        """Bytes of scratch: the shared workspace and the fused chunks' working buffers (not state)."""
+        shared = sum(t.numel() * t.element_size() for ws in self._workspace.values() for t in ws)
+        return shared + sum(c.scratch_bytes() for cs in self._chunks.values() for c in cs)
+
     # ------------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
@@ -178,17 +206,62 @@ class MicroAdam(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 if p.grad.is_sparse:
                     raise RuntimeError("MicroAdam does not support sparse gradients")
-                st = self.state[p]
-                if not st:
-                    st.update(self._init_state(p))
-                self._step_param(p, st, group)
+            if not (self.fused and sys.byteorder == "little"):  # the 4-bit packing reads bytes as int16 pairs
+                for p in params:
+                    self._step_unfused(p, group)
+                continue
+            chunks = self._chunks.get(gi)
+            if chunks is None or {id(p) for c in chunks for p in c.params} != {id(p) for p in params} or \
+                    not all(c.valid(self.state) for c in chunks):
+                chunks = self._chunks[gi] = self._build_chunks(params)
+            for c in chunks:
+                c.step(self, group)
         return loss
+
+    def _step_unfused(self, p: torch.Tensor, group: dict) -> None:
+        st = self.state[p]
+        if not st:
+            st.update(self._init_state(p))
+        self._step_param(p, st, group)
+
+    def _build_chunks(self, params: List[torch.Tensor]) -> list:
+        """Partition ``params`` by (device, dtype, step count), then greedily into chunks of at most
+        max(chunk_elements, largest tensor) padded values; each chunk adopts its tensors' current state."""
+        self._chunks = {k: v for k, v in self._chunks.items() if v is not None}
+        cohorts = {}
+        for p in params:
+            st = self.state[p]
+            if st:
+                self._check_state(p, st)
+            cohorts.setdefault((p.device, p.dtype, st.get("step", 0)), []).append(p)
+        chunks = []
+        for members in cohorts.values():
+            sizes = [_Chunk.padded(self, p.numel()) for p in members]
+            limit = max(self.chunk_elements, max(sizes))
+            cur, total = [], 0
+            for p, n in zip(members, sizes):
+                if cur and total + n > limit:
+                    chunks.append(_Chunk(self, cur))
+                    cur, total = [], 0
+                cur.append(p)
+                total += n
+            chunks.append(_Chunk(self, cur))
+        return chunks
+
+    def _shared(self, device, n: int):
+        """Shared fused-step scratch on ``device``: the window moments m + iv [>= n] complex64 (zero between
+        uses), and a bool mask [>= n rounded up to 8]."""
+        ws = self._workspace.get(("fused", device))
+        if ws is None or ws[0].numel() < n:
+            ws = (torch.zeros(n, dtype=torch.complex64, device=device),
+                  torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=device))
+            self._workspace[("fused", device)] = ws
+        return ws
 
     def _step_param(self, p: torch.Tensor, st: dict, group: dict) -> None:
         beta1, beta2 = group["betas"]
@@ -204,11 +277,11 @@ class MicroAdam(torch.optim.Optimizer):
             ef_dequant_add(a, st["ef_codes"], st["ef_min"], st["ef_max"], self.quant_block_size)
         t = st["step"] + 1
         row = (t - 1) % self.window  # 2. top-k into the ring
-        if per_block:
+        if per_block:  # indices ascending within each block (tensor): the fused step's canonical order
             work[d:padded].zero_()
-            _, idx = torch.topk(work[:padded].view(-1, bs).abs(), per_block, dim=1, sorted=False)
+            idx = rows_topk_ref(work[:padded].view(-1, bs).abs(), per_block)
         else:
-            _, idx = torch.topk(a.abs(), n, sorted=False)
+            idx = rows_topk_ref(a.abs().view(1, d), n)
         st["ring_idx"][row].copy_(idx.reshape(-1))
         gather_zero(a, st["ring_idx"][row], st["ring_val"][row], per_block, bs)  # 3. a[top-k] = 0
         if self.ef_bits == 32:
@@ -229,6 +302,227 @@ class MicroAdam(torch.optim.Optimizer):
         st["step"] = t
 
 
+class _Chunk:
+    """Tensors of one parameter group (same device, dtype and step count) stepped together over flat buffers.
+
+    Layout: tensor i owns values ``[o_i, o_i + S_i)`` of the fp32 buffers (its padded length: the top-k blocks'
+    padding, rounded up to even so 4-bit pairs never straddle tensors) and ring columns ``[c_i, c_i + n_i)``.
+    Tensors are ordered by top-k geometry (row length L, picks per row K, row stride), then by size, so that each
+    geometry is one strided [rows, L] view (rows: blocks, or whole tensors with per-tensor top-k) and tensors of
+    one size are one [count, S] view (quantisation blocks: [count, n_full, q] and the [count, tail] tails).
+    ``optimizer.state[p]`` holds views of the flat state: ring_idx/ring_val [window, n_i] (columns of the flat
+    ring), ef [d] or ef_codes [ceil(d/2)] and ef_min/ef_max [ceil(d/q)].
+    """
+
+    @staticmethod
+    def padded(opt: MicroAdam, d: int) -> int:
+        P = opt._layout(d)[3]
+        return P + P % 2
+
+    def __init__(self, opt: MicroAdam, params: List[torch.Tensor]):
+        self.params_in = params
+        self.device, self.dtype = params[0].device, params[0].dtype
+        W, q, frugal = opt.window, opt.quant_block_size, opt.ef_bits == 4
+        info = []
+        for i, p in enumerate(params):
+            d = p.numel()
+            n, per_block, bs, P = opt._layout(d)
+            S = P + P % 2
+            L, K = (bs, per_block) if per_block else (d, n)
+            nb = P // L
+            stride = S if nb == 1 else L  # between rows: tensors (one row each) or blocks of one tensor
+            key = (L, K, stride) if (nb == 1 or S == P) else ("solo", i)  # solo: rows would not stay uniform
+            info.append((key, d, i, n, S, nb, (L, K, stride)))
+        order = {}
+        for key, *_ in info:
+            order.setdefault(key, len(order))
+        info.sort(key=lambda r: (order[r[0]], r[1], r[2]))
+        self.params = [params[r[2]] for r in info]
+        self.step_count = opt.state[self.params[0]].get("step", 0)
+        off = col = cb = qb = 0
+        self.groups, self.sizes, rowbase = [], [], []  # geometry views; same-size runs
+        self.offsets, self.cols, self.cbytes, self.qblocks = [], [], [], []
+        for key, d, i, n, S, nb, (L, K, stride) in info:
+            g = self.groups[-1] if self.groups and self.groups[-1]["key"] == key else None
+            if g is None:
+                g = dict(key=key, offset=off, rows=0, L=L, K=K, stride=stride, col=col)
+                self.groups.append(g)
+            for j in range(nb):
+                rowbase.append(torch.full((K,), off + j * stride, dtype=torch.int64))
+            g["rows"] += nb
+            r = self.sizes[-1] if self.sizes and self.sizes[-1]["d"] == d and self.sizes[-1]["key"] == key else None
+            if r is None:
+                r = dict(key=key, d=d, S=S, offset=off, count=0, cbyte=cb, qblock=qb, nq=math.ceil(d / q))
+                self.sizes.append(r)
+            r["count"] += 1
+            self.offsets.append(off)
+            self.cols.append(col)
+            self.cbytes.append(cb)
+            self.qblocks.append(qb)
+            off, col, cb, qb = off + S, col + n, cb + math.ceil(d / 2), qb + math.ceil(d / q)
+        self.numel, self.ncols = off, col
+        dev = self.device
+        self.row_base = torch.cat(rowbase).to(dev)
+        block = opt.topk == "block"
+        self.ring_idx = torch.full((W, col), -1, dtype=torch.int16 if block else torch.int32, device=dev)
+        self.ring_val = torch.zeros(W, col, dtype=torch.bfloat16 if block else torch.float32, device=dev)
+        self.picks = torch.empty(col, dtype=torch.int64, device=dev)
+        self.absb = torch.zeros(off, dtype=torch.float32, device=dev)
+        if frugal:
+            self.codes = torch.zeros(cb, dtype=torch.uint8, device=dev)
+            self.ef_min = torch.zeros(qb, dtype=torch.float32, device=dev)
+            self.ef_max = torch.zeros(qb, dtype=torch.float32, device=dev)
+            self.work = torch.zeros(off, dtype=torch.float32, device=dev)
+            self.q = torch.zeros(off, dtype=torch.uint8, device=dev)
+        else:
+            self.work = torch.zeros(off, dtype=torch.float32, device=dev)  # the error feedback itself
+        self.views = []
+        for p, o, c, b, qo in zip(self.params, self.offsets, self.cols, self.cbytes, self.qblocks):
+            d, n = p.numel(), opt._layout(p.numel())[0]
+            v = {"ring_idx": self.ring_idx[:, c:c + n], "ring_val": self.ring_val[:, c:c + n]}
+            if frugal:
+                v.update(ef_codes=self.codes[b:b + math.ceil(d / 2)], ef_min=self.ef_min[qo:qo + math.ceil(d / q)],
+                         ef_max=self.ef_max[qo:qo + math.ceil(d / q)])
+            else:
+                v["ef"] = self.work[o:o + d]
+            st = opt.state[p]
+            for k, t in v.items():  # adopt the tensor's current state (loaded, or stepped unfused)
+                if k in st:
+                    t.copy_(st[k])
+            st.clear()
+            st.update(step=self.step_count, **v)
+            self.views.append(dict(v, shape=p.shape))
+        self.work_views = [self.work[o:o + p.numel()] for p, o in zip(self.params, self.offsets)]
+        self.delta_views = [self.absb[o:o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
+        self.quant = opt.quant_block_size
+
+    def scratch_bytes(self) -> int:
+        extra = [self.absb, self.picks, self.row_base] + ([self.work, self.q] if hasattr(self, "q") else [])
+        return sum(t.numel() * t.element_size() for t in extra)
+
+    def valid(self, state) -> bool:
+        """Every tensor still holds this chunk's views, its dtype, and the chunk's step count."""
+        for p, v in zip(self.params, self.views):
+            st = state.get(p)
+            if not st or st.get("ring_idx") is not v["ring_idx"] or st.get("step") != self.step_count or \
+                    p.dtype != self.dtype or p.device != self.device or p.grad is None or p.shape != v["shape"]:
+                return False
+        return True
+
+    def _run_views(self, buf: torch.Tensor, r: dict, width=None):
+        """(full [count, n_full, q], tail [count, t] or None) views of a same-size run in buffer ``buf``."""
+        d, S, q = r["d"], r["S"], self.quant
+        nf, t = d // q, d % q
+        full = buf.as_strided((r["count"], nf, q), (S, q, 1), buf.storage_offset() + r["offset"]) if nf else None
+        tail = buf.as_strided((r["count"], t), (S, 1), buf.storage_offset() + r["offset"] + nf * q) if t else None
+        return full, tail
+
+    def _run_blocks(self, stat: torch.Tensor, r: dict):
+        """(full [count, n_full], tail [count]) views of a run's per-block statistics ``stat`` [Q]."""
+        d, q, nq = r["d"], self.quant, r["nq"]
+        nf = d // q
+        base = stat.as_strided((r["count"], nq), (nq, 1), stat.storage_offset() + r["qblock"])
+        return (base[:, :nf] if nf else None), (base[:, nf] if d % q else None)
+
+    def _dequant(self) -> None:
+        """work = code * u + lo over every tensor (padding: 0)."""
+        q16 = self.q.view(torch.int16)
+        for r in self.sizes:
+            nbytes = math.ceil(r["d"] / 2)
+            dst = q16.as_strided((r["count"], nbytes), (r["S"] // 2, 1), r["offset"] // 2)
+            dst.copy_(self.codes.as_strided((r["count"], nbytes), (nbytes, 1), r["cbyte"]))
+        t = torch.bitwise_left_shift(q16, 4)  # byte b = lo | hi << 4  ->  int16 lo | hi << 8 (little endian)
+        t.bitwise_and_(0x0F00)
+        q16.bitwise_and_(0x000F).bitwise_or_(t)
+        u = (self.ef_max - self.ef_min) / 15.0
+        for r in self.sizes:
+            for w, c, uu, lo in zip(self._run_views(self.work, r), self._run_views(self.q, r), self._run_blocks(u, r),
+                                    self._run_blocks(self.ef_min, r)):
+                if w is not None:
+                    torch.mul(c, uu.unsqueeze(-1), out=w).add_(lo.unsqueeze(-1))
+
+    def _quant(self, a: torch.Tensor) -> None:
+        """Block min / max, then codes of ``a`` (``fastdp.kernels.ef_quant``'s formula), packed two per byte."""
+        for r in self.sizes:
+            for v, lo, hi in zip(self._run_views(a, r), self._run_blocks(self.ef_min, r),
+                                 self._run_blocks(self.ef_max, r)):
+                if v is not None:
+                    lo.copy_(v.amin(dim=-1))
+                    hi.copy_(v.amax(dim=-1))
+        scale, offset = quant_affine(self.ef_min, self.ef_max)
+        y = self.absb  # its padding holds |0|: codes 0 there
+        for r in self.sizes:
+            for v, yv, s, o in zip(self._run_views(a, r), self._run_views(y, r), self._run_blocks(scale, r),
+                                   self._run_blocks(offset, r)):
+                if v is not None:
+                    torch.mul(v, s.unsqueeze(-1), out=yv).add_(o.unsqueeze(-1))
+        # y in [0.5 - tiny, 15.5 + tiny] for finite values (lo <= x <= hi): the reference's clamp to [0, 15] is
+        # then a no-op, and uint8 truncation is its floor
+        self.q.copy_(y)
+        q16 = self.q.view(torch.int16)
+        t = self.absb.view(torch.int16)[:q16.numel()]
+        torch.bitwise_right_shift(q16, 4, out=t).bitwise_or_(q16)  # low byte: lo | hi << 4
+        for r in self.sizes:
+            nbytes = math.ceil(r["d"] / 2)
+            self.codes.as_strided((r["count"], nbytes), (nbytes, 1), r["cbyte"]).copy_(
+                t.as_strided((r["count"], nbytes), (r["S"] // 2, 1), t.storage_offset() + r["offset"] // 2))
+
+    def step(self, opt: MicroAdam, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        t = self.step_count + 1
+        row, rows = (t - 1) % opt.window, min(t, opt.window)
+        grads = [p.grad.reshape(-1) for p in self.params]
+        a = self.work  # 1. a = g + EF
+        if hasattr(self, "q"):
+            self._dequant()
+        torch._foreach_add_(self.work_views, grads)
+        mv, mask = opt._shared(self.device, self.numel)  # 2. top-k of |a| per row of each geometry
+        torch.abs(a, out=self.absb)
+        for g in self.groups:
+            x = self.absb.as_strided((g["rows"], g["L"]), (g["stride"], 1), g["offset"])
+            self.picks[g["col"]:g["col"] + g["rows"] * g["K"]] = rows_topk(x, g["K"], mask=mask).view(-1)
+        self.ring_idx[row].copy_(self.picks)
+        gidx = self.picks.add_(self.row_base)  # 3. gather into the ring, a[top-k] = 0
+        self.ring_val[row].copy_(a.index_select(0, gidx))
+        a.index_fill_(0, gidx, 0.0)
+        if hasattr(self, "q"):
+            self._quant(a)
+        w1, w2 = opt._window_weights(rows, row, beta1, beta2, self.device)  # 4. window moments, update
+        G = self.ring_idx[:rows].long().add_(self.row_base).view(-1)
+        vals = self.ring_val[:rows].float()
+        # m and v interleaved (complex64 m + iv): one scatter and one gather move both; per coordinate the rows
+        # are summed in ring order, as the reference's index_add_ row by row
+        mv = mv[:self.numel]
+        pairs = torch.empty(rows, self.ncols, 2, device=self.device)
+        torch.mul(w1[:, None], vals, out=pairs[..., 0])
+        torch.mul(w2[:, None], vals, out=pairs[..., 1]).mul_(vals)
+        mv.scatter_add_(0, G, torch.view_as_complex(pairs).view(-1))
+        c1, c2 = (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t)
+        # -(lr * m / (sqrt(v) + eps)) at the window's coordinates only (elsewhere m = 0: the delta is 0); a
+        # coordinate listed twice gets the same value twice. (A dense sqrt of the mostly-zero v costs ~10x a copy.)
+        got = torch.view_as_real(mv.index_select(0, G))
+        mg, vg = got[:, 0], got[:, 1]
+        vg.mul_(c2).sqrt_().add_(eps)
+        mg.mul_(c1).div_(vg).mul_(-lr)
+        mv.zero_()
+        delta = self.absb.zero_()  # |a| is spent: the deltas, zero but at G
+        delta.scatter_(0, G, mg)
+        deltas = self.delta_views
+        decay = 1.0 - lr * wd
+        # the reference: p <- (p.float() * decay - lr * m / (sqrt(v) + eps)) rounded once to p's dtype
+        if self.dtype == torch.float32 or (decay == 1.0 and self.dtype in (torch.bfloat16, torch.float16)):
+            if decay != 1.0:
+                torch._foreach_mul_(self.params, decay)
+            torch._foreach_add_(self.params, deltas)  # bf16 / fp16 += fp32: computed in fp32, rounded once
+        else:  # a low-precision p * decay, or fp64 (which the reference updates in fp32): tensor by tensor
+            for p, dlt in zip(self.params, deltas):
+                p.copy_(p.float().mul_(decay).add_(dlt))
+        self.step_count = t
+        for p in self.params:
+            opt.state[p]["step"] = t
+
+
 class DPMicroAdam(DPOptimizer):
     """DP gradient (``fastdp.DPOptimizer``) followed by MicroAdam: the noise enters once, on the clipped sum,
     before top-k and error feedback, so MicroAdam is post-processing and costs no extra privacy.
@@ -241,9 +535,9 @@ class DPMicroAdam(DPOptimizer):
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, density: float = 0.01, window: int = 10, ef_bits: int = 32,
                  topk: str = "tensor", quant_block_size: int = 100_000, topk_block_size: int = 32_000,
-                 params: Optional[list] = None, **dp):
+                 fused: bool = True, chunk_elements: int = 1 << 24, params: Optional[list] = None, **dp):
         params = [p for p in model.parameters() if p.requires_grad] if params is None else params
         base = MicroAdam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, density=density,
                          window=window, ef_bits=ef_bits, topk=topk, quant_block_size=quant_block_size,
-                         topk_block_size=topk_block_size)
+                         topk_block_size=topk_block_size, fused=fused, chunk_elements=chunk_elements)
         super().__init__(model, base, **dp)

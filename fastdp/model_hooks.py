@@ -1,12 +1,13 @@
 """The engine's hooks on the model: parameter slots swapped for taps around the root forward, guards, pickling.
 
-``ModelHooks(engine, module)`` validates the model (BatchNorm), registers a root forward pre-hook that puts a
+``ModelHooks(engine, module)`` validates the model (BatchNorm, InstanceNorm's running statistics), registers a root forward pre-hook that puts a
 ``ParamTap`` (``fastdp.tap``) in every trainable parameter slot for the forward and a forward hook that puts the
 parameters back, and a post-accumulate-grad hook per parameter that raises if autograd ever reaches ``.grad`` (a
 use the engine did not see). A deep copy or a pickle of the model carries inert hooks (``_InertHooks``).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from fastdp import checkpointing
 from fastdp.tap import BatchSizeError, ParamTap, TapContext, UnsupportedLayerError
 
 # Modules whose forward flattens a [B, T, d] input to [B*T, d] rows in sample order before a matmul.
@@ -24,17 +26,20 @@ SAMPLE_MAJOR_FLATTENERS = {"transformers.pytorch_utils.Conv1D"}
 
 class ModelHooks:
     """Hooks of ``engine`` on ``module``. ``batch_size``: the leading dim of the root forward's input, set by the
-    pre-hook (layers check their inputs against it). ``param_names``: {param: "name = alias"} of every parameter."""
+    pre-hook (layers check their inputs against it); ``batch_source``: the tensor it was read from, during the
+    forward. ``param_names``: {param: "name = alias"} of every parameter."""
 
     def __init__(self, engine, module: nn.Module):
         self.engine, self.module = engine, module
         self.batch_size: Optional[int] = None
+        self.batch_source: Optional[torch.Tensor] = None
         self.module_names = {m: n for n, m in module.named_modules()}
         names: Dict[nn.Parameter, list] = {}
         for n, p in module.named_parameters(remove_duplicate=False):
             names.setdefault(p, []).append(n)
         self.param_names = {p: " = ".join(ns) for p, ns in names.items()}
         self._swapped: Optional[list] = None
+        self.replaying = False  # a checkpointed region is being recomputed in backward (``replay``)
         self._contexts: Dict[nn.Module, TapContext] = {}
         self._taps: Dict[tuple, ParamTap] = {}
         self._handles = []
@@ -45,8 +50,17 @@ class ModelHooks:
         batchnorms = [(n, m) for n, m in self.module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         for name, m in batchnorms:  # validate everything before touching the model
             _check_batchnorm(name, m)
+        if self.engine.batch_first:
+            for name, m in self.module.named_modules():
+                _check_sequence_first(name, m)
         for name, m in batchnorms:  # (partial, not a lambda: the model stays picklable)
             self._handles.append(m.register_forward_pre_hook(functools.partial(_check_batchnorm_hook, name)))
+        instancenorms = [(n, m) for n, m in self.module.named_modules()
+                         if isinstance(m, nn.modules.instancenorm._InstanceNorm)]
+        for name, m in instancenorms:
+            _check_running_stats(name, m)
+        for name, m in instancenorms:
+            self._handles.append(m.register_forward_pre_hook(functools.partial(_check_running_stats_hook, name)))
         # (module, name) of every parameter slot, in module order: swapped for taps around the root forward
         self._slots = [(m, n) for m in self.module_names for n, p in m._parameters.items() if p is not None]
         self._handles.append(self.module.register_forward_pre_hook(self._swap_in, with_kwargs=True))
@@ -79,14 +93,25 @@ class ModelHooks:
         """Root pre-hook: every trainable parameter slot of the model holds its tap during the forward."""
         if not torch.is_grad_enabled() or self._swapped is not None:
             return
-        self.batch_size = leading_dim(args, kwargs)
+        if torch._C._current_graph_task_id() != -1:  # (a checkpoint's replay has swapped already: returned above)
+            raise UnsupportedLayerError(
+                f"the model's forward ({type(module).__name__}) ran inside a backward pass, as in "
+                f"{checkpointing.REENTRANT_HELP} (A custom autograd.Function that recomputes the model in its backward "
+                "is refused for the same reason.)")
+        batch_first = getattr(self.engine, "batch_first", True)
+        self.batch_source = leading_tensor(args, kwargs, batch_first)
+        self.batch_size = None if self.batch_source is None else self.batch_source.shape[0 if batch_first else 1]
         if self.batch_size is None:  # every layer's batch check would be skipped: fail closed
+            which = "dim 0" if batch_first else "dim 1 (batch_first=False: inputs [T, B, ...])"
             raise BatchSizeError(
-                f"the model's forward ({type(module).__name__}) got no tensor argument with a leading batch dim "
+                f"the model's forward ({type(module).__name__}) got no tensor argument with a batch dim "
                 "(looked through tensors, lists, tuples, dicts and other mappings, dataclasses): fastdp takes the "
                 "batch size from it to check every layer input. Pass the batch as a tensor, or a container of "
-                "tensors, whose dim 0 is the sample dim.")
+                f"tensors, whose {which} is the sample dim.")
         self.engine.new_forward()
+        frame = checkpointing.region_frame()
+        if frame is not None and frame is not checkpointing.RECOMPUTING:  # the forward runs in a checkpointed region
+            self.adopt_checkpoint(frame)
         swapped = []
         for m, n in self._slots:
             p = m._parameters[n]
@@ -104,10 +129,57 @@ class ModelHooks:
             swapped.append((m, n, p))
         self._swapped = swapped
 
+    def rebase_batch(self, size: int, packed) -> bool:
+        """Make ``size`` this forward's batch size if it was read from one of the tensors ``packed`` (an op's inputs
+        that pack the samples without leading with them: EmbeddingBag's flat ids and offsets). Returns whether it did."""
+        if self.batch_source is None or not any(t is self.batch_source for t in packed if t is not None):
+            return False
+        self.batch_size = size
+        return True
+
     def _swap_out(self, module, args, kwargs, output):
+        if self.replaying:  # the model's forward recomputed inside a checkpointed region: ``replay`` swaps back
+            return
         swapped, self._swapped = self._swapped, None
+        self.batch_source = None
         for m, n, p in swapped or ():
             m._parameters[n] = p
+
+    def adopt_checkpoint(self, frame) -> None:
+        """An op of this forward runs in the checkpointed region ``frame`` (``fastdp.checkpointing``): its
+        recomputation in backward will be a ``replay`` at this forward's batch size."""
+        checkpointing.adopt(frame, self, functools.partial(self.replay, self.batch_size))
+
+    @contextlib.contextmanager
+    def replay(self, batch_size: Optional[int]):
+        """Recomputing a checkpointed region in backward: every trainable slot holds its tap again (as in the forward
+        that ran the region), layers check their inputs against that forward's ``batch_size``, and the uses they open
+        are not counted (``GradSampleEngine.open_use``: the original forward's nodes carry the counted ones)."""
+        saved = self.batch_size, self.batch_source, self.replaying
+        swapped = None
+        if self._swapped is None:  # (else a forward is under way: its taps are in place)
+            swapped = []
+            for m, n in self._slots:
+                p = m._parameters[n]
+                if p is not None and p.requires_grad and not isinstance(p, ParamTap):
+                    m._parameters[n] = self._tap(p, m, n)
+                    swapped.append((m, n, p))
+            self._swapped = swapped
+        self.batch_size, self.batch_source, self.replaying = batch_size, None, True
+        try:
+            yield
+        finally:
+            self.batch_size, self.batch_source, self.replaying = saved
+            if swapped is not None:
+                self._swapped = None
+                for m, n, p in swapped:
+                    m._parameters[n] = p
+
+    def exclude_slots(self, slots, on_detach) -> None:
+        """Leave ``slots`` ((module, name) pairs) to another swapper (``fastdp.fsdp.ShardedTaps``: FSDP2's managed
+        parameters get their taps after its all-gather); ``on_detach`` runs on ``detach()``."""
+        self._slots = [s for s in self._slots if s not in slots]
+        self._handles.append(_Callback(on_detach))
 
     def _tap(self, p: nn.Parameter, module: nn.Module, name: str) -> ParamTap:
         """The parameter's tap in ``module``, reused across calls while it still aliases the parameter's storage."""
@@ -128,10 +200,22 @@ class ModelHooks:
         return tap
 
 
+class _Callback:
+    """A hook handle whose ``remove()`` calls ``fn`` (``ModelHooks.detach`` removes handles)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remove(self) -> None:
+        self.fn()
+
+
 class _InertHooks:
     """What a deep-copied or unpickled model's hooks are bound to: they swap nothing (see ModelHooks.__deepcopy__
     and __reduce__). A deep copy binds ``ModelHooks._swap_in`` itself to this object: ``_swapped`` then always
-    reads as a forward under way, so it returns at once."""
+    reads as a forward under way, so it returns at once (and ``_swap_out`` finds nothing to put back)."""
+
+    replaying = False
 
     @property
     def _swapped(self):
@@ -151,12 +235,19 @@ class _InertHooks:
 def leading_dim(args, kwargs) -> Optional[int]:
     """Leading dim of the first tensor argument of the model's forward with a dim (nested containers included:
     lists, tuples, dicts, other mappings such as HF's ``BatchEncoding``, dataclasses such as HF's model outputs)."""
+    t = leading_tensor(args, kwargs)
+    return None if t is None else t.shape[0]
+
+
+def leading_tensor(args, kwargs, batch_first: bool = True) -> Optional[torch.Tensor]:
+    """The first tensor argument of the model's forward with a dim (searched as ``leading_dim`` says); with
+    ``batch_first=False`` the first with at least two dims ([T, B, ...]: the batch size is its dim 1)."""
     for a in tree_flatten((args, kwargs))[0]:
-        if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap) and a.dim() > 0:
-            return a.shape[0]
+        if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap) and a.dim() > (0 if batch_first else 1):
+            return a
         if isinstance(a, Mapping) or dataclasses.is_dataclass(a):
             inner = dict(a) if isinstance(a, Mapping) else {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
-            found = leading_dim((), inner)
+            found = leading_tensor((), inner, batch_first)
             if found is not None:
                 return found
     return None
@@ -175,8 +266,37 @@ def _check_batchnorm(name, m):
             "with nn.GroupNorm (opacus.validators.ModuleValidator.fix does this), or freeze it and call .eval() on it.")
 
 
+def _check_sequence_first(name, m):
+    """In a batch-first engine, refuse a module that takes sequence-first [T, B, ...] inputs: a sequence-first model
+    run that way would be clipped per time step (its [T, B, ...] layer inputs lead with T, which is taken as the
+    batch size; shapes cannot tell when T happens to equal B)."""
+    if not isinstance(m, (nn.MultiheadAttention, nn.RNNBase)) or getattr(m, "batch_first", True):
+        return
+    if not any(p.requires_grad for p in m.parameters()):
+        return
+    raise UnsupportedLayerError(
+        f"module '{name}' ({type(m).__name__}) has batch_first=False: it takes sequence-first [T, B, ...] inputs, "
+        "but fastdp was built with batch_first=True (samples in dim 0 of the model input and of every layer "
+        "input). If the model is sequence-first, pass batch_first=False to DPOptimizer / make_private / "
+        "GradSampleEngine (the samples are then dim 1 of the model input); if the model is batch-first, construct "
+        "the module with batch_first=True (nn.Transformer* layers take batch_first too).")
+
+
 def _check_batchnorm_hook(name, module, args):
     _check_batchnorm(name, module)
+
+
+def _check_running_stats(name, m):
+    if m.training and m.track_running_stats:
+        raise UnsupportedLayerError(
+            f"module '{name}' ({type(m).__name__}) has track_running_stats=True in training mode: its running_mean / "
+            "running_var are updated from the batch, a function of the private data that DP-SGD's noise does not "
+            "cover and that is released with the model. Use track_running_stats=False "
+            "(opacus.validators.ModuleValidator.fix does this), or call .eval() on the module.")
+
+
+def _check_running_stats_hook(name, module, args):
+    _check_running_stats(name, module)
 
 
 def _guard_hook(name, p):

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastdp.accounting import epsilon_of, get_noise_multiplier, make_accountant
 from fastdp.clipping import make_clip_rule
+from fastdp.distributed import data_parallel
 from fastdp.engine import GradSampleEngine
 from fastdp.fused_sgd import FusedSGDStep
 from fastdp.grad_buffer import GradBuffer
@@ -31,6 +32,7 @@ from fastdp.kernels.masked_noise import masked_noise
 from fastdp.masks import FlatMasks
 from fastdp.noise import NoiseSeeds, gaussian_noise
 from fastdp.optimizer_checks import STATE_VERSION, check_arguments, checked_state
+from fastdp.tap import UnsupportedLayerError
 
 
 class Released(enum.Enum):
@@ -53,8 +55,11 @@ class DPOptimizer(torch.optim.Optimizer):
             ``epochs`` (or ``steps``) to calibrate it with the chosen accountant.
         max_grad_norm: clipping threshold R (a list/dict of one per trainable parameter for
             ``clipping="per_layer"``).
-        expected_batch_size: the expected (Poisson) batch size; the noisy sum is divided by it.
-        sample_size: dataset size; ``sample_rate = expected_batch_size / sample_size``.
+        expected_batch_size: the expected (Poisson) batch size; the noisy sum is divided by it. Under
+            DistributedDataParallel it is the GLOBAL expected batch, all ranks together (Opacus takes the per-rank
+            size), the same on every rank.
+        sample_size: dataset size; ``sample_rate = expected_batch_size / sample_size``. Under DDP the whole dataset's
+            size (not a rank's shard), the same on every rank.
         loss_reduction: "mean" or "sum", how the loss reduces over the batch (the per-sample gradients are B times
             the mean loss's, or the sum's). Either way ``.grad`` holds the noisy sum divided by
             ``expected_batch_size`` (Opacus does not divide for "sum": scale the learning rate by B to match it).
@@ -69,6 +74,14 @@ class DPOptimizer(torch.optim.Optimizer):
             retained graph together with a new one).
         sample_rate: Poisson sampling rate, when it is not exactly ``expected_batch_size / sample_size``
             (``make_private`` passes its loader's rate).
+        distributed: None (default): a model wrapped in ``DistributedDataParallel`` trains data-parallel (each rank
+            clips its samples, fastdp all-reduces the clipped sums once per step and rank 0 adds the noise once:
+            ``fastdp.distributed``), and a plain model in a process group of several ranks is refused. False: train
+            each rank's plain model alone, knowingly.
+        batch_first: True (default): the samples are dim 0 of the model input and of every layer input. False:
+            a sequence-first model (Opacus' ``GradSampleModule(batch_first=False)``): dim 1 of the model input and
+            of every [T, B, ...] layer input ([B, d] inputs after pooling over time, and channel-first layers such
+            as convolutions, keep them in dim 0).
 
     Examples:
         >>> model = torch.nn.Linear(4, 2)
@@ -105,7 +118,7 @@ class DPOptimizer(torch.optim.Optimizer):
                  loss_reduction: str = "mean", accountant: str = "prv",
                  generator: Optional[torch.Generator] = None, secure_mode: bool = False,
                  clipping: str = "flat", gamma: float = 0.01, sample_rate: Optional[float] = None,
-                 fused_per_layer: bool = True):
+                 fused_per_layer: bool = True, distributed: Optional[bool] = None, batch_first: bool = True):
         if isinstance(optimizer, DPOptimizer):
             raise TypeError("optimizer is already a DPOptimizer")
         check_arguments(optimizer, expected_batch_size, sample_size, max_grad_norm, target_delta, secure_mode, generator)
@@ -133,12 +146,26 @@ class DPOptimizer(torch.optim.Optimizer):
         self.clipping = clipping
         self.max_grad_norm = max_grad_norm
         self.engine = GradSampleEngine(model, self.clip_rule, loss_reduction=loss_reduction,
-                                       fused_per_layer=fused_per_layer and self.clip_rule.per_param)
+                                       fused_per_layer=fused_per_layer and self.clip_rule.per_param,
+                                       batch_first=batch_first)
         self.flat_masks = FlatMasks(self.engine)  # the engine's masks laid out as the flat buffers
+        try:
+            # DDP / FSDP2: the all-reduce of the clipped sums (None: one process)
+            self.comm = data_parallel(model, distributed, self.engine)
+            if self.comm is not None and not self.comm.supports(type(self)):
+                raise UnsupportedLayerError(f"{type(self).__name__} is not supported on an FSDP2 (fully_shard) model "
+                                            "yet: use DPOptimizer, or DistributedDataParallel")
+        except BaseException:
+            self.engine.detach()
+            raise
+        if self.comm is not None:
+            self.comm.check_same_config(self._config())
         self.steps_taken = 0
         self._fused_sgd = FusedSGDStep()
         self._fused_at = -1  # steps_taken after the last fused step
         self.fused_fallback_reason: Optional[str] = None  # why the last step through DPOptimizer.step was not fused
+        self._step_skip_queue: list = []  # Opacus' virtual-step signals (signal_skip_step), consumed one per step()
+        self._last_step_skipped = False
 
     @property
     def generator(self) -> Optional[torch.Generator]:
@@ -209,6 +236,15 @@ class DPOptimizer(torch.optim.Optimizer):
             if devices and self.generator.device.type not in devices:
                 raise ValueError(f"generator is on {self.generator.device} but the parameters are on {devices}")
 
+    def _config(self) -> dict:
+        """What must be equal on every rank (checked once under DDP)."""
+        return {"class": type(self).__qualname__, "noise_multiplier": self.noise_multiplier,
+                "expected_batch_size": self.expected_batch_size, "sample_size": self.sample_size,
+                "sample_rate": self.sample_rate, "clipping": self.clipping, "max_grad_norm": repr(self.max_grad_norm),
+                "accountant": self.accountant_name, "loss_reduction": self.engine.loss_reduction,
+                "secure_mode": self.secure_mode,
+                "trainable": [(n, tuple(p.shape), str(p.dtype)) for n, p in _trainable_named(self.model)]}
+
     # ------------------------------------------------------------------- step
     def pre_step(self) -> bool:
         """Checks before privatising; returns False to skip the step."""
@@ -273,6 +309,10 @@ class DPOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._step_skip_queue and self._step_skip_queue.pop(0):
+            self._last_step_skipped = True  # not the last physical batch of its logical batch: keep accumulating
+            return loss
+        self._last_step_skipped = False
         if not self.pre_step():
             return loss
         released = self.release()
@@ -288,13 +328,19 @@ class DPOptimizer(torch.optim.Optimizer):
         grads = self.clipped_sums()
         plan, self.fused_fallback_reason = self.fused_plan(grads)
         if plan is None:
-            self.add_noise(grads)
+            if self.comm is None or self.comm.adds_noise:
+                self.add_noise(grads)  # under DDP rank 0's noise only, before the sum over ranks: exactly once
+            if self.comm is not None:
+                self.comm.all_reduce_(grads.flats)
             self.scale_grad(grads)
         else:
             self._fused_sgd.run(self.original_optimizer, plan, self.noise_std(), 1.0 / self.expected_batch_size,
                                 self.seeds)
-        for p, g in grads.views.items():
-            p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
+        if self.comm is not None:
+            self.comm.set_grads(grads.views)  # (FSDP2: each rank's shard, as a DTensor)
+        else:
+            for p, g in grads.views.items():
+                p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
         self.engine.reset()
         self.engine.sums.released = True
         return Released.GRADIENT if plan is None else Released.FUSED_UPDATE
@@ -304,6 +350,8 @@ class DPOptimizer(torch.optim.Optimizer):
         ``(None, reason)`` (``fastdp.fused_sgd``)."""
         if not self.fuse_sgd:
             return None, "fuse_sgd is off"
+        if self.comm is not None:
+            return None, "distributed: the clipped sums are all-reduced between the noise and the update"
         cls, dp_reason = type(self), None
         if self.secure_mode:
             dp_reason = "secure_mode draws its noise from the OS CSPRNG"
@@ -336,9 +384,18 @@ class DPOptimizer(torch.optim.Optimizer):
         e.g. SPARTA's selection steps, and before any step)."""
         return self._fused_at == self.steps_taken
 
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus' virtual-step signal, which ``opacus.utils.batch_memory_manager.BatchMemoryManager`` sends once per
+        physical batch it yields: ``do_skip=True`` makes the next ``step()`` a no-op that keeps the clipped sums (and
+        the ``zero_grad()`` after it keep them too), so the physical batches of one Poisson batch make one step and
+        one accountant step. Signals are consumed in order, one per ``step()``."""
+        self._step_skip_queue.append(bool(do_skip))
+
     def zero_grad(self, set_to_none: bool = True):
         """Clear gradients. ``.grad`` is always set to None (``set_to_none=False`` included): the step's
         gradients are views of the engine's buffer, which the next backward reuses for un-noised sums."""
+        if self._last_step_skipped:
+            return  # after a skipped (virtual) step the clipped sums carry over to the next physical batch
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
         for p in self.engine.param_names:  # parameters outside the optimizer were given a .grad too
             p.grad = None

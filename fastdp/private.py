@@ -16,6 +16,8 @@ from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fastdp.distributed import poisson_shard_loader
+from fastdp.fsdp import fsdp_modules
 from fastdp.optimizer import DPOptimizer
 
 
@@ -39,7 +41,17 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     steps (its ``steps_per_epoch``, unless given).
     Opacus-only arguments are accepted so existing calls run: ``criterion`` and ``grad_sample_mode`` are
     not needed (fastdp has one exact engine and leaves the loss untouched; the return value is always the
-    3-tuple), and ``batch_first`` must be True (the sample dim is dim 0 everywhere).
+    3-tuple). ``batch_first=False`` is for sequence-first models (inputs [T, B, ...]), as in Opacus: it goes to
+    ``DPOptimizer``.
+
+    Distributed (``module`` wrapped in ``DistributedDataParallel`` or sharded with FSDP2's ``fully_shard``, one
+    process per rank): each rank's loader is
+    its Poisson sample of its shard of the dataset (``fastdp.distributed.poisson_shard_loader``, opacus' distributed
+    sampler) at the global rate ``1 / len(data_loader)``, and the optimizer gets the GLOBAL expected batch size
+    (``rate x len(dataset)``, all ranks together) and the whole dataset's size: call ``make_private`` on every rank
+    with the same arguments. Pass a plain ``DataLoader`` over the whole dataset (no ``DistributedSampler``: the
+    sampler splits the dataset itself); ``data_loader.batch_size`` is then the global expected batch.
+    ``sample_generator``, if given, must differ between ranks.
 
     Randomness: without ``sample_generator`` the Poisson sampler gets its own generator seeded from OS entropy, not
     torch's default one (Opacus' choice), whose state the public initial weights reveal (Mersenne Twister is
@@ -47,8 +59,6 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     with distinct secret seeds (one seed for both would tie the noise to the batch membership on the CPU).
     Without ``noise_generator`` (and ``secure_mode``) the noise comes from torch's default generator, as in Opacus.
     """
-    if not batch_first:
-        raise ValueError("fastdp needs the sample dim first in every layer input (batch_first=True)")
     del criterion, grad_sample_mode  # accepted for Opacus compatibility; nothing to configure
     if not isinstance(data_loader, DataLoader):
         raise TypeError("data_loader must be a torch DataLoader")
@@ -59,8 +69,13 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
     if poisson_sampling:
         if sample_generator is None:  # not torch's default generator: it initialised the (public) model
             sample_generator = torch.Generator().manual_seed(secrets.randbits(62))
-        dp_loader = DPDataLoader.from_data_loader(data_loader, generator=sample_generator)
-        sample_rate = dp_loader.sample_rate
+        if isinstance(module, nn.parallel.DistributedDataParallel) or fsdp_modules(module):  # DDP / FSDP2: this
+            # rank's Poisson sample of its shard of the data
+            sample_rate = 1 / len(data_loader)
+            dp_loader = poisson_shard_loader(data_loader, sample_rate, generator=sample_generator)
+        else:
+            dp_loader = DPDataLoader.from_data_loader(data_loader, generator=sample_generator)
+            sample_rate = dp_loader.sample_rate
     else:
         warnings.warn("poisson_sampling=False: the accountant assumes Poisson sampling, so the reported epsilon "
                       "is not a proven guarantee for fixed-size shuffled batches", UserWarning, stacklevel=2)
@@ -87,5 +102,5 @@ def make_private(*, module: nn.Module, optimizer: torch.optim.Optimizer, data_lo
         expected_batch_size=expected_batch_size, sample_size=sample_size, target_epsilon=target_epsilon,
         target_delta=target_delta, steps=int(epochs * len(data_loader)) if target_epsilon is not None else None,
         loss_reduction=loss_reduction, accountant=accountant, generator=noise_generator, secure_mode=secure_mode,
-        clipping=clipping, sample_rate=sample_rate, **kwargs)
+        clipping=clipping, sample_rate=sample_rate, batch_first=batch_first, **kwargs)
     return module, dp_opt, dp_loader

@@ -21,7 +21,9 @@ While a module's forward runs, each of its trainable parameters is replaced (in
 * With grad mode off (``torch.no_grad`` inside the forward) an op on a tap is an op on a constant: it runs on
   the parameter's value and returns a plain tensor, as in PyTorch. Inside the forward of a custom
   ``torch.autograd.Function`` (grad mode is off there too) a tap is refused: the gradient that function's
-  backward returns for the parameter would be dropped. Activation checkpointing is refused the same way.
+  backward returns for the parameter would be dropped. Reentrant activation checkpointing is refused the same way;
+  a non-reentrant checkpointed region (``use_reentrant=False``) is recomputed in backward with the forward's taps
+  (``fastdp.checkpointing``).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from typing import Any, Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fastdp.checkpointing import RECOMPUTING, REENTRANT_HELP, region_frame
 from fastdp.grad_sample import DenseGrad, PerSampleGrad, pull_back
 from fastdp.kernels._common import upcast
 from fastdp.op_sets import _T, CASTS, ELEMENTWISE, EXPANDERS, METADATA, RANDOM, inactive_dropout
@@ -48,7 +51,9 @@ class TapContext:
     """Where a tap lives: the engine, the owning module's name and type (for errors), its flags.
 
     ``rows_sample_major``: the module flattens [B, T, d] to [B*T, d] rows in sample order (HF Conv1D).
-    ``batch_size``: the leading dim of the model input in the current forward.
+    ``batch_size``: the number of samples of the model input in the current forward.
+    ``batch_first``: the engine's layout: True, every layer input leads with the samples ([B, ...]); False
+    (sequence-first models), layer inputs are [T, B, ...] (see ``sample_dim``).
     """
 
     __slots__ = ("engine", "owner", "owner_type", "rows_sample_major")
@@ -60,6 +65,40 @@ class TapContext:
     @property
     def batch_size(self) -> Optional[int]:
         return self.engine.batch_size
+
+    @property
+    def batch_first(self) -> bool:
+        return getattr(self.engine, "batch_first", True)
+
+
+def sample_dim(ctx: TapContext, shape, feature_dims: int = 0, channels_first: bool = False) -> int:
+    """The dim of a layer input of ``shape`` that holds the samples.
+
+    0 in a batch-first engine and for channel-first layouts ([B, C, ...]: convolutions, GroupNorm). In a
+    sequence-first engine (``batch_first=False``) an input whose leading dims (those before the layer's
+    ``feature_dims`` trailing ones) number two or more is [T, B, ...]: dim 1; with one leading dim it is [B, ...]
+    (a pooled [B, d] before a classifier head): dim 0.
+    """
+    if ctx.batch_first or channels_first:
+        return 0
+    return 1 if len(shape) - feature_dims >= 2 else 0
+
+
+def broadcast_sample_dim(ctx: TapContext, out_shape, what: str = "") -> int:
+    """The sample dim of the output of an elementwise op that broadcasts a parameter (or a shared lookup) against
+    the batch. Batch-first: 0. Sequence-first: 1 for 3 or more dims ([T, B, ...]), 0 for 1-D ([B]); for 2-D,
+    whichever of the two dims is the batch size (both: ambiguous, refused)."""
+    if ctx.batch_first or len(out_shape) <= 1:
+        return 0
+    if len(out_shape) >= 3:
+        return 1
+    B = ctx.batch_size
+    if out_shape[0] == B and out_shape[1] == B:
+        raise BatchSizeError(
+            f"{what}: broadcast to shape {tuple(out_shape)} in a batch_first=False model, where both dims equal the "
+            f"batch size {B}: fastdp cannot tell whether it is [T, B] or [B, d]. Use a batch size different from "
+            "the sequence length / feature size here")
+    return 0 if out_shape[0] == B else 1
 
 
 class ParamTap(torch.Tensor):
@@ -104,7 +143,7 @@ class ParamTap(torch.Tensor):
             return NotImplemented  # a SharedActivation resolves itself first, then calls the op again
         if not torch.is_grad_enabled():
             return _without_grad(func, args, kwargs)
-        _refuse_checkpointing(func, args, kwargs)
+        _join_checkpoint(args, kwargs)
         handler = OP_HANDLERS.get(func)
         if handler is not None:
             return handler(*args, **kwargs)
@@ -133,11 +172,6 @@ def _autograd_function_class() -> Optional[type]:
     return None
 
 
-_CHECKPOINT_HELP = ("activation checkpointing (torch.utils.checkpoint, HF gradient_checkpointing) is not supported "
-                    "by fastdp: the recomputation in backward runs outside the engine's forward. Disable it "
-                    "(e.g. model.gradient_checkpointing_disable()).")
-
-
 def _on_values(func, args, kwargs):
     """The op on the taps' values: plain tensors, no per-sample book-keeping."""
     flat, spec = tree_flatten((args, kwargs))
@@ -151,7 +185,7 @@ def _without_grad(func, args, kwargs):
     if fn_cls is not None:
         tap = _first_tap(args, kwargs)
         if getattr(fn_cls, "__module__", "") == "torch.utils.checkpoint":
-            raise UnsupportedLayerError(f"{tap.label} is used inside {_CHECKPOINT_HELP}")
+            raise UnsupportedLayerError(f"{tap.label} is used inside {REENTRANT_HELP}")
         raise UnsupportedLayerError(
             f"{tap.label} is an input of the custom torch.autograd.Function {fn_cls.__qualname__} (op "
             f"{getattr(func, '__name__', func)} inside its forward): its forward runs without autograd, so fastdp "
@@ -161,14 +195,12 @@ def _without_grad(func, args, kwargs):
     return _on_values(func, args, kwargs)
 
 
-def _refuse_checkpointing(func, args, kwargs) -> None:
-    """Non-reentrant checkpointing: its saved-tensor hooks are active in the forward."""
-    try:
-        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except (AttributeError, TypeError, RuntimeError):  # private API: skip the check if it changed
-        return
-    if hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint":
-        raise UnsupportedLayerError(f"{_first_tap(args, kwargs).label} is used inside {_CHECKPOINT_HELP}")
+def _join_checkpoint(args, kwargs) -> None:
+    """An op inside a non-reentrant checkpointed region (its saved tensors are dropped and recomputed in backward):
+    the engine replays the region's recomputation with the forward's taps (``fastdp.checkpointing``)."""
+    frame = region_frame()
+    if frame is not None and frame is not RECOMPUTING:
+        _first_tap(args, kwargs)._fdp_ctx.engine.hooks.adopt_checkpoint(frame)
 
 
 def is_trivial(tap: ParamTap) -> bool:
@@ -177,6 +209,9 @@ def is_trivial(tap: ParamTap) -> bool:
 
 
 OP_HANDLERS: dict = {}
+# ops whose layout fixes the sample dim of their data inputs, whatever the engine's layout
+# (F.multi_head_attention_forward: [T, B, E], dim 1)
+FIXED_SAMPLE_DIM: dict = {}
 
 
 def register_op(*funcs):
@@ -193,9 +228,23 @@ def register_op(*funcs):
     return deco
 
 
-def _batched(t: torch.Tensor, batch_size: Optional[int]) -> bool:
-    """A plain tensor operand carries the batch: it is part of the autograd graph, or leads with B."""
-    return t.requires_grad or (batch_size is not None and t.dim() >= 1 and t.shape[0] == batch_size)
+def _batched(t: torch.Tensor, batch_size: Optional[int], batch_first: bool = True) -> bool:
+    """A plain tensor operand carries the batch: it is part of the autograd graph, or has B in its sample dim
+    (dim 0; in a sequence-first model dim 0 or 1)."""
+    if t.requires_grad:
+        return True
+    if batch_size is None or t.dim() == 0:
+        return False
+    return t.shape[0] == batch_size or (not batch_first and t.dim() >= 2 and t.shape[1] == batch_size)
+
+
+def refuse_op(func, tap: "ParamTap"):
+    """The error for an op on a trainable parameter that no layer handler or generic rule takes."""
+    return UnsupportedLayerError(
+        f"op {getattr(func, '__qualname__', func)} with batched inputs is not supported for {tap.label}: the op "
+        "itself is the cause (not the layers before it). Supported: the layers in fastdp's table (Linear, Conv, "
+        "Embedding, LayerNorm, GroupNorm, RMSNorm, MultiheadAttention, HF Conv1D, matmul) and elementwise "
+        "broadcasting of a parameter against the batch. Freeze the parameter, or use a supported layer for it.")
 
 
 def _generic(func, args, kwargs):
@@ -219,7 +268,7 @@ def _generic(func, args, kwargs):
             f"{taps[1].label}); per-sample gradients of such a combination are not supported")
     plain = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, ParamTap)]
     # a cast reads only the dtype/device of a tensor argument (``p.to(h)``, ``p.type_as(h)``)
-    if func not in CASTS and any(_batched(a, tap._fdp_ctx.batch_size) for a in plain):
+    if func not in CASTS and any(_batched(a, tap._fdp_ctx.batch_size, tap._fdp_ctx.batch_first) for a in plain):
         return _broadcast_against_batch(func, flat, spec, tap)
     return _on_parameter_alone(func, flat, spec, taps)
 
@@ -227,12 +276,10 @@ def _generic(func, args, kwargs):
 def _broadcast_against_batch(func, flat, spec, tap: ParamTap):
     """An elementwise op of the parameter with batched tensors: the parameter is expanded along the batch first."""
     if func not in ELEMENTWISE:
-        raise UnsupportedLayerError(
-            f"{getattr(func, '__qualname__', func)} with batched inputs is not supported for {tap.label}. "
-            "Supported: the layers in fastdp's table (Linear, Conv1d/2d, Embedding, LayerNorm, GroupNorm, "
-            "RMSNorm, HF Conv1D, matmul) and elementwise broadcasting of a parameter against the batch.")
+        raise refuse_op(func, tap)
     out_shape = torch.broadcast_shapes(*(unwrap(a).shape for a in flat if isinstance(a, torch.Tensor)))
-    new_flat = [per_sample_broadcast(a, out_shape) if isinstance(a, ParamTap) else a for a in flat]
+    sd = broadcast_sample_dim(tap._fdp_ctx, out_shape, tap.label)
+    new_flat = [per_sample_broadcast(a, out_shape, sd) if isinstance(a, ParamTap) else a for a in flat]
     a2, k2 = tree_unflatten(new_flat, spec)
     return func(*a2, **k2)
 
@@ -250,11 +297,11 @@ def _on_parameter_alone(func, flat, spec, taps):
     if any(result is v for v in values if isinstance(v, torch.Tensor)) and func not in CASTS:
         raise UnsupportedLayerError(f"in-place {getattr(func, '__name__', func)} on {tap.label} inside forward")
     fn = _replay(func, flat, spec)
-    if func in EXPANDERS and isinstance(result, torch.Tensor) and ctx.batch_size is not None \
-            and result.dim() >= 1 and result.shape[0] == ctx.batch_size and _leading_one(tap._fdp_value, result.dim()):
-        # replicated along the batch: sample i sees fn(p)[0]
-        return per_sample_broadcast(ParamTap(tap._fdp_param, result[:1], lambda p: fn(p)[:1], ctx, tap._fdp_name,
-                                             cast_only=False), result.shape)
+    sd = _expanded_sample_dim(ctx, tap._fdp_value, result) if func in EXPANDERS else None
+    if sd is not None:  # replicated along the batch: sample i sees fn(p) at index 0 of the sample dim
+        return per_sample_broadcast(ParamTap(tap._fdp_param, result.narrow(sd, 0, 1),
+                                             lambda p: fn(p).narrow(sd, 0, 1), ctx, tap._fdp_name, cast_only=False),
+                                    result.shape, sd)
     cast_only = len(taps) == 1 and tap._fdp_cast_only and func in CASTS
     if isinstance(result, torch.Tensor):
         return ParamTap(tap._fdp_param, result, fn, ctx, tap._fdp_name, cast_only)
@@ -278,18 +325,33 @@ def _replay(func, flat, spec):
     return fn
 
 
-def _leading_one(v: torch.Tensor, ndim: int) -> bool:
-    """``v`` right-aligned to ``ndim`` dims has size 1 (or is absent) on dim 0."""
-    return v.dim() < ndim or v.shape[0] == 1
+def _leading_one(v: torch.Tensor, ndim: int, dim: int = 0) -> bool:
+    """``v`` right-aligned to ``ndim`` dims has size 1 (or is absent) on ``dim``."""
+    i = dim - (ndim - v.dim())
+    return i < 0 or v.shape[i] == 1
+
+
+def _expanded_sample_dim(ctx: TapContext, value: torch.Tensor, result) -> Optional[int]:
+    """The sample dim along which an expand of the parameter alone (``cls_token.expand(B, -1, -1)``; in a
+    sequence-first model ``pos.expand(-1, B, -1)``) replicates it, or None if it does not."""
+    B = ctx.batch_size
+    if not isinstance(result, torch.Tensor) or B is None or result.dim() == 0:
+        return None
+    dims = [0] if ctx.batch_first or result.dim() == 1 else [1, 0]
+    for d in dims:
+        if d < result.dim() and result.shape[d] == B and _leading_one(value, result.dim(), d):
+            return d
+    return None
 
 
 class _BatchBroadcastFn(torch.autograd.Function):
-    """Expand a parameter value [*S] to ``out_shape`` [B, ...]; backward records per-sample gradients."""
+    """Expand a parameter value [*S] to ``out_shape`` (the samples in dim ``sd``); backward records per-sample
+    gradients."""
 
     @staticmethod
-    def forward(ctx, anchor, value, out_shape, tap):
+    def forward(ctx, anchor, value, out_shape, tap, sd):
         ctx.tap, ctx.use = tap, tap._fdp_ctx.engine.open_use(tap)
-        ctx.vshape = value.shape
+        ctx.vshape, ctx.sd = value.shape, sd
         ctx.pad = len(out_shape) - value.dim()
         return value.reshape((1,) * ctx.pad + tuple(value.shape)).expand(out_shape)
 
@@ -297,36 +359,42 @@ class _BatchBroadcastFn(torch.autograd.Function):
     def backward(ctx, grad):
         tap, vshape = ctx.tap, ctx.vshape
         if not tap._fdp_ctx.engine.recording():
-            return None, None, None, None
-        g = per_sample_grad_of_broadcast(upcast(grad), vshape).reshape(grad.shape[0], *vshape)
+            return None, None, None, None, None
+        g = per_sample_grad_of_broadcast(upcast(grad), vshape, ctx.sd)
+        g = g.reshape(g.shape[0], *vshape)
         if not is_trivial(tap):
             g = pull_back(tap._fdp_fn, tap._fdp_param, g)
         param = tap._fdp_param
         tap._fdp_ctx.engine.submit(DenseGrad(param, tap._fdp_ctx.owner, g.reshape(g.shape[0], *param.shape)), ctx.use)
-        return None, None, None, None
+        return None, None, None, None, None
 
 
-def per_sample_grad_of_broadcast(grad: torch.Tensor, vshape) -> torch.Tensor:
-    """Gradient of a value of shape ``vshape`` broadcast to ``grad.shape`` [B, ...], kept per sample.
+def per_sample_grad_of_broadcast(grad: torch.Tensor, vshape, sd: int = 0) -> torch.Tensor:
+    """Gradient of a value of shape ``vshape`` broadcast to ``grad.shape`` (samples in dim ``sd``), kept per sample.
 
-    Sums over the broadcast dims except the leading (batch) one; returns [B, *padded(vshape)[1:]].
+    Sums over the broadcast dims except the sample dim; returns [B, *padded(vshape) without dim sd]
+    (``reshape(B, *vshape)`` of it is the per-sample gradient of the value).
     """
     padded = (1,) * (grad.dim() - len(vshape)) + tuple(vshape)
+    if sd:
+        grad = grad.movedim(sd, 0)
+        padded = (padded[sd],) + padded[:sd] + padded[sd + 1:]
     dims = [i for i in range(1, grad.dim()) if padded[i] == 1 and grad.shape[i] != 1]
     g = grad.sum(dim=dims, keepdim=True) if dims else grad
     return g.reshape(grad.shape[0], *padded[1:])
 
 
-def per_sample_broadcast(tap: ParamTap, out_shape) -> torch.Tensor:
-    """The tap's value broadcast to ``out_shape`` (leading dim = batch), with exact per-sample backward."""
+def per_sample_broadcast(tap: ParamTap, out_shape, sd: int = 0) -> torch.Tensor:
+    """The tap's value broadcast to ``out_shape`` (samples in dim ``sd``), with exact per-sample backward."""
     ctx = tap._fdp_ctx
     out_shape = torch.Size(out_shape)
-    if len(out_shape) == 0 or (ctx.batch_size is not None and out_shape[0] != ctx.batch_size):
+    if len(out_shape) <= sd or (ctx.batch_size is not None and out_shape[sd] != ctx.batch_size):
+        where = "leading dim" if ctx.batch_first else f"dim {sd} (its sample dim in this batch_first=False model)"
         raise UnsupportedLayerError(
-            f"{tap.label} is broadcast to shape {tuple(out_shape)}, whose leading dim is not the batch size "
+            f"{tap.label} is broadcast to shape {tuple(out_shape)}, whose {where} is not the batch size "
             f"{ctx.batch_size} the module was called with")
-    if not _leading_one(tap._fdp_value, len(out_shape)):
+    if not _leading_one(tap._fdp_value, len(out_shape), sd):
         raise UnsupportedLayerError(
             f"{tap.label} (shape {tuple(tap._fdp_value.shape)}) is aligned with the batch dim of shape "
             f"{tuple(out_shape)}: each sample would use a different slice of it, which is not supported")
-    return _BatchBroadcastFn.apply(ctx.engine.anchor, tap._fdp_value, out_shape, tap)
+    return _BatchBroadcastFn.apply(ctx.engine.anchor, tap._fdp_value, out_shape, tap, sd)

@@ -7,24 +7,28 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 
-def per_sample_grads(model, loss_fn, *batch):
-    """{name: [B, *shape]} gradients of each sample's own loss (loss_fn on a batch of one), float64 if model is."""
+def per_sample_grads(model, loss_fn, *batch, batch_dim=0):
+    """{name: [B, *shape]} gradients of each sample's own loss (loss_fn on a batch of one), float64 if model is.
+
+    ``batch_dim``: the sample dim of the model input (1 for a sequence-first model); the other batch tensors
+    (targets) lead with the samples."""
     clean = copy.deepcopy(model)
     params = {n: p.detach() for n, p in clean.named_parameters() if p.requires_grad}
     buffers = {n: b for n, b in clean.named_buffers()}
     frozen = {n: p.detach() for n, p in clean.named_parameters() if not p.requires_grad}
 
     def one(p, *sample):
-        sample = [s.unsqueeze(0) for s in sample]
+        sample = [s.unsqueeze(batch_dim if i == 0 else 0) for i, s in enumerate(sample)]
         out = functional_call(clean, {**p, **frozen, **buffers}, (sample[0],))
         return loss_fn(out, *sample[1:])
 
-    return vmap(grad(one), in_dims=(None,) + (0,) * len(batch), randomness="same")(params, *batch)
+    in_dims = (None, batch_dim) + (0,) * (len(batch) - 1)
+    return vmap(grad(one), in_dims=in_dims, randomness="same")(params, *batch)
 
 
-def clipped_sum_reference(model, loss_fn, *batch, max_grad_norm, clipping="flat", gamma=0.01):
+def clipped_sum_reference(model, loss_fn, *batch, max_grad_norm, clipping="flat", gamma=0.01, batch_dim=0):
     """({name: sum_i c_i g_i}, [B] flat norms) with Opacus' clip factor min(1, R / (||g|| + 1e-6))."""
-    g = per_sample_grads(model, loss_fn, *batch)
+    g = per_sample_grads(model, loss_fn, *batch, batch_dim=batch_dim)
     flat = torch.cat([v.flatten(1) for v in g.values()], 1)
     norms = flat.norm(dim=1)
     if clipping == "flat":
@@ -96,13 +100,16 @@ def tiny_hf_gpt2(vocab: int, seed: int = 0):
     return model
 
 
-def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol, atol, every_param=False):
+def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol, atol, every_param=False,
+                                    batch_first=True):
     """One backward through a fresh ``GradSampleEngine`` (flat clipping at ``max_grad_norm``): its per-sample norms
     and clipped sums equal ``clipped_sum_reference``'s (``atol`` relative to each tensor's largest entry); with
-    ``every_param``, every parameter of the reference was accumulated (none silently skipped)."""
+    ``every_param``, every parameter of the reference was accumulated (none silently skipped). ``batch_first=False``:
+    a sequence-first model (samples in dim 1 of ``x``)."""
     import fastdp
-    ref, norms = clipped_sum_reference(model, loss, x, *extra, max_grad_norm=max_grad_norm)
-    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(max_grad_norm))
+    ref, norms = clipped_sum_reference(model, loss, x, *extra, max_grad_norm=max_grad_norm,
+                                       batch_dim=0 if batch_first else 1)
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(max_grad_norm), batch_first=batch_first)
     try:
         loss(model(x), *extra).backward()
     finally:
@@ -127,11 +134,14 @@ def lm_sum_loss(out, y):
     return F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="sum") / out.shape[0]
 
 
-def check_exact(model, x, *extra, loss=sq_loss, R=1e-2):
-    """Engine norms and clipped sums equal the torch.func reference (clipping active); every parameter trained."""
+def check_exact(model, x, *extra, loss=sq_loss, R=1e-2, batch_first=True):
+    """Engine norms and clipped sums equal the torch.func reference (clipping active); every parameter trained.
+    ``batch_first=False``: a sequence-first model, samples in dim 1 of ``x`` (``loss`` must then find the batch size
+    where the model's output keeps it)."""
     model = model.double()
     x = x.double() if x.is_floating_point() else x
-    assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=R, rtol=1e-9, atol=1e-12, every_param=True)
+    assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=R, rtol=1e-9, atol=1e-12, every_param=True,
+                                    batch_first=batch_first)
 
 
 def dp_sgd(model, R, B=1):
@@ -154,3 +164,34 @@ def small_mlp():
     """Linear(4, 8) - Tanh - Linear(8, 3) in float64, seeded."""
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+# ------------------------------------------------------- models torch.func cannot vmap (recurrent layers)
+def per_sample_grads_loop(model, sample_loss, *inputs, seed=None, batch_size=None):
+    """{name: [B, *shape]} per-sample gradients by one backward per sample on a hook-free copy: sample i's gradient is
+    that of its own loss term ``sample_loss(model(*inputs), i)`` in a full-batch forward (exact for models whose
+    samples do not interact, e.g. nn.LSTM, which torch.func's vmap does not support). ``seed``: torch.manual_seed
+    before each forward, so random ops (dropout) draw the same masks as a forward run after the same seeding.
+    ``batch_size``: the number of samples (default: the output's dim 0)."""
+    clean = copy.deepcopy(model)
+    named = [(n, p) for n, p in clean.named_parameters() if p.requires_grad]
+    grads = {n: [] for n, _ in named}
+    i = 0
+    while True:
+        if seed is not None:
+            torch.manual_seed(seed)
+        out = clean(*inputs)
+        if i >= (out.shape[0] if batch_size is None else batch_size):
+            return {n: torch.stack(v) for n, v in grads.items()}
+        g = torch.autograd.grad(sample_loss(out, i), [p for _, p in named], allow_unused=True)
+        for (n, p), gi in zip(named, g):
+            grads[n].append(torch.zeros_like(p) if gi is None else gi)
+        i += 1
+
+
+def clip_reference(per_sample, max_grad_norm):
+    """({name: sum_i c_i g_i}, [B] flat norms) of explicit per-sample gradients, c_i = min(1, R / (||g_i|| + 1e-6))."""
+    flat = torch.cat([v.flatten(1) for v in per_sample.values()], 1)
+    norms = flat.norm(dim=1)
+    c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", c, v) for n, v in per_sample.items()}, norms

@@ -59,3 +59,27 @@ def test_gather_zero(micro, flat_shape, layout, impl):
     micro.assert_property(bool((x1[g[valid]] == 0).all()) and torch.equal(x1[untouched], x[untouched]),
                           "x not zeroed exactly at the gathered entries")
     micro.time(fn, x1, idx, out, per_block, bs, op_bytes=idx.numel() * (idx.element_size() + out.element_size() + 8))
+
+
+@pytest.mark.parametrize("impl", ["reference", "threshold"])
+@pytest.mark.parametrize("layout", ["tensor", "block"])
+def test_rows_topk(micro, flat_shape, layout, impl):
+    """MicroAdam's selection (``fastdp/kernels/rows_topk.py``): the canonical top-k of |g + EF| per row (blocks, or
+    the whole tensor), ``torch.topk`` over the rows (reference) vs the CPU threshold path. Work: the rows read
+    once, the int64 indices written."""
+    from fastdp.kernels.rows_topk import rows_topk, rows_topk_ref
+
+    s = flat_shape
+    nb = math.ceil(s.d / s.topk_block) if layout == "block" else 1
+    L = math.ceil(s.d / nb)
+    k = math.ceil(s.density * L)
+    micro.setup("rows_topk", f"{s.name}-{layout}", impl)
+    x = torch.randn(nb, L, device=micro.device).abs()
+    fn = rows_topk_ref if impl == "reference" else rows_topk
+    got = fn(x, k)
+    kth = x.topk(k, dim=1).values[:, -1:]
+    chosen = torch.zeros_like(x, dtype=torch.bool).scatter_(1, got, True)
+    micro.assert_property(got.shape == (nb, k) and bool((got.diff(dim=1) > 0).all())
+                          and bool((x[chosen].view(nb, k) >= kth).all()) and bool((x[~chosen].view(nb, -1) <= kth).all()),
+                          "not the k largest of each row, ascending")
+    micro.time(fn, x, k, op_bytes=4 * nb * L + 8 * nb * k)

@@ -1,38 +1,54 @@
-"""MicroAdam vs torch.optim.Adam: step time and optimizer-state bytes on GPT-2-small-sized parameters,
-and each MicroAdam kernel (Triton) against its PyTorch reference.
+"""MicroAdam vs torch.optim.Adam: step time against the memory-traffic floor, optimizer-state bytes, and each
+MicroAdam kernel (Triton) against its PyTorch reference.
 
-    python -m fastdp.bench.bench_micro_adam [--device cuda] [--steps 10] [--out benchmarks/results/micro_adam_<date>.json]
-    python -m fastdp.bench.bench_micro_adam --device cpu --tiny          # smoke run (CI)
+    python -m fastdp.bench.bench_micro_adam                         # CPU: 1 thread, GPT-2 at quarter width
+    python -m fastdp.bench.bench_micro_adam --device cuda           # GPU: GPT-2 small
+    python -m fastdp.bench.bench_micro_adam --device cpu --tiny     # smoke run (CI)
 
-Parameters: the 148 tensors of stock HF GPT-2 small (124M, fp32; the tied embedding counted once) with random
-gradients. Step time: ``optimizer.step()`` timed by ``fastdp.bench.timing`` (CUDA events; CPU: perf_counter),
-median after warm-up.
+Parameters (``--shapes``): ``gpt2`` the 148 tensors of stock HF GPT-2 small (124M, the tied embedding counted
+once); ``quarter`` the same 148 tensors at a quarter of the width, vocabulary and positions (7.8M: the CPU
+default); ``tiny`` five small tensors. fp32, random gradients (1e-3 N(0, 1)), set once.
+Step time: the optimizers' ``step()`` calls interleaved round-robin (each round steps every optimizer once, so a
+load change on a shared machine hits them alike), each call timed by ``fastdp.bench.timing.measure`` (CUDA events;
+CPU: perf_counter); median and minimum over ``--steps`` rounds after ``--warmup``. ``ratio_vs_adam_foreach``:
+median over Adam foreach's median (``min_ratio``: minimum over minimum).
+Floor: the bytes one step must move (``step_bytes``: Adam reads p, g, m, v and writes p, m, v: 28 B/param;
+MicroAdam reads g and the error feedback, writes the error feedback, reads and writes p, reads the window's
+density x window sparse entries and writes one row) over the bandwidth of a large ``copy_`` measured in the same
+run (read + write bytes / time): ``floor_ms``, and ``time_over_floor`` = median / floor.
 State bytes: the optimizer's state tensors after the first step (Adam: exp_avg, exp_avg_sq; MicroAdam: ring
-indices and values, error feedback); MicroAdam's shared scratch (fp32 working gradient and moment buffers
-sized to the largest tensor) is reported separately.
+indices and values, error feedback); scratch (MicroAdam's working buffers) is reported separately.
+Results: ``benchmarks/results/micro_adam_<device>_<date>.json`` and ``.md`` (machine, date, commit), or ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import math
+import os
 
 import torch
 
-from fastdp.bench.run_env import write_result
-from fastdp.bench.timing import time_calls
+from fastdp.bench.run_env import results_dir, torch_threads, write_result, write_text
+from fastdp.bench.timing import measure, time_calls
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
 from fastdp.kernels.topk_gather import gather_zero, gather_zero_ref
 from fastdp.micro_adam import MicroAdam
 
 
-def gpt2_shapes(tiny: bool):
-    if tiny:
-        return [(500, 64), (64, 64), (64,), (64, 256), (256, 64)]
-    from transformers import GPT2Config, GPT2LMHeadModel
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(GPT2Config())
-    return [tuple(p.shape) for p in model.parameters()]  # parameters() dedups the tied weight
+def gpt2_shapes(width: int = 768, vocab: int = 50257, positions: int = 1024, layers: int = 12):
+    """The parameter shapes of HF ``GPT2LMHeadModel`` in ``parameters()`` order (tied lm_head counted once)."""
+    w = width
+    block = [(w,), (w,), (w, 3 * w), (3 * w,), (w, w), (w,), (w,), (w,), (w, 4 * w), (4 * w,), (4 * w, w), (w,)]
+    return [(vocab, w), (positions, w)] + block * layers + [(w,), (w,)]
+
+
+SHAPES = {
+    "gpt2": lambda: gpt2_shapes(),
+    "quarter": lambda: gpt2_shapes(768 // 4, math.ceil(50257 / 4), 1024 // 4),
+    "tiny": lambda: [(500, 64), (64, 64), (64,), (64, 256), (256, 64)],
+}
 
 
 def timer(fn, device, steps, warmup):
@@ -40,37 +56,90 @@ def timer(fn, device, steps, warmup):
     return time_calls(fn, device, steps, warmup).median_ms
 
 
-def optimizers(device):
+FRUGAL = dict(ef_bits=4, topk="block", density=0.01, window=10)
+
+
+def optimizers(device, unfused: bool = False):
+    """name -> (constructor over a parameter list, MicroAdam settings for the floor or None for Adam)."""
     cuda = device.type == "cuda"
-    out = {"adam_foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True)}
+    out = {"adam_foreach": (lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), None)}
     if cuda:
-        out["adam_fused"] = lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True)
-    out["microadam_dp_default"] = lambda ps: MicroAdam(ps, lr=1e-3)  # ef 32, per-tensor top-k, fp32 ring
-    out["microadam_frugal"] = lambda ps: MicroAdam(ps, lr=1e-3, ef_bits=4, topk="block")
+        out["adam_fused"] = (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), None)
+    variants = {"microadam_dp_default": {}, "microadam_frugal": FRUGAL}  # DP-MicroAdam's defaults; the 0.9 B layout
+    for name, kw in variants.items():
+        out[name] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, **kw), kw)
+        if unfused:
+            out[name + "_unfused"] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, fused=False, **kw), kw)
     return out
 
 
-def bench_optimizers(shapes, device, steps, warmup):
-    rows = []
-    n_params = sum(torch.Size(s).numel() for s in shapes)
-    for name, make in optimizers(device).items():
+def step_bytes(shapes, micro: dict = None) -> float:
+    """Bytes one fp32 step must move (module docstring); ``micro``: MicroAdam's settings, None for Adam."""
+    if micro is None:
+        return 28.0 * sum(math.prod(s) for s in shapes)
+    opt = MicroAdam([torch.nn.Parameter(torch.zeros(1))], **micro)
+    total = 0.0
+    for s in shapes:
+        d = math.prod(s)
+        n = opt._layout(d)[0]
+        entry = (2 + 2) if opt.topk == "block" else (4 + 4)  # index + value bytes
+        ef = 2 * (0.5 * d + 8 * math.ceil(d / opt.quant_block_size)) if opt.ef_bits == 4 else 8 * d
+        total += 4 * d + ef + 8 * d + opt.window * n * entry + n * entry  # g, EF read+write, p r/w, window, new row
+    return total
+
+
+def copy_bandwidth(device, nbytes: int = 1 << 28, reps: int = 5) -> float:
+    """GB/s (read + write) of ``copy_`` between two fp32 buffers of ``nbytes`` / 2 each (the best of ``reps``)."""
+    src = torch.ones(nbytes // 8, device=device)
+    dst = torch.empty_like(src)
+    best = min(measure(lambda: dst.copy_(src), device, reps).times_ms)
+    return 2 * src.numel() * 4 / best / 1e6
+
+
+def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=None):
+    """Every optimizer on its own copy of the parameters, stepped round-robin (module docstring)."""
+    rows, live = [], {}
+    n_params = sum(math.prod(s) for s in shapes)
+    for name, (make, micro) in optimizers(device, unfused).items():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        opt = make(params)
         try:
-            ms = timer(opt.step, device, steps, warmup)
-            state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
-            scratch = sum(t.numel() * t.element_size() for ws in getattr(opt, "_workspace", {}).values() for t in ws)
-            rows.append({"optimizer": name, "step_ms": ms, "state_bytes_per_param": state / n_params,
-                         "scratch_bytes": scratch, "params": n_params})
+            opt = make(params)
+            opt.step()
+            live[name] = (opt, micro)
         except Exception as err:  # a failure is a row
             rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
-        del opt, params
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    times = {name: [] for name in live}
+    for i in range(warmup + steps):
+        for name, (opt, _) in live.items():
+            try:
+                t = measure(opt.step, device, 1).times_ms[0]
+            except Exception as err:
+                rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
+                continue
+            if i >= warmup:
+                times[name].append(t)
+    for name, (opt, micro) in live.items():
+        ts = sorted(times[name])
+        if not ts:
+            continue
+        state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+                    if torch.is_tensor(v) and v.dim() > 0)
+        row = {"optimizer": name, "step_ms": ts[len(ts) // 2] if len(ts) % 2 else sum(ts[len(ts) // 2 - 1:][:2]) / 2,
+               "min_ms": ts[0], "state_bytes_per_param": state / n_params,
+               "scratch_bytes": opt.scratch_bytes() if hasattr(opt, "scratch_bytes") else 0, "params": n_params,
+               "tensors": len(shapes), "step_bytes": step_bytes(shapes, micro)}
+        if bandwidth:
+            row["floor_ms"] = row["step_bytes"] / bandwidth / 1e6
+            row["time_over_floor"] = row["step_ms"] / row["floor_ms"]
+        rows.append(row)
+    base = next((r for r in rows if r["optimizer"] == "adam_foreach" and "step_ms" in r), None)
+    for r in rows:
+        if base is not None and "step_ms" in r:
+            r["ratio_vs_adam_foreach"] = r["step_ms"] / base["step_ms"]
+            r["min_ratio_vs_adam_foreach"] = r["min_ms"] / base["min_ms"]
     return rows
 
 
@@ -121,28 +190,69 @@ def bench_kernels(device, n, steps, warmup):
     return rows
 
 
+def markdown(result: dict) -> str:
+    """The result as a markdown table (what ``benchmarks/results/micro_adam_*.md`` holds)."""
+    m = result.get("machine", {})
+    lines = [f"# MicroAdam step vs Adam ({result['device']}, {result['date']})", "",
+             f"`python -m fastdp.bench.bench_micro_adam {' '.join(result['argv'])}`: shapes `{result['shapes']}` "
+             f"({result['optimizers'][0].get('tensors', '?')} tensors), {result['threads']} thread(s), "
+             f"{result['steps']} interleaved rounds; machine: {m.get('cpu')}, {m.get('platform')}, torch "
+             f"{result['torch']}, commit {result.get('commit')}; copy bandwidth {result.get('bandwidth_GBps', 0):.1f} "
+             f"GB/s (read + write); load average at start {result.get('loadavg')}.", "",
+             "| optimizer | median ms | min ms | x Adam foreach (median / min) | floor ms | x floor | state B/param |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["optimizers"]:
+        if "error" in r:
+            lines.append(f"| {r['optimizer']} | error: {r['error']} | | | | | |")
+            continue
+        lines.append(f"| {r['optimizer']} | {r['step_ms']:.1f} | {r['min_ms']:.1f} | "
+                     f"{r.get('ratio_vs_adam_foreach', float('nan')):.2f} / "
+                     f"{r.get('min_ratio_vs_adam_foreach', float('nan')):.2f} | {r.get('floor_ms', float('nan')):.1f} | "
+                     f"{r.get('time_over_floor', float('nan')):.2f} | {r['state_bytes_per_param']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes and the kernel benchmarks (smoke run)")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default=None,
+                    help="default: gpt2 on CUDA, quarter on the CPU (tiny with --tiny)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (CPU runs; 0: leave as is)")
+    ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--unfused", action="store_true", help="also time MicroAdam(fused=False)")
     ap.add_argument("--kernel-n", type=int, default=None, help="elements for the kernel benchmarks")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="JSON path (a .md beside it); default benchmarks/results/...")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
-    shapes = gpt2_shapes(args.tiny)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-              "optimizers": bench_optimizers(shapes, device, args.steps, args.warmup)}
-    if device.type == "cuda" or args.tiny:
-        n = args.kernel_n or (38_597_376 if device.type == "cuda" else 10_000)  # GPT-2's embedding table
-        result["kernels"] = bench_kernels(device, n, args.steps, args.warmup)
+    shapes_name = args.shapes or ("tiny" if args.tiny else "gpt2" if device.type == "cuda" else "quarter")
+    shapes = SHAPES[shapes_name]()
+    with torch_threads(args.threads if device.type == "cpu" else 0):
+        bw = copy_bandwidth(device, nbytes=1 << 20 if args.tiny else 1 << 28)
+        result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "torch": torch.__version__, "date": datetime.date.today().isoformat(), "shapes": shapes_name,
+                  "threads": torch.get_num_threads(), "steps": args.steps, "argv": list(argv or []),
+                  "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "bandwidth_GBps": bw,
+                  "optimizers": bench_optimizers(shapes, device, args.steps, args.warmup, args.unfused, bw)}
+        if device.type == "cuda" or args.tiny:
+            n = args.kernel_n or (38_597_376 if device.type == "cuda" else 10_000)  # GPT-2's embedding table
+            result["kernels"] = bench_kernels(device, n, args.steps, args.warmup)
     for r in result["optimizers"]:
-        print(r)
+        ratio = r.get("ratio_vs_adam_foreach")
+        print(f"{r['optimizer']:28s} " + (f"error {r['error']}" if "error" in r else
+              f"median {r['step_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms  x Adam foreach {ratio:5.2f} "
+              f"(min {r['min_ratio_vs_adam_foreach']:.2f})  x floor {r.get('time_over_floor', float('nan')):5.2f}  "
+              f"state {r['state_bytes_per_param']:.3f} B/param"))
     for r in result.get("kernels", []):
         print(r)
-    return write_result(result, args.out)
+    out = args.out
+    if out is None and not args.tiny:
+        out = results_dir(f"micro_adam_{'cpu' if device.type == 'cpu' else 'cuda'}_{result['date']}.json")
+    write_result(result, out)
+    if out:
+        write_text(markdown(result), os.path.splitext(out)[0] + ".md")
+    return result
 
 
 if __name__ == "__main__":

@@ -1,22 +1,28 @@
-"""Convolutions: ``F.conv1d`` / ``F.conv2d`` (nn.Conv1d, nn.Conv2d and subclasses).
+"""Convolutions: ``F.conv1d`` / ``F.conv2d`` / ``F.conv3d`` (nn.Conv1d/2d/3d and subclasses).
 
 Backward computes the input gradient with the conv backward (weight gradient masked off) and
 records a ``ConvGrad``: per-sample norms over the patches (direct or ghost; implicit im2col in the Triton
 kernels), clipped sum by one weight-gradient pass with the clip factors applied (the non-private
-weight-gradient cost, paid once).
+weight-gradient cost, paid once). 3-D convolutions record a ``ConvNdGrad`` (PyTorch's n-d weight-gradient
+convolution: direct norms by chunks of the batch, no Triton kernel).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fastdp.grad_sample import ConvGrad, DenseGrad
+from fastdp.grad_sample import ConvGrad, ConvNdGrad, DenseGrad
 from fastdp.kernels._common import cast, upcast
 from fastdp.tap import register_op
 
 from ._common import anchor_of, check_batch, compute_operands, open_uses, plain_input, taps_of, values
 
-_CONV = {1: F.conv1d, 2: F.conv2d}
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def weight_grad_type(spatial_dims: int) -> type:
+    """The ``PerSampleGrad`` of a convolution weight: the Triton-backed ``ConvGrad`` for 1-D/2-D, else ``ConvNdGrad``."""
+    return ConvGrad if spatial_dims in (1, 2) else ConvNdGrad
 
 
 def _tuple(v, n):
@@ -64,7 +70,7 @@ class _ConvFn(torch.autograd.Function):
                 dy, xc, wc, None, list(stride), list(padding), list(dilation), False, [0] * n, groups,
                 [True, False, False])[0], x_dtype)
         if wtap is not None:
-            g = ConvGrad(wtap._fdp_param, wtap._fdp_ctx.owner, wc, stride, padding, dilation, groups)
+            g = weight_grad_type(n)(wtap._fdp_param, wtap._fdp_ctx.owner, wc, stride, padding, dilation, groups)
             g.set(xc, dy)
             wtap.finish(g, ctx.uses[0])
         if btap is not None:
@@ -84,4 +90,4 @@ def _conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return _ConvFn.apply(xv, wv, bv, anchor_of(wtap, btap), wtap, btap, stride, padding, dilation, groups)
 
 
-register_op(F.conv1d, F.conv2d)(_conv)
+register_op(F.conv1d, F.conv2d, F.conv3d)(_conv)

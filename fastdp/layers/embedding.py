@@ -18,9 +18,9 @@ import torch.nn.functional as F
 
 from fastdp.grad_sample import EmbeddingGrad, pull_back
 from fastdp.shared_activation import SharedActivation
-from fastdp.tap import BatchSizeError, UnsupportedLayerError, register_op
+from fastdp.tap import BatchSizeError, UnsupportedLayerError, register_op, sample_dim
 
-from ._common import taps_of
+from ._common import taps_of, to_front
 
 
 class _Lookup:
@@ -32,8 +32,9 @@ class _Lookup:
     lookup past the ops fastdp sees ("unaligned": a value whose rows were no longer the samples).
     """
 
-    def __init__(self, tap, ids, num, padding_idx, rows):
+    def __init__(self, tap, ids, num, padding_idx, rows, sd=0):
         self.tap, self.ids, self.num, self.padding_idx, self.rows = tap, ids, num, padding_idx, rows
+        self.sd = sd  # the ids' sample dim (1: a sequence-first model's [T, B] ids)
         self.ids_shape = tuple(ids.shape)
         self.mode = None
         self.use = None  # the PendingUse of the lookup itself (per-row use)
@@ -99,6 +100,7 @@ class _EmbeddingFn(torch.autograd.Function):
                     "a custom torch.autograd.Function before its broadcast over the batch: the gradient that "
                     "function returns cannot be taken per sample")
         elif src.escaped != "unaligned" and (src.mode == "rows" or (src.mode is None and src.rows)):
+            idx, dy = to_front(idx, src.sd), to_front(dy, src.sd)
             _finish(tap, idx.flatten(1) if idx.dim() > 1 else idx.reshape(-1, 1), dy, ctx.num, ctx.padding_idx,
                     src.use)
         else:
@@ -133,8 +135,10 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, sca
     if padding_idx is not None and padding_idx < 0:
         padding_idx += w.shape[0]
     B = tap._fdp_ctx.batch_size
+    sd = sample_dim(tap._fdp_ctx, input.shape)  # [B, ...] ids; in a sequence-first model [T, B, ...] ([B] stays)
     # one row of ids per sample, or one lookup shared by the whole batch: the ops its output meets decide
-    src = _Lookup(tap, input, w.shape[0], padding_idx, rows=B is None or (input.dim() >= 1 and input.shape[0] == B))
+    src = _Lookup(tap, input, w.shape[0], padding_idx, rows=B is None or (input.dim() > sd and input.shape[sd] == B),
+                  sd=sd)
     out = _EmbeddingFn.apply(input, w, tap._fdp_ctx.engine.anchor, tap, padding_idx, src)
     src.base, src.base_shape = out.detach(), out.shape
-    return SharedActivation(out, src, None, src.rows)
+    return SharedActivation(out, src, None, src.rows, sd)

@@ -83,10 +83,20 @@ class RandomSparsification(PhasedDPOptimizer):
         super().after_step()
         if self.ranked:
             std = self.noise_std() / self.expected_batch_size
+            gen, secure = self.generator, self.secure_mode
+            if self.comm is not None:  # the ranks' rankings (hence masks) must agree: noise from a shared stream
+                gen, secure = self._shared_generator(), False
             for z, p in zip(self.z, self.params):
-                fresh = gaussian_noise(z, std, generator=self.generator, secure=self.secure_mode)
+                fresh = gaussian_noise(z, std, generator=gen, secure=secure)
                 z += p.grad.float() + fresh * (~self.engine.masks[p].dense)
         self._install()
+
+    def _shared_generator(self) -> torch.Generator:
+        """Under DDP: the generator of the off-mask ranking noise, the same stream on every rank (seeded from the
+        public ``seed`` and the step). That noise is independent of the data (it is added where nothing was
+        released), so sharing it costs no privacy; it only has to be the same on every rank."""
+        device = self.z[0].device if self.z else torch.device("cpu")
+        return torch.Generator(device).manual_seed((self.seed * 1_000_003 + self.steps_taken) * 7_919 + 17)
 
     def _method_state(self) -> dict:
         if not self.ranked:

@@ -109,6 +109,10 @@ class SPARTA(PhasedDPOptimizer):
         if self.phase != "selection":
             return super().release()
         std = self.noise_std()
+        if self.comm is not None and self.selection == "aggregate":
+            # |sum_i c_i G_i| needs the sum over all ranks' samples first; rank 0 then releases the scores alone
+            self.comm.all_reduce_(self.engine.buffer.flats)
+        released = []  # per eligible weight: its [n_rows] row sums plus noise (under DDP: rank 0's noise only)
         for p in self.eligible:
             dim = self.group_dim[p]
             n_rows = p.shape[dim]
@@ -117,9 +121,19 @@ class SPARTA(PhasedDPOptimizer):
                 s = torch.zeros(n_rows, device=p.device) if s is None else s.float()
             else:
                 s = self.engine.buffer.views[p].abs().movedim(dim, 0).reshape(n_rows, -1).sum(1).float()
-            n_j = p.numel() // n_rows  # the row's per-coordinate noises N(0, sigma^2 C^2) summed: N(0, n_j sigma^2 C^2)
-            noise = gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator, secure=self.secure_mode)
-            self.scores[p] += (s + noise) / self.expected_batch_size
+                if self.comm is not None and not self.comm.adds_noise:
+                    s = torch.zeros_like(s)  # (the reduced sums are on every rank: count them once)
+            if self.comm is None or self.comm.adds_noise:
+                n_j = p.numel() // n_rows  # the row's per-coordinate noises N(0, sigma^2 C^2) summed: N(0, n_j sigma^2 C^2)
+                s = s + gaussian_noise(self.scores[p], std * n_j ** 0.5, generator=self.generator,
+                                       secure=self.secure_mode)
+            released.append(s)
+        if self.comm is not None:  # one all-reduce of all rows' scores: every rank's samples, the noise once
+            flat = torch.cat(released)
+            self.comm.all_reduce_([flat])
+            released = flat_views(flat, [self.scores[p] for p in self.eligible])
+        for p, s in zip(self.eligible, released):
+            self.scores[p] += s / self.expected_batch_size
         self.engine.reset()  # nothing else is released: no gradient, no update in this epoch
         return Released.NOTHING
 

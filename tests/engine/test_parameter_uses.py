@@ -1,7 +1,7 @@
 """How a forward may use a parameter. Exact (equal to the torch.func reference): a parameter combined with other views
 of itself in one op (``w + w.t()``), weight standardisation, casts against a batched tensor, reads under ``no_grad``
-(a constant). Refused with an error naming the cause: a parameter passed into a custom ``autograd.Function``, a random
-op on a parameter (DropConnect), activation checkpointing."""
+(a constant), non-reentrant activation checkpointing. Refused with an error naming the cause: a parameter passed into a
+custom ``autograd.Function``, a random op on a parameter (DropConnect), reentrant activation checkpointing."""
 import pytest
 import torch
 import torch.nn as nn
@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fastdp
-from helpers import check_exact
+from helpers import assert_close, check_exact, clipped_sum_reference, sq_loss
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier")
 
@@ -108,20 +108,30 @@ def test_random_op_on_a_parameter_is_refused():
     eng.detach()
 
 
-@pytest.mark.parametrize("use_reentrant", [False, True])
-def test_activation_checkpointing_is_refused_with_a_clear_error(use_reentrant):
-    class Ck(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+class Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
+        self.use_reentrant = None  # None: no checkpointing
 
-        def forward(self, x):
-            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=use_reentrant))
+    def forward(self, x):
+        f = lambda t: torch.tanh(self.a(t))  # noqa: E731
+        return self.b(f(x) if self.use_reentrant is None else checkpoint(f, x, use_reentrant=self.use_reentrant))
 
-    m = Ck()
-    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1.0))
-    with pytest.raises(fastdp.UnsupportedLayerError, match="checkpointing"):
-        m(torch.randn(5, 4, requires_grad=True)).sum().backward()
+
+def test_activation_checkpointing_is_exact_and_reentrant_checkpointing_refused():
+    """(tests/engine/test_activation_checkpointing.py has the full story.)"""
+    m, x = Checkpointed().double(), torch.randn(5, 4, dtype=torch.float64)
+    ref, norms = clipped_sum_reference(m, sq_loss, x, max_grad_norm=1e-2)  # (torch.func refuses checkpointing)
+    m.use_reentrant = False
+    eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1e-2))
+    sq_loss(m(x)).backward()
+    assert_close(eng.last_norms, norms, 1e-9, 1e-12 * norms.max().item())
+    for n, p in m.named_parameters():
+        assert_close(eng.summed[p], ref[n], 1e-9, 1e-12 * ref[n].abs().max().item(), n)
+    m.use_reentrant = True
+    with pytest.raises(fastdp.UnsupportedLayerError, match="reentrant activation checkpointing.*use_reentrant=False"):
+        m(x.requires_grad_()).sum().backward()
     eng.detach()
 
 

@@ -39,14 +39,18 @@ def _run(model, opt, steps=6):
         opt.zero_grad()
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
 @pytest.mark.parametrize("ef_bits", [32, 4])
 @pytest.mark.parametrize("topk,wd", [("tensor", 0.0), ("block", 0.0), ("tensor", 0.1)])
-def test_density_one_is_exactly_adam(backend, ef_bits, topk, wd):
-    """density=1, window >= steps: MicroAdam's window moments are Adam's bias-corrected moments."""
+def test_density_one_is_exactly_adam(backend, ef_bits, topk, wd, fused):
+    """density=1, window >= steps: MicroAdam's window moments are Adam's bias-corrected moments (the fused step
+    is plain PyTorch whatever the backend; the unfused one runs the backend's kernels)."""
+    if fused and backend == "triton":
+        pytest.skip("the fused step runs no Triton kernel")
     m1, m2 = _model(), _model()
     ref = (torch.optim.AdamW if wd else torch.optim.Adam)(m1.parameters(), lr=0.01, weight_decay=wd)
     opt = MicroAdam(m2.parameters(), lr=0.01, weight_decay=wd, density=1.0, window=8, ef_bits=ef_bits, topk=topk,
-                    topk_block_size=5)
+                    topk_block_size=5, fused=fused)
     _run(m1, ref)
     _run(m2, opt)
     tol = 1e-6 if topk == "tensor" else 1e-2  # block mode keeps bf16 values in the ring buffer
@@ -83,6 +87,118 @@ def test_untouched_coordinates_only_decay():
     assert moved == [3, 40]
 
 
+# sizes that exercise every fused layout case: rows >= 4096 (rows_topk's threshold path), odd sizes (padding to
+# even), equal sizes (one [count, S] view), several quantisation blocks with a tail, a non-contiguous parameter
+FUSED_SHAPES = [(5000,), (9, 13), (4100,), (13,), (9, 13), (64, 130), (1,), (3, 5, 7), (20001,), (7, 9)]
+
+
+def _param_list(dtype, gen):
+    ps = [nn.Parameter((torch.randn(s, generator=gen) * 0.1).to(dtype)) for s in FUSED_SHAPES]
+    ps[-1] = nn.Parameter(torch.randn(9, 7, generator=gen).to(dtype).t())  # strided [7, 9]
+    return ps
+
+
+def _run_fused_unfused(steps, kw, dtype=torch.float32, skip=lambda t, i: False):
+    """Both paths on identical parameters and gradients (``skip(t, i)``: parameter i gets no gradient at step
+    t); returns [(params, optimizer)] for fused and unfused."""
+    out = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        ps = _param_list(dtype, gen)
+        opt = MicroAdam(ps, fused=fused, **kw)
+        for t in range(steps):
+            for i, p in enumerate(ps):
+                g = torch.randn(p.shape, generator=gen).to(dtype)
+                p.grad = None if skip(t, i) else g
+            opt.step()
+        out.append((ps, opt))
+    return out
+
+
+def _assert_same(a, b):
+    (pa, oa), (pb, ob) = a, b
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        sa, sb = oa.state[x], ob.state[y]
+        assert sa.keys() == sb.keys() and sa["step"] == sb["step"]
+        for k, v in sb.items():
+            if torch.is_tensor(v):
+                assert v.dtype == sa[k].dtype and torch.equal(sa[k], v), k
+
+
+LAYOUTS = [dict(), dict(ef_bits=4), dict(topk="block", topk_block_size=4200),
+           dict(ef_bits=4, topk="block", topk_block_size=4200, quant_block_size=999),
+           dict(ef_bits=4, topk="block", topk_block_size=5, quant_block_size=7, density=0.2, window=3)]
+
+
+@pytest.mark.parametrize("kw", LAYOUTS, ids=["default", "ef4", "block", "frugal", "frugal-small-blocks"])
+@pytest.mark.parametrize("dtype,wd", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
+def test_fused_step_equals_unfused_bit_for_bit(monkeypatch, kw, dtype, wd):
+    """The fused step (flat buffers, rows_topk, quantisation over 2-D views, one scatter of the window) computes
+    the unfused reference's maths with the same float ops: parameters and every state tensor are bit-identical,
+    across the ring's wrap-around."""
+    monkeypatch.setenv("FASTDP_BACKEND", "reference")
+    kw = dict(dict(lr=0.01, density=0.01, window=4), **kw, weight_decay=wd)
+    _assert_same(*_run_fused_unfused(6, kw, dtype))
+
+
+def test_fused_chunks_and_missing_gradients(monkeypatch):
+    """Small chunks (chunk_elements) and parameters without a gradient at some steps (their step count falls
+    behind: they are stepped in their own cohort) give the unfused result."""
+    monkeypatch.setenv("FASTDP_BACKEND", "reference")
+    kw = dict(lr=0.01, density=0.05, window=3, ef_bits=4, topk="block", topk_block_size=300, quant_block_size=77,
+              chunk_elements=200)
+    fused, unfused = _run_fused_unfused(5, kw, skip=lambda t, i: (t, i) in {(1, 2), (2, 2), (3, 0)})
+    assert len(fused[1]._chunks[0]) > 2
+    _assert_same(fused, unfused)
+
+
+@pytest.mark.parametrize("kw", LAYOUTS[:4], ids=["default", "ef4", "block", "frugal"])
+def test_checkpoints_move_between_fused_and_unfused(monkeypatch, kw):
+    """optimizer.state holds views of the fused buffers with the per-tensor shapes and dtypes: a checkpoint of
+    either path resumes in the other bit-identically, and a resumed fused optimizer owns fresh flat buffers."""
+    monkeypatch.setenv("FASTDP_BACKEND", "reference")
+    kw = dict(lr=0.01, density=0.05, window=3, **kw)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [p.shape for p in _param_list(torch.float32, torch.Generator().manual_seed(0))]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(6)]
+
+    def run(fused, steps, ckpt=None):
+        ps = _param_list(torch.float32, torch.Generator().manual_seed(0))
+        opt = MicroAdam(ps, fused=fused, **kw)
+        if ckpt is not None:
+            with torch.no_grad():
+                for p, v in zip(ps, ckpt["params"]):
+                    p.copy_(v)
+            opt.load_state_dict(ckpt["opt"])
+        for gs in steps:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            opt.step()
+        return ps, opt
+
+    straight = run(True, grads)
+    for first, second in ((True, False), (False, True)):
+        ps, opt = run(first, grads[:3])
+        ckpt = _checkpoint({"params": [p.detach().clone() for p in ps], "opt": opt.state_dict()})
+        _assert_same(straight, run(second, grads[3:], ckpt))
+
+
+def test_state_is_views_of_flat_buffers():
+    ps = _param_list(torch.float32, torch.Generator().manual_seed(0))
+    opt = MicroAdam(ps, ef_bits=4, topk="block", topk_block_size=4200)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    (chunk,) = opt._chunks[0]
+    for p in ps:
+        st = opt.state[p]
+        assert st["ring_idx"].untyped_storage().data_ptr() == chunk.ring_idx.untyped_storage().data_ptr()
+        assert st["ef_codes"].untyped_storage().data_ptr() == chunk.codes.untyped_storage().data_ptr()
+    # the flat buffers hold the per-tensor state and nothing more (no padding in state storage)
+    assert chunk.codes.numel() + 8 * chunk.ef_min.numel() + (2 + 2) * chunk.ring_idx.numel() == opt.state_bytes()
+
+
 def test_state_bytes_per_parameter():
     """ef_bits=4, density=0.01, window=10, blockwise top-k: about 0.9 B/param (Adam: 8 B/param)."""
     w = nn.Parameter(torch.zeros(3_200_000))
@@ -91,6 +207,14 @@ def test_state_bytes_per_parameter():
     opt.step()
     per_param = opt.state_bytes() / w.numel()
     assert 0.89 < per_param < 0.91, per_param
+    # GPT-2's 148 tensors at quarter width (the CPU benchmark's list): balanced top-k blocks keep the frugal
+    # layout at ~0.9 B/param (blocks padded to a full 32000 values would make it 0.945)
+    from fastdp.bench.bench_micro_adam import SHAPES
+    frugal = MicroAdam([w], density=0.01, window=10, ef_bits=4, topk="block")
+    shapes = SHAPES["quarter"]()
+    spec_bytes = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+                     for s in shapes for shape, dtype, _ in frugal._state_spec(torch.empty(s, device="meta")).values())
+    assert 0.9 <= spec_bytes / sum(math.prod(s) for s in shapes) < 0.902
     adam = torch.optim.Adam([w])
     adam.step()
     adam_bytes = sum(v.numel() * v.element_size() for v in adam.state[w].values() if torch.is_tensor(v) and v.dim())

@@ -1,0 +1,151 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) under the DP engine: taps on the all-gathered parameters.
+
+``fully_shard`` registers each managed parameter as a sharded DTensor; its forward pre-hook all-gathers the
+parameters of the module's group and puts the unsharded tensors in the module slots, and its forward hook puts the
+shards back. ``ShardedTaps`` hooks each FSDP module after FSDP's pre-hook and before its post-hook: while the
+module's forward runs, each of its managed slots holds a ``ParamTap`` whose value is the unsharded parameter and
+whose identity (the engine's key: buffer view, masks, names) is the registered shard. So every rank computes the
+exact per-sample gradients of its own samples over the full parameters, as DDP does; no norm crosses ranks.
+FSDP itself never sees a gradient (the layer handlers keep the parameters out of autograd), so its reduce-scatter
+never runs; the step then adds rank 0's noise, all-reduces the flat buffer of clipped sums and gives each rank its
+shard of the result as the DTensor ``.grad`` (``ShardedDataParallel.set_grads``).
+
+Memory: parameters and optimizer state are sharded as in FSDP; the flat buffer of clipped sums is full-size on every
+rank (as DDP's gradients), where non-private FSDP holds sharded gradients.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastdp.tap import ParamTap, TapContext, UnsupportedLayerError
+
+
+def fsdp_module_type():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    return FSDPModule
+
+
+def fsdp_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    kind = fsdp_module_type()
+    return [] if kind is None else [(n, m) for n, m in model.named_modules() if isinstance(m, kind)]
+
+
+def _param_group(module: nn.Module):
+    """FSDP2's parameter group of ``module`` (private API, checked: a torch without it is refused)."""
+    try:
+        return module._get_fsdp_state()._fsdp_param_group
+    except AttributeError as err:
+        raise UnsupportedLayerError(f"this torch's FSDP2 internals differ from what fastdp knows ({err}): FSDP2 "
+                                    "models are not supported with it; use DistributedDataParallel") from None
+
+
+class ShardedTaps:
+    """The hooks that put taps in an FSDP2 model's managed slots (module docstring). ``slots``: the (module, name)
+    slots FSDP manages, which the engine's root hook leaves alone."""
+
+    def __init__(self, engine, model: nn.Module, module_names: dict):
+        self.engine, self.module_names = engine, module_names
+        self.slots = set()
+        self._handles = []
+        self._contexts = {}
+        for name, m in fsdp_modules(model):
+            group = _param_group(m)
+            if group is None:
+                continue
+            policy = getattr(group, "mp_policy", None)
+            if policy is not None and (policy.param_dtype is not None or policy.reduce_dtype is not None):
+                raise UnsupportedLayerError(
+                    f"module '{name or '<root>'}' is sharded with an FSDP2 MixedPrecisionPolicy: not supported by "
+                    "fastdp (use torch.autocast, e.g. bf16, around the forward)")
+            managed = []
+            for fp in group.fsdp_params:
+                info = fp._module_info
+                owners = [(info.module, info.param_name)] + list(zip(info.shared_modules, info.shared_param_names))
+                if not isinstance(fp.sharded_param, nn.Parameter) or type(fp.sharded_param.data).__name__ != "DTensor":
+                    raise RuntimeError(f"module '{name or '<root>'}': build the DP optimizer while the FSDP2 model is "
+                                       "sharded (before the first forward, or after a step)")
+                for owner, pname in owners:
+                    managed.append((owner, pname, fp.sharded_param))
+                    self.slots.add((owner, pname))
+            self._handles.append(m.register_forward_pre_hook(
+                lambda mod, args, managed=managed: self._swap_in(managed)))
+            self._handles.append(m.register_forward_hook(
+                lambda mod, args, out, managed=managed: self._swap_out(managed), prepend=True, always_call=True))
+
+    def _context(self, owner: nn.Module) -> TapContext:
+        ctx = self._contexts.get(owner)
+        if ctx is None:
+            from fastdp.model_hooks import SAMPLE_MAJOR_FLATTENERS, _qualname
+            kind = type(owner)
+            ctx = TapContext(self.engine, self.module_names.get(owner, kind.__name__), kind.__name__,
+                             rows_sample_major=_qualname(kind) in SAMPLE_MAJOR_FLATTENERS)
+            self._contexts[owner] = ctx
+        return ctx
+
+    def _swap_in(self, managed) -> None:
+        """After FSDP's all-gather: each managed slot's unsharded parameter becomes a tap keyed by its shard."""
+        if not torch.is_grad_enabled():
+            return
+        for owner, pname, sharded in managed:
+            value = owner._parameters[pname]
+            if isinstance(value, ParamTap) or not sharded.requires_grad:
+                continue
+            if type(getattr(value, "data", value)).__name__ == "DTensor":
+                raise RuntimeError(f"FSDP2 did not all-gather parameter '{pname}' of module "
+                                   f"'{self.module_names.get(owner, type(owner).__name__)}' before its forward")
+            owner._parameters[pname] = ParamTap(sharded, value, None, self._context(owner), pname)
+            owner._fdp_unsharded = getattr(owner, "_fdp_unsharded", {})
+            owner._fdp_unsharded[pname] = value
+
+    def _swap_out(self, managed) -> None:
+        """Before FSDP reshards: the unsharded parameters back in their slots."""
+        for owner, pname, _ in managed:
+            if isinstance(owner._parameters.get(pname), ParamTap):
+                owner._parameters[pname] = owner._fdp_unsharded.pop(pname)
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+class ShardedDataParallel:
+    """The collectives of one ``DPOptimizer`` on an FSDP2 model: as ``fastdp.distributed.DataParallel`` (rank 0's
+    noise, one all-reduce per flat buffer), then each rank keeps its shard of the sum as the DTensor ``.grad``."""
+
+    def __init__(self, model: nn.Module, group: Optional[dist.ProcessGroup] = None):
+        self.model = model
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+
+    def supports(self, optimizer_class: type) -> bool:
+        """DPOptimizer itself (the methods keep per-parameter state shaped like the full parameters: not yet)."""
+        from fastdp.optimizer import DPOptimizer
+        return optimizer_class is DPOptimizer
+
+    @property
+    def adds_noise(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, tensors) -> None:
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+
+    def check_same_config(self, config: dict) -> None:
+        from fastdp.distributed import compare_configs
+        compare_configs(config, self.world_size, self.group)
+
+    def set_grads(self, views: dict) -> None:
+        """``p.grad`` = this rank's shard of the full reduced gradient ``views[p]`` (no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+        for p, g in views.items():
+            local = g if g.dtype == p.dtype else g.to(p.dtype)
+            p.grad = distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
