@@ -232,7 +232,6 @@ class MicroAdam(torch.optim.Optimizer):
     def _build_chunks(self, params: List[torch.Tensor]) -> list:
         """Partition ``params`` by (device, dtype, step count), then greedily into chunks of at most
         max(chunk_elements, largest tensor) padded values; each chunk adopts its tensors' current state."""
-        self._chunks = {k: v for k, v in self._chunks.items() if v is not None}
         cohorts = {}
         for p in params:
             st = self.state[p]

@@ -1,4 +1,4 @@
-"""White-box Dirac gradient canaries (Steinke, Nasr and Jagielski 2023, Section 7's white-box setting), inserted into a
+"""White-box Dirac gradient canaries (the white-box setting of Steinke, Nasr and Jagielski 2023), inserted into a
 ``DPOptimizer``'s clipped sum as extra samples. This is an audit-only code path: nothing here is used in training.
 
 Canary c owns one coordinate j_c of one trainable parameter (distinct coordinates, drawn uniformly at random from

@@ -315,20 +315,21 @@ def main():
     fastdp.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get(
         "FASTDP_TEST_TIMEOUT", "60"))))
     try:
-        if what == "exact":
+        parts = what.split("+")  # e.g. "exact+misc+fsdp": several groups in one launch (one start-up)
+        if "exact" in parts:
             for name in EXACT:
                 torch.save(train(name, rank, world), os.path.join(out, f"{name}.rank{rank}.pt"))
-        elif what == "fsdp":
+        if "fsdp" in parts:
             for name in FSDP_EXACT:
                 torch.save(train_fsdp(name, rank, world), os.path.join(out, f"fsdp_{name}.rank{rank}.pt"))
             torch.save(fsdp_misc(rank, world), os.path.join(out, f"fsdp_misc.rank{rank}.pt"))
-        elif what == "misc":
+        if "misc" in parts:
             misc = {"noise": noise_std_run(rank, world), "refusals": refusals(rank, world),
                     "make_private": make_private_run(rank, world), "resume": resume_run(rank, world, out)}
             torch.save(misc, os.path.join(out, f"misc.rank{rank}.pt"))
-        elif what == "fail":
+        if what == "fail":
             fail_run(rank, world)
-        else:
+        elif not set(parts) <= {"exact", "fsdp", "misc"}:
             raise KeyError(what)
     except BaseException:
         traceback.print_exc()

@@ -51,8 +51,19 @@ def launch(world: int, what: str, out, timeout: float = 240, pg_timeout: float =
     return results
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """One launch of 2 ranks for every 2-rank check (the exact DDP scenarios, the misc checks, FSDP2)."""
+    out = tmp_path_factory.mktemp("two_ranks")
+    for rc, err in launch(2, "exact+misc+fsdp", out):
+        assert rc == 0, err[-3000:]
+    return out
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}ranks")
 def exact_run(request, tmp_path_factory):
+    if request.param == 2:
+        return 2, request.getfixturevalue("two_ranks")
     out = tmp_path_factory.mktemp(f"exact{request.param}")
     for rc, err in launch(request.param, "exact", out):
         assert rc == 0, err[-3000:]
@@ -77,12 +88,8 @@ def _initial():
 
 
 @pytest.fixture(scope="module")
-def misc_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("misc")
-    world = 2
-    for rc, err in launch(world, "misc", out):
-        assert rc == 0, err[-3000:]
-    return [torch.load(os.path.join(out, f"misc.rank{r}.pt")) for r in range(world)]
+def misc_run(two_ranks):
+    return [torch.load(os.path.join(two_ranks, f"misc.rank{r}.pt")) for r in range(2)]
 
 
 def test_noise_is_added_once_per_step_and_the_replicas_stay_identical(misc_run):
@@ -138,12 +145,8 @@ def test_a_rank_that_raises_ends_the_job_in_bounded_time(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fsdp")
-    world = 2
-    for rc, err in launch(world, "fsdp", out):
-        assert rc == 0, err[-3000:]
-    return world, out
+def fsdp_run(two_ranks):
+    return 2, two_ranks
 
 
 @pytest.mark.parametrize("name", dist_worker.FSDP_EXACT)
