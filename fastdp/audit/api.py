@@ -7,8 +7,10 @@ A correct implementation gives ``eps_lower <= epsilon`` (up to the 1 - confidenc
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -65,6 +67,14 @@ class AuditResult:
     def to_dict(self) -> dict:
         from fastdp.audit.report import result_dict
         return result_dict(self)
+
+
+@contextlib.contextmanager
+def _quiet_rate_one():
+    """Opacus' PRV evaluates log(1 - q), which numpy warns about at sample rate 1 (harmless: that branch is unused)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="divide by zero encountered in log", category=RuntimeWarning)
+        yield
 
 
 def _check_no_ddp() -> None:
@@ -132,8 +142,9 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
     rate = batch / size
     steps_per_epoch = max(1, round(1 / rate))
     steps = epochs * steps_per_epoch
-    sigma = noise_multiplier if noise_multiplier is not None else get_noise_multiplier(
-        target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant=accountant)
+    with _quiet_rate_one():
+        sigma = noise_multiplier if noise_multiplier is not None else get_noise_multiplier(
+            target_epsilon=target_epsilon, target_delta=delta, sample_rate=rate, steps=steps, accountant=accountant)
     with torch.random.fork_rng():
         torch.manual_seed(derived_generator(seed, "model").initial_seed())
         model = model_fn()
@@ -155,12 +166,13 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
                              candidates=candidates, generator=ties)
     else:  # nothing released about (almost) any canary: nothing to guess
         bound = AuditBound(0.0, 0, 0, 0, m, int(candidates.sum()), delta, confidence, ())
-    epsilon = opt.epsilon(delta) if opt.noise_multiplier > 0 else math.inf
+    with _quiet_rate_one():
+        epsilon = opt.epsilon(delta) if opt.noise_multiplier > 0 else math.inf
     return AuditResult(eps_lower=bound.eps_lower, epsilon=epsilon, delta=delta, confidence=confidence, method=method,
                        threat=threat, canaries=m, noise_multiplier=float(sigma), sample_rate=rate, steps=steps,
                        expected_batch_size=batch, max_grad_norm=max_grad_norm, bound=bound, scores=scores,
-                       included=included, candidates=candidates, max_unreleased=unreleased, participations=joined, statistic=statistic,
-                       seconds=time.perf_counter() - start, command=command, coordinates=coords)
+                       included=included, candidates=candidates, max_unreleased=unreleased, participations=joined,
+                       statistic=statistic, seconds=time.perf_counter() - start, command=command, coordinates=coords)
 
 
 def multi_run_audit(model_fn: Callable[[], nn.Module], train_set, *, runs: int = 100, method: str = "dpsgd",

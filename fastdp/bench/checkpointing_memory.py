@@ -170,8 +170,9 @@ def main(argv=None):
         rows = [_run_child(child_argv, v, args.timeout) for v in order]
     by = {r["variant"]: r for r in rows if "error" not in r}
     for base in ("nonprivate", "flat", "per_layer"):
-        if base in by and base + "_ckpt" in by:
-            by[base + "_ckpt"]["peak_ratio_to_no_ckpt"] = by[base + "_ckpt"]["step_peak_mib"] / by[base]["step_peak_mib"]
+        if base in by and base + "_ckpt" in by:  # (None where the step needed no new memory: in-process runs)
+            peak = by[base]["step_peak_mib"]
+            by[base + "_ckpt"]["peak_ratio_to_no_ckpt"] = by[base + "_ckpt"]["step_peak_mib"] / peak if peak > 0 else None
     result = {"workload": f"HF GPT2LMHeadModel layers={args.layers} d={args.d} heads={args.heads} vocab={args.vocab} "
                           f"T={args.seq} B={args.batch} attn={args.attn}, fp32, dropout {args.dropout}",
               "measure": "peak RSS (VmHWM) of the measured step minus RSS before it, " + (

@@ -25,4 +25,6 @@ def test_checkpointing_memory_bench_runs_and_both_variants_take_the_same_step(tm
     # checkpointing recomputes the same step: same loss and the same parameters after it (same seeds)
     assert ckpt["loss"] == pytest.approx(flat["loss"], rel=1e-6)
     assert ckpt["param_abs_sum"] == pytest.approx(flat["param_abs_sum"], rel=1e-9)
-    assert ckpt["peak_ratio_to_no_ckpt"] == pytest.approx(ckpt["step_peak_mib"] / flat["step_peak_mib"])
+    # (in one process the heap may already hold what a step needs: a step peak of 0, and then no ratio)
+    expected = ckpt["step_peak_mib"] / flat["step_peak_mib"] if flat["step_peak_mib"] > 0 else None
+    assert ckpt["peak_ratio_to_no_ckpt"] == pytest.approx(expected)
