@@ -10,6 +10,7 @@ FSDP itself never sees a gradient (the layer handlers keep the parameters out of
 never runs; the step then adds rank 0's noise, all-reduces the flat buffer of clipped sums and gives each rank its
 shard of the result as the DTensor ``.grad`` (``ShardedDataParallel.set_grads``).
 
+Every method works on it (masks and scores are full-shape, like the buffer) but DP-MicroAdam (refused).
 Memory: parameters and optimizer state are sharded as in FSDP; the flat buffer of clipped sums is full-size on every
 rank (as DDP's gradients), where non-private FSDP holds sharded gradients.
 """
@@ -126,10 +127,13 @@ class ShardedDataParallel:
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
+    shards_grads = True  # ``.grad`` is this rank's shard (``DPOptimizer.released`` reads the full gradient)
+
     def supports(self, optimizer_class: type) -> bool:
-        """DPOptimizer itself (the methods keep per-parameter state shaped like the full parameters: not yet)."""
-        from fastdp.optimizer import DPOptimizer
-        return optimizer_class is DPOptimizer
+        """Every method but DP-MicroAdam (its state is laid out over the flattened parameters: a DTensor shard of an
+        unevenly sharded parameter cannot be flattened)."""
+        from fastdp.micro_adam import DPMicroAdam
+        return not issubclass(optimizer_class, DPMicroAdam)
 
     @property
     def adds_noise(self) -> bool:

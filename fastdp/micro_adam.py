@@ -196,7 +196,8 @@ class MicroAdam(torch.optim.Optimizer):
 
     def scratch_bytes(self) -> int:
         """Bytes of scratch: the shared workspace and the fused chunks' working buffers (not state)."""
-        shared = sum(t.numel() * t.element_size() for ws in self._workspace.values() for t in ws)
+        shared = sum(t.numel() * t.element_size() for ws in self._workspace.values()
+                     for t in (ws.values() if isinstance(ws, dict) else ws))
         return shared + sum(c.scratch_bytes() for cs in self._chunks.values() for c in cs)
 
     # ------------------------------------------------------------------- step
@@ -252,13 +253,22 @@ class MicroAdam(torch.optim.Optimizer):
             chunks.append(_Chunk(self, cur))
         return chunks
 
-    def _shared(self, device, n: int):
-        """Shared fused-step scratch on ``device``: the window moments m + iv [>= n] complex64 (zero between
-        uses), and a bool mask [>= n rounded up to 8]."""
+    def _shared(self, device, n: int, n_ring: int) -> dict:
+        """The fused step's scratch on ``device``, shared by every chunk (sized by the largest): for n values, fp32
+        |a| / deltas, the 4-bit path's fp32 working gradient and uint8 codes, a bool mask, the window moments
+        m + iv complex64 (zero between uses); for n_ring window entries, their int64 positions, fp32 values,
+        weighted pairs and gathered moments."""
         ws = self._workspace.get(("fused", device))
-        if ws is None or ws[0].numel() < n:
-            ws = (torch.zeros(n, dtype=torch.complex64, device=device),
-                  torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=device))
+        if ws is None or ws["absb"].numel() < n or ws["G"].numel() < n_ring:
+            n = max(n, ws["absb"].numel() if ws else 0)
+            n_ring = max(n_ring, ws["G"].numel() if ws else 0)
+            f32 = dict(dtype=torch.float32, device=device)
+            ws = dict(absb=torch.zeros(n, **f32), mask=torch.empty(-(-n // 8) * 8, dtype=torch.bool, device=device),
+                      mv=torch.zeros(n, dtype=torch.complex64, device=device),
+                      G=torch.empty(n_ring, dtype=torch.int64, device=device), vals=torch.empty(n_ring, **f32),
+                      pairs=torch.empty(n_ring, 2, **f32), got=torch.empty(n_ring, dtype=torch.complex64, device=device))
+            if self.ef_bits == 4:
+                ws.update(work=torch.zeros(n, **f32), q=torch.zeros(n, dtype=torch.uint8, device=device))
             self._workspace[("fused", device)] = ws
         return ws
 
@@ -366,15 +376,14 @@ class _Chunk:
         self.ring_idx = torch.full((W, col), -1, dtype=torch.int16 if block else torch.int32, device=dev)
         self.ring_val = torch.zeros(W, col, dtype=torch.bfloat16 if block else torch.float32, device=dev)
         self.picks = torch.empty(col, dtype=torch.int64, device=dev)
-        self.absb = torch.zeros(off, dtype=torch.float32, device=dev)
+        self.frugal = frugal
         if frugal:
             self.codes = torch.zeros(cb, dtype=torch.uint8, device=dev)
             self.ef_min = torch.zeros(qb, dtype=torch.float32, device=dev)
             self.ef_max = torch.zeros(qb, dtype=torch.float32, device=dev)
-            self.work = torch.zeros(off, dtype=torch.float32, device=dev)
-            self.q = torch.zeros(off, dtype=torch.uint8, device=dev)
         else:
-            self.work = torch.zeros(off, dtype=torch.float32, device=dev)  # the error feedback itself
+            self.ef = torch.zeros(off, dtype=torch.float32, device=dev)  # state: the error feedback (padded)
+        self._bound = None  # the shared scratch the views below were made on
         self.views = []
         for p, o, c, b, qo in zip(self.params, self.offsets, self.cols, self.cbytes, self.qblocks):
             d, n = p.numel(), opt._layout(p.numel())[0]
@@ -383,7 +392,7 @@ class _Chunk:
                 v.update(ef_codes=self.codes[b:b + math.ceil(d / 2)], ef_min=self.ef_min[qo:qo + math.ceil(d / q)],
                          ef_max=self.ef_max[qo:qo + math.ceil(d / q)])
             else:
-                v["ef"] = self.work[o:o + d]
+                v["ef"] = self.ef[o:o + d]
             st = opt.state[p]
             for k, t in v.items():  # adopt the tensor's current state (loaded, or stepped unfused)
                 if k in st:
@@ -391,13 +400,24 @@ class _Chunk:
             st.clear()
             st.update(step=self.step_count, **v)
             self.views.append(dict(v, shape=p.shape))
-        self.work_views = [self.work[o:o + p.numel()] for p, o in zip(self.params, self.offsets)]
-        self.delta_views = [self.absb[o:o + p.numel()].view(p.shape) for p, o in zip(self.params, self.offsets)]
         self.quant = opt.quant_block_size
 
+    def _bind(self, ws: dict) -> None:
+        """Take this step's scratch from the shared workspace (views made again only when it was reallocated)."""
+        if self._bound is ws["absb"]:
+            return
+        n = self.numel
+        self.absb = ws["absb"][:n]
+        self.work = ws["work"][:n] if self.frugal else self.ef
+        self.q = ws["q"][:n] if self.frugal else None
+        spans = list(zip(self.params, self.offsets))
+        self.work_views = [self.work[o:o + p.numel()] for p, o in spans]
+        self.delta_views = [self.absb[o:o + p.numel()].view(p.shape) for p, o in spans]
+        self._bound = ws["absb"]
+
     def scratch_bytes(self) -> int:
-        extra = [self.absb, self.picks, self.row_base] + ([self.work, self.q] if hasattr(self, "q") else [])
-        return sum(t.numel() * t.element_size() for t in extra)
+        """Bytes of this chunk's own scratch (the shared workspace is counted by the optimizer)."""
+        return sum(t.numel() * t.element_size() for t in (self.picks, self.row_base))
 
     def valid(self, state) -> bool:
         """Every tensor still holds this chunk's views, its dtype, and the chunk's step count."""
@@ -439,6 +459,8 @@ class _Chunk:
                                     self._run_blocks(self.ef_min, r)):
                 if w is not None:
                     torch.mul(c, uu.unsqueeze(-1), out=w).add_(lo.unsqueeze(-1))
+            if r["S"] > r["d"]:  # the shared buffer's padding: zeros (top-k may pick them; codes 0)
+                self.work.as_strided((r["count"], r["S"] - r["d"]), (r["S"], 1), r["offset"] + r["d"]).zero_()
 
     def _quant(self, a: torch.Tensor) -> None:
         """Block min / max, then codes of ``a`` (``fastdp.kernels.ef_quant``'s formula), packed two per byte."""
@@ -472,11 +494,13 @@ class _Chunk:
         t = self.step_count + 1
         row, rows = (t - 1) % opt.window, min(t, opt.window)
         grads = [p.grad.reshape(-1) for p in self.params]
+        ws = opt._shared(self.device, self.numel, opt.window * self.ncols)
+        self._bind(ws)
         a = self.work  # 1. a = g + EF
-        if hasattr(self, "q"):
+        if self.frugal:
             self._dequant()
         torch._foreach_add_(self.work_views, grads)
-        mv, mask = opt._shared(self.device, self.numel)  # 2. top-k of |a| per row of each geometry
+        mv, mask = ws["mv"][:self.numel], ws["mask"]  # 2. top-k of |a| per row of each geometry
         torch.abs(a, out=self.absb)
         for g in self.groups:
             x = self.absb.as_strided((g["rows"], g["L"]), (g["stride"], 1), g["offset"])
@@ -485,22 +509,22 @@ class _Chunk:
         gidx = self.picks.add_(self.row_base)  # 3. gather into the ring, a[top-k] = 0
         self.ring_val[row].copy_(a.index_select(0, gidx))
         a.index_fill_(0, gidx, 0.0)
-        if hasattr(self, "q"):
+        if self.frugal:
             self._quant(a)
         w1, w2 = opt._window_weights(rows, row, beta1, beta2, self.device)  # 4. window moments, update
-        G = self.ring_idx[:rows].long().add_(self.row_base).view(-1)
-        vals = self.ring_val[:rows].float()
+        n_win = rows * self.ncols
+        G = torch.add(self.ring_idx[:rows], self.row_base, out=ws["G"][:n_win].view(rows, self.ncols)).view(-1)
+        vals = ws["vals"][:n_win].view(rows, self.ncols).copy_(self.ring_val[:rows])
         # m and v interleaved (complex64 m + iv): one scatter and one gather move both; per coordinate the rows
         # are summed in ring order, as the reference's index_add_ row by row
-        mv = mv[:self.numel]
-        pairs = torch.empty(rows, self.ncols, 2, device=self.device)
+        pairs = ws["pairs"][:n_win].view(rows, self.ncols, 2)
         torch.mul(w1[:, None], vals, out=pairs[..., 0])
         torch.mul(w2[:, None], vals, out=pairs[..., 1]).mul_(vals)
         mv.scatter_add_(0, G, torch.view_as_complex(pairs).view(-1))
         c1, c2 = (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t)
         # -(lr * m / (sqrt(v) + eps)) at the window's coordinates only (elsewhere m = 0: the delta is 0); a
         # coordinate listed twice gets the same value twice. (A dense sqrt of the mostly-zero v costs ~10x a copy.)
-        got = torch.view_as_real(mv.index_select(0, G))
+        got = torch.view_as_real(torch.index_select(mv, 0, G, out=ws["got"][:n_win]))
         mg, vg = got[:, 0], got[:, 1]
         vg.mul_(c2).sqrt_().add_(eps)
         mg.mul_(c1).div_(vg).mul_(-lr)

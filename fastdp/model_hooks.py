@@ -39,6 +39,7 @@ class ModelHooks:
             names.setdefault(p, []).append(n)
         self.param_names = {p: " = ".join(ns) for p, ns in names.items()}
         self._swapped: Optional[list] = None
+        self._excluded: set = set()  # slots another swapper handles (``exclude_slots``)
         self.replaying = False  # a checkpointed region is being recomputed in backward (``replay``)
         self._contexts: Dict[nn.Module, TapContext] = {}
         self._taps: Dict[tuple, ParamTap] = {}
@@ -155,6 +156,11 @@ class ModelHooks:
         """Recomputing a checkpointed region in backward: every trainable slot holds its tap again (as in the forward
         that ran the region), layers check their inputs against that forward's ``batch_size``, and the uses they open
         are not counted (``GradSampleEngine.open_use``: the original forward's nodes carry the counted ones)."""
+        if self._excluded:
+            raise UnsupportedLayerError(
+                "activation checkpointing on an FSDP2 (fully_shard) model is not supported by fastdp yet: the "
+                "recomputation in backward would run on FSDP's parameters without the DP layers. Disable it "
+                "(model.gradient_checkpointing_disable()), or use DistributedDataParallel.")
         saved = self.batch_size, self.batch_source, self.replaying
         swapped = None
         if self._swapped is None:  # (else a forward is under way: its taps are in place)
@@ -179,6 +185,7 @@ class ModelHooks:
         """Leave ``slots`` ((module, name) pairs) to another swapper (``fastdp.fsdp.ShardedTaps``: FSDP2's managed
         parameters get their taps after its all-gather); ``on_detach`` runs on ``detach()``."""
         self._slots = [s for s in self._slots if s not in slots]
+        self._excluded = set(slots)
         self._handles.append(_Callback(on_detach))
 
     def _tap(self, p: nn.Parameter, module: nn.Module, name: str) -> ParamTap:

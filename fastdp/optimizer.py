@@ -345,6 +345,13 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine.sums.released = True
         return Released.GRADIENT if plan is None else Released.FUSED_UPDATE
 
+    def released(self, p: nn.Parameter) -> torch.Tensor:
+        """The whole gradient of ``p`` released by the last step (its ``.grad``; on an FSDP2 model, where ``.grad`` is
+        this rank's shard, the full reduced gradient, read from the buffer before the next backward reuses it)."""
+        if self.comm is not None and getattr(self.comm, "shards_grads", False):
+            return self.engine.buffer.views[p]
+        return p.grad
+
     def fused_plan(self, grads: GradBuffer):
         """``(plan, None)`` when noise, scaling and SGD's update can run as one fused launch per flat buffer, else
         ``(None, reason)`` (``fastdp.fused_sgd``)."""

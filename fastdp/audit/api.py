@@ -4,11 +4,15 @@ Jagielski 2023); ``multi_run_audit``: the classic audit over many runs of one ca
 A correct implementation gives ``eps_lower <= epsilon`` (up to the 1 - confidence chance of a false alarm);
 ``eps_lower`` far above the claimed epsilon means the released gradients reveal more than the accountant says
 (noise missing on some coordinates, noise too small, ...).
+
+Under ``torch.distributed`` the white-box one-run audit runs data-parallel (``audit``'s ``distributed``): every
+rank calls it alike and gets the same result; the black-box threat and ``multi_run_audit`` are refused there.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +38,7 @@ class AuditResult:
     canaries guessed on (white-box: those whose coordinate was released at least once; the others abstained on);
     ``max_unreleased``: white-box, the largest |noisy sum| read outside the mask (0 when nothing unreleased leaks);
     ``participations`` [m]: white-box, the steps in which each canary was in the batch with its coordinate
-    trained."""
+    trained. ``world_size``: the ranks that trained the run data-parallel (1: a single process)."""
 
     eps_lower: float
     epsilon: float
@@ -58,6 +62,7 @@ class AuditResult:
     seconds: float = 0.0
     command: str = ""
     coordinates: Optional[List[tuple]] = field(default=None, repr=False)
+    world_size: int = 1
 
     def report(self) -> str:
         """A plain-text report (``fastdp.audit.report.text_report``)."""
@@ -77,19 +82,55 @@ def _quiet_rate_one():
         yield
 
 
-def _check_no_ddp() -> None:
-    """The hook for data-parallel training (``fastdp.distributed``), refused until the audit supports it: under DDP
-    ``DPOptimizer.release`` adds the noise on rank 0 only (``optimizer.comm.adds_noise``) and then all-reduces the
-    clipped sums, so the canaries must be inserted by ``CanaryHook`` on that rank only (before ``comm.all_reduce_``),
-    and the white-box data baseline read after the all-reduce; inserted on every rank they would count world_size
-    times."""
+def _multi_rank() -> int:
+    """The world size of an initialised ``torch.distributed`` default group (1 when there is none)."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _check_no_ddp(what: str) -> None:
+    """Refuse ``what`` under a process group of several ranks (only the white-box one-run audit runs data-parallel)."""
+    world = _multi_rank()
+    if world > 1:
         raise NotImplementedError(
-            f"fastdp.audit under torch.distributed (world size {dist.get_world_size()}) is not implemented: the "
-            "canaries must enter the clipped sum once per step, on the rank that adds the noise, before the "
-            "all-reduce (fastdp.audit.canaries.CanaryHook would insert them on every rank). Run the audit in a "
-            "single process.")
+            f"{what} under torch.distributed (world size {world}) is not supported: only the white-box one-run audit "
+            "(fastdp.audit, threat='white-box-gradient') runs data-parallel. Run it in a single process.")
+
+
+def _data_parallel_setup(distributed: Optional[bool], threat: str, seed: Optional[int]):
+    """``(rank, world, seed)`` of the audit: ``world > 1`` when it runs data-parallel (``audit``'s docstring);
+    ``seed``: the caller's, or under DDP rank 0's draw when None (every rank must draw the same canaries)."""
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if distributed is None:
+        distributed = _multi_rank() > 1
+    if not distributed:
+        if _multi_rank() > 1:
+            raise NotImplementedError(
+                f"distributed=False under torch.distributed (world size {_multi_rank()}) is not supported: the audit "
+                "would run once per rank. Leave distributed=None to audit the ranks' DDP training together, or run "
+                "the audit in a single process.")
+        return 0, 1, seed
+    if not initialised:
+        raise RuntimeError("distributed=True needs an initialised torch.distributed process group "
+                           "(fastdp.distributed.init_process_group)")
+    if threat != "white-box-gradient":
+        raise NotImplementedError(f"threat {threat!r} under DistributedDataParallel is not supported: the black-box "
+                                  "audit runs in a single process; under DDP only threat='white-box-gradient'")
+    box = [seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 2]
+    dist.broadcast_object_list(box, src=0)
+    return dist.get_rank(), dist.get_world_size(), int(box[0])
+
+
+def _wrap_ddp(model: nn.Module) -> nn.Module:
+    """``model`` inside ``DistributedDataParallel`` (a DDP model is taken as it is); FSDP2 models are refused."""
+    from fastdp.fsdp import fsdp_modules
+    if fsdp_modules(model):
+        raise NotImplementedError("fastdp.audit of an FSDP2 (fully_shard) model is not supported: the Dirac canaries "
+                                  "index full parameters; audit under DistributedDataParallel or in one process")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model
+    return nn.parallel.DistributedDataParallel(model)
 
 
 def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
@@ -98,7 +139,8 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
           target_epsilon: Optional[float] = None, max_grad_norm: float = 1.0, delta: float = 1e-5,
           confidence: float = 0.95, seed: Optional[int] = None, lr: Optional[float] = None,
           guesses: Union[None, int, Sequence[int]] = None, method_kwargs: Optional[dict] = None,
-          subtract_data: bool = True, accountant: str = "prv", command: str = "") -> AuditResult:
+          subtract_data: bool = True, accountant: str = "prv", command: str = "",
+          distributed: Optional[bool] = None) -> AuditResult:
     """One-run privacy audit of ``method`` training ``model_fn()`` on ``train_set``.
 
     Args:
@@ -119,14 +161,22 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
         seed: derives every random stream (canaries, inclusion, batches, noise, model init); None: OS entropy.
         guesses: k, or candidate k's (Bonferroni-corrected); default ``fastdp.audit.one_run.guess_counts``.
         subtract_data: white-box: subtract the non-canary data's expected clipped sum from each step's score.
+        distributed: None (default): data-parallel when ``torch.distributed`` is initialised with several ranks;
+            True: data-parallel (an initialised process group needed); False: single-process (refused under
+            several ranks). Data-parallel (white-box only): every rank calls ``audit`` with the same arguments and
+            data; the audit wraps ``model_fn()`` in ``DistributedDataParallel`` (a DDP model is taken as it is;
+            FSDP2 refused), every rank draws the same global Poisson batches and trains the samples ``rank::world``
+            of each (``expected_batch_size`` and the sample rate are global), the canaries enter rank 0's clipped
+            sum once per step before the all-reduce, and the data baseline is the sum over the ranks
+            (``fastdp.audit.canaries``). Every rank returns the same result (seed None: rank 0's draw).
 
     Returns:
         ``AuditResult`` (``.eps_lower``, ``.epsilon``, ``.report()``).
     """
     start = time.perf_counter()
-    _check_no_ddp()
     if threat not in THREATS:
         raise ValueError(f"threat must be one of {THREATS}, got {threat!r}")
+    rank, world, seed = _data_parallel_setup(distributed, threat, seed)
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if (noise_multiplier is None) == (target_epsilon is None):
@@ -148,12 +198,19 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
     with torch.random.fork_rng():
         torch.manual_seed(derived_generator(seed, "model").initial_seed())
         model = model_fn()
+    if world > 1:
+        _same_on_every_rank(x, y, canaries=m, threat=threat, method=method, epochs=epochs, batch=batch,
+                            sigma=float(sigma), max_grad_norm=max_grad_norm, delta=delta, confidence=confidence,
+                            seed=seed, guesses=guesses, method_kwargs=method_kwargs, subtract_data=subtract_data,
+                            accountant=accountant)
+        model = _wrap_ddp(model)
     common = dict(method=method, m=m, steps=steps, steps_per_epoch=steps_per_epoch, sample_rate=rate,
                   expected_batch_size=batch, noise_multiplier=float(sigma), max_grad_norm=max_grad_norm, lr=lr,
                   epochs=epochs, method_kwargs=dict(method_kwargs or {}), seed=seed, accountant=accountant)
     ties = derived_generator(seed, "ties")
     if threat == "white-box-gradient":
-        opt, dirac, hook = train_white_box(model, x, y, subtract_data=subtract_data, **common)
+        opt, dirac, hook = train_white_box(model, x, y, subtract_data=subtract_data, rank=rank, world=world,
+                                           **common)
         scores, included, candidates = hook.scores, dirac.included, hook.exposed > 0
         statistic = hook.statistic()
         unreleased, coords, joined = hook.max_unreleased, dirac.coordinates(), hook.participations
@@ -172,7 +229,16 @@ def audit(model_fn: Callable[[], nn.Module], train_set, *, canaries: int = 1000,
                        threat=threat, canaries=m, noise_multiplier=float(sigma), sample_rate=rate, steps=steps,
                        expected_batch_size=batch, max_grad_norm=max_grad_norm, bound=bound, scores=scores,
                        included=included, candidates=candidates, max_unreleased=unreleased, participations=joined,
-                       statistic=statistic, seconds=time.perf_counter() - start, command=command, coordinates=coords)
+                       statistic=statistic, seconds=time.perf_counter() - start, command=command, coordinates=coords,
+                       world_size=world)
+
+
+def _same_on_every_rank(x: torch.Tensor, y: torch.Tensor, **config) -> None:
+    """Raise on every rank if the ranks audit different data or arguments (one all_gather_object)."""
+    from fastdp.distributed import compare_configs
+    config = {k: repr(v) for k, v in config.items()}
+    config["data"] = repr((tuple(x.shape), float(x.double().sum()), float((x.double() ** 2).sum()), y.tolist()))
+    compare_configs(config, torch.distributed.get_world_size())
 
 
 def multi_run_audit(model_fn: Callable[[], nn.Module], train_set, *, runs: int = 100, method: str = "dpsgd",
@@ -184,8 +250,8 @@ def multi_run_audit(model_fn: Callable[[], nn.Module], train_set, *, runs: int =
     second only satisfies ``DiracCanaries``' m >= 2), in the training set with probability 1/2 per run;
     Clopper-Pearson bounds on a threshold attack's error rates (``fastdp.audit.multi_run``). Its ``eps_lower`` is
     to be compared with ``fastdp.get_epsilon(noise_multiplier=..., sample_rate=1.0, steps=epochs, delta=...)``.
-    Meant for small models: it costs ``runs`` trainings."""
-    _check_no_ddp()
+    Meant for small models: it costs ``runs`` trainings. Refused under torch.distributed with several ranks."""
+    _check_no_ddp("fastdp.audit.multi_run_audit")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     x, y = stack_dataset(train_set)

@@ -29,6 +29,16 @@ buffer before the canaries enter; below 1, ``sample_rate`` times the clipped sum
 from one extra pass per step), divided by R_c, summed over steps. Off the mask the release itself is read: it must
 be exactly 0 (``max_unreleased`` records the largest magnitude found there).
 
+Data-parallel training (a ``DPOptimizer`` over a ``DistributedDataParallel`` model, ``optimizer.comm`` set; see
+``fastdp.distributed``): every rank clips its own shard of the batch, rank 0 adds the noise to its local clipped sum,
+then one all-reduce sums the ranks' sums. The canaries enter once per step, into rank 0's local clipped sum before
+that all-reduce (the reduced release carries each joining canary once, whatever the world size). Rank 0 is fixed
+by the audit, not read from ``comm.adds_noise``: an engine whose ranks all forget the noise must still meet the
+canaries. Every rank draws the same participations (the hook's generator is seeded alike on every rank), reads the
+same reduced release, and takes the *global* data baseline: its local clipped sums at the tracked coordinates,
+all-reduced in float64 (the release holds the sum over all ranks' samples, so the local part alone would leave the
+other ranks' data in the score). Every rank thus computes the same scores.
+
 Guesses rank ``CanaryHook.statistic``: each canary's log-likelihood ratio under the Gaussian model of its score,
 with the noise level measured, per parameter tensor, on probe coordinates that hold no canary (their releases minus
 the data's part are pure noise). Canaries differ in how many steps released them (masks) and tensors in how much
@@ -115,6 +125,11 @@ class CanaryHook:
                  generator: torch.Generator, subtract_data: bool = True, probes: int = 256):
         self.opt, self.canaries, self.rate, self.gen = optimizer, canaries, float(sample_rate), generator
         self.subtract_data = subtract_data
+        self.comm = getattr(optimizer, "comm", None)  # fastdp.distributed.DataParallel under DDP, else None
+        if self.comm is not None and not hasattr(self.comm, "rank"):
+            raise NotImplementedError(f"Dirac canaries under {type(self.comm).__name__} (sharded parameters, FSDP2) "
+                                      "are not supported: only single-process and DistributedDataParallel training")
+        self.inserts = self.comm is None or self.comm.rank == 0  # the canaries enter once: on rank 0 only
         m = canaries.m
         # slots 0..m-1: the canaries; then the noise probes of each canary parameter
         self.index: Dict[nn.Parameter, tuple] = {}
@@ -167,9 +182,17 @@ class CanaryHook:
                 out[ids] = view.reshape(-1)[coords.to(view.device)].to(torch.float64).cpu()
         return out
 
+    def global_slot_values(self, grads) -> torch.Tensor:
+        """``slot_values`` summed over the ranks (one float64 all-reduce under DDP; every rank calls it)."""
+        values = self.slot_values(grads)
+        if self.comm is not None:
+            self.comm.all_reduce_([values])
+        return values
+
     def set_data_baseline(self, grads) -> None:
-        """``sample_rate`` times the clipped sums in ``grads``: the whole non-canary dataset's, at this iterate."""
-        self.data_baseline = self.rate * self.slot_values(grads)
+        """``sample_rate`` times the clipped sums in ``grads`` (under DDP: each rank's shard of the non-canary
+        dataset, summed over the ranks): the whole non-canary dataset's, at this iterate."""
+        self.data_baseline = self.rate * self.global_slot_values(grads)
 
     def noise_level(self) -> torch.Tensor:
         """[m] the measured standard deviation of one step's release at each canary's parameter, in units of its R
@@ -196,7 +219,7 @@ class CanaryHook:
         live = torch.zeros(n, dtype=torch.bool)  # coordinate trains at this step: parameter trainable, in the mask
         center = torch.zeros(n, dtype=torch.float64)
         scale = torch.ones(n, dtype=torch.float64)
-        baseline = self.slot_values(grads) if self.subtract_data and self.rate == 1.0 else self.data_baseline
+        baseline = self.global_slot_values(grads) if self.subtract_data and self.rate == 1.0 else self.data_baseline
         masks = self.opt.engine.masks
         for p in self.canaries.params:
             view = grads.views.get(p) if grads is not None else None
@@ -214,6 +237,8 @@ class CanaryHook:
             is_canary = ids < m
             cids = ids[is_canary]
             add = (joins[cids] & inside[is_canary]).to(torch.float64) * self.magnitude[cids]
+            if not self.inserts:
+                continue  # another rank inserts them; this one only tracks what trains
             flat = view.reshape(-1)
             flat.index_add_(0, coords[is_canary].to(flat.device), add.to(device=flat.device, dtype=flat.dtype))
         self.participations += (joins & live[:m]).long()

@@ -4,6 +4,10 @@ canary scores (white-box Dirac gradient canaries, ``fastdp.audit.canaries``; bla
 Sampling: every non-canary sample and every included canary joins each step's batch independently with probability
 ``sample_rate = expected_batch_size / (n + m)`` (n data, m canaries: the dataset size counts every canary, included
 or not; the accountant only sees the rate). ``steps_per_epoch = round(1 / sample_rate)``.
+
+Data-parallel (white-box, a ``DistributedDataParallel`` model, ``rank`` of ``world``): every rank draws the same
+global Poisson batch (the batch generator is seeded alike on every rank) and trains the samples ``rank::world`` of
+it, so the ranks' shards partition one Poisson sample of the data at ``sample_rate``, the rate the accountant counts.
 """
 from __future__ import annotations
 
@@ -89,11 +93,14 @@ def sum_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def train_white_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str, m: int, steps: int,
                     steps_per_epoch: int, sample_rate: float, expected_batch_size: int, noise_multiplier: float,
                     max_grad_norm: float, lr: Optional[float], epochs: int, method_kwargs: dict, seed: Optional[int],
-                    subtract_data: bool = True, accountant: str = "prv",
-                    loss_fn: Callable = sum_loss) -> Tuple[DPOptimizer, DiracCanaries, CanaryHook]:
+                    subtract_data: bool = True, accountant: str = "prv", loss_fn: Callable = sum_loss,
+                    rank: int = 0, world: int = 1) -> Tuple[DPOptimizer, DiracCanaries, CanaryHook]:
     """Train ``model`` on ``(x, y)`` with m Dirac canaries for ``steps`` steps; returns the optimizer (its
-    accountant), the canaries and the hook holding their scores."""
-    canaries = DiracCanaries(model, m, derived_generator(seed, "canaries"))
+    accountant), the canaries and the hook holding their scores. ``world > 1``: ``model`` is a
+    ``DistributedDataParallel`` wrapper and this process is rank ``rank``: it trains its shard of each batch
+    (module docstring); the canaries are named after the wrapped module's parameters."""
+    named = model.module if world > 1 else model
+    canaries = DiracCanaries(named, m, derived_generator(seed, "canaries"))
     n = x.shape[0]
     opt = make_optimizer(method, model, lr=lr, epochs=epochs, method_kwargs=method_kwargs,
                          noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -107,10 +114,10 @@ def train_white_box(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, metho
         for _ in range(steps):
             if subtract_data and sample_rate < 1.0 and getattr(opt, "phase", None) != "selection":
                 opt.zero_grad()  # the auditor's recomputation at the released iterate: nothing is released
-                loss_fn(model(x), y).backward()
-                hook.set_data_baseline(opt.engine.buffer)
+                loss_fn(model(x[rank::world]), y[rank::world]).backward()  # this rank's shard of the data
+                hook.set_data_baseline(opt.engine.buffer)  # (summed over the ranks)
             opt.zero_grad()
-            take = torch.rand(n, generator=batches) < sample_rate
+            take = (torch.rand(n, generator=batches) < sample_rate).nonzero().flatten()[rank::world]
             loss_fn(model(x[take]), y[take]).backward()
             opt.step()
         opt.zero_grad()

@@ -11,7 +11,8 @@ default); ``tiny`` five small tensors. fp32, random gradients (1e-3 N(0, 1)), se
 Step time: the optimizers' ``step()`` calls interleaved round-robin (each round steps every optimizer once, so a
 load change on a shared machine hits them alike), each call timed by ``fastdp.bench.timing.measure`` (CUDA events;
 CPU: perf_counter); median and minimum over ``--steps`` rounds after ``--warmup``. ``ratio_vs_adam_foreach``:
-median over Adam foreach's median (``min_ratio``: minimum over minimum).
+median over Adam foreach's median (``min_ratio``: minimum over minimum; ``cpu_ratio``: the same with each call's
+thread CPU time, ``time.thread_time``, which leaves out the time a call waits for a core on a shared machine).
 Floor: the bytes one step must move (``step_bytes``: Adam reads p, g, m, v and writes p, m, v: 28 B/param;
 MicroAdam reads g and the error feedback, writes the error feedback, reads and writes p, reads the window's
 density x window sparse entries and writes one row) over the bandwidth of a large ``copy_`` measured in the same
@@ -26,11 +27,13 @@ import argparse
 import datetime
 import math
 import os
+import sys
+import time
 
 import torch
 
 from fastdp.bench.run_env import results_dir, torch_threads, write_result, write_text
-from fastdp.bench.timing import measure, time_calls
+from fastdp.bench.timing import measure, percentile, time_calls
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
 from fastdp.kernels.topk_gather import gather_zero, gather_zero_ref
@@ -111,26 +114,30 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
             live[name] = (opt, micro)
         except Exception as err:  # a failure is a row
             rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
-    times = {name: [] for name in live}
+    times, cpu = {name: [] for name in live}, {name: [] for name in live}
     for i in range(warmup + steps):
         for name, (opt, _) in live.items():
             try:
+                c0 = time.thread_time()
                 t = measure(opt.step, device, 1).times_ms[0]
+                c = 1e3 * (time.thread_time() - c0)
             except Exception as err:
                 rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
                 continue
             if i >= warmup:
                 times[name].append(t)
+                cpu[name].append(c)
     for name, (opt, micro) in live.items():
         ts = sorted(times[name])
         if not ts:
             continue
         state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                     if torch.is_tensor(v) and v.dim() > 0)
-        row = {"optimizer": name, "step_ms": ts[len(ts) // 2] if len(ts) % 2 else sum(ts[len(ts) // 2 - 1:][:2]) / 2,
+        row = {"optimizer": name, "step_ms": percentile(ts, 0.5),
                "min_ms": ts[0], "state_bytes_per_param": state / n_params,
                "scratch_bytes": opt.scratch_bytes() if hasattr(opt, "scratch_bytes") else 0, "params": n_params,
-               "tensors": len(shapes), "step_bytes": step_bytes(shapes, micro)}
+               "tensors": len(shapes), "step_bytes": step_bytes(shapes, micro),
+               "cpu_median_ms": percentile(cpu[name], 0.5) if device.type == "cpu" else None}
         if bandwidth:
             row["floor_ms"] = row["step_bytes"] / bandwidth / 1e6
             row["time_over_floor"] = row["step_ms"] / row["floor_ms"]
@@ -140,6 +147,8 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
         if base is not None and "step_ms" in r:
             r["ratio_vs_adam_foreach"] = r["step_ms"] / base["step_ms"]
             r["min_ratio_vs_adam_foreach"] = r["min_ms"] / base["min_ms"]
+            if r.get("cpu_median_ms"):
+                r["cpu_ratio_vs_adam_foreach"] = r["cpu_median_ms"] / base["cpu_median_ms"]
     return rows
 
 
@@ -199,15 +208,16 @@ def markdown(result: dict) -> str:
              f"{result['steps']} interleaved rounds; machine: {m.get('cpu')}, {m.get('platform')}, torch "
              f"{result['torch']}, commit {result.get('commit')}; copy bandwidth {result.get('bandwidth_GBps', 0):.1f} "
              f"GB/s (read + write); load average at start {result.get('loadavg')}.", "",
-             "| optimizer | median ms | min ms | x Adam foreach (median / min) | floor ms | x floor | state B/param |",
-             "|---|---|---|---|---|---|---|"]
+             "| optimizer | median ms | min ms | x Adam foreach (median / min / CPU time) | floor ms | x floor | "
+             "state B/param |", "|---|---|---|---|---|---|---|"]
     for r in result["optimizers"]:
         if "error" in r:
             lines.append(f"| {r['optimizer']} | error: {r['error']} | | | | | |")
             continue
         lines.append(f"| {r['optimizer']} | {r['step_ms']:.1f} | {r['min_ms']:.1f} | "
                      f"{r.get('ratio_vs_adam_foreach', float('nan')):.2f} / "
-                     f"{r.get('min_ratio_vs_adam_foreach', float('nan')):.2f} | {r.get('floor_ms', float('nan')):.1f} | "
+                     f"{r.get('min_ratio_vs_adam_foreach', float('nan')):.2f} / "
+                     f"{r.get('cpu_ratio_vs_adam_foreach') or float('nan'):.2f} | {r.get('floor_ms', float('nan')):.1f} | "
                      f"{r.get('time_over_floor', float('nan')):.2f} | {r['state_bytes_per_param']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -232,7 +242,8 @@ def main(argv=None):
         bw = copy_bandwidth(device, nbytes=1 << 20 if args.tiny else 1 << 28)
         result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                   "torch": torch.__version__, "date": datetime.date.today().isoformat(), "shapes": shapes_name,
-                  "threads": torch.get_num_threads(), "steps": args.steps, "argv": list(argv or []),
+                  "threads": torch.get_num_threads(), "steps": args.steps,
+                  "argv": list(sys.argv[1:] if argv is None else argv),
                   "loadavg": os.getloadavg() if hasattr(os, "getloadavg") else None, "bandwidth_GBps": bw,
                   "optimizers": bench_optimizers(shapes, device, args.steps, args.warmup, args.unfused, bw)}
         if device.type == "cuda" or args.tiny:
@@ -242,7 +253,8 @@ def main(argv=None):
         ratio = r.get("ratio_vs_adam_foreach")
         print(f"{r['optimizer']:28s} " + (f"error {r['error']}" if "error" in r else
               f"median {r['step_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms  x Adam foreach {ratio:5.2f} "
-              f"(min {r['min_ratio_vs_adam_foreach']:.2f})  x floor {r.get('time_over_floor', float('nan')):5.2f}  "
+              f"(min {r['min_ratio_vs_adam_foreach']:.2f}, CPU time {r.get('cpu_ratio_vs_adam_foreach') or float('nan'):.2f})"
+              f"  x floor {r.get('time_over_floor', float('nan')):5.2f}  "
               f"state {r['state_bytes_per_param']:.3f} B/param"))
     for r in result.get("kernels", []):
         print(r)

@@ -41,7 +41,8 @@ class RandomSparsification(PhasedDPOptimizer):
         self.final_rate, self.refresh, self.ranked, self.total_epochs, self.seed = (
             final_rate, refresh_per_epoch, ranked, epochs, seed)
         self.params = [p for p in self.engine.param_names if p.requires_grad]
-        self.z = [torch.zeros_like(p, dtype=torch.float32) for p in self.params] if ranked else None
+        # (full-shape plain tensors, also for an FSDP2 model's sharded parameters)
+        self.z = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in self.params] if ranked else None
         self._slot = None
         self._install()
 
@@ -88,7 +89,7 @@ class RandomSparsification(PhasedDPOptimizer):
                 gen, secure = self._shared_generator(), False
             for z, p in zip(self.z, self.params):
                 fresh = gaussian_noise(z, std, generator=gen, secure=secure)
-                z += p.grad.float() + fresh * (~self.engine.masks[p].dense)
+                z += self.released(p).float() + fresh * (~self.engine.masks[p].dense)
         self._install()
 
     def _shared_generator(self) -> torch.Generator:

@@ -162,5 +162,9 @@ def test_refusals(digits, monkeypatch):
         fastdp.audit(mlp, digits, canaries=100, noise_multiplier=1.0, method="sparta", epochs=1)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 4)
-    with pytest.raises(NotImplementedError, match="world size 4.*once per step"):
-        fastdp.audit(mlp, digits, canaries=100, noise_multiplier=1.0)
+    with pytest.raises(NotImplementedError, match="threat 'black-box-loss' under DistributedDataParallel"):
+        fastdp.audit(mlp, digits, canaries=100, noise_multiplier=1.0, threat="black-box-loss")
+    with pytest.raises(NotImplementedError, match="distributed=False under torch.distributed \\(world size 4\\)"):
+        fastdp.audit(mlp, digits, canaries=100, noise_multiplier=1.0, distributed=False)
+    with pytest.raises(NotImplementedError, match="multi_run_audit under torch.distributed \\(world size 4\\)"):
+        multi_run_audit(mlp, digits, runs=2, noise_multiplier=1.0)

@@ -115,7 +115,7 @@ def train_fsdp(name, rank, world):
     return {k: v.full_tensor().detach().clone() for k, v in net.state_dict().items()}
 
 
-FSDP_EXACT = ("flat", "automatic", "per_layer", "adam")
+FSDP_EXACT = tuple(n for n in EXACT if n != "microadam")  # DP-MicroAdam on FSDP2 is refused (fsdp_misc)
 
 
 def tiny_gpt2():
@@ -177,10 +177,23 @@ def fsdp_misc(rank, world):
     net = Net()
     fully_shard(net)
     try:
-        SPARTA(net, torch.optim.SGD(net.parameters(), lr=1.0), warmup_epochs=0, **DP)
-        refused["sparta"] = "accepted"
+        fastdp.DPMicroAdam(net, lr=0.1, **DP)
+        refused["microadam"] = "accepted"
     except fastdp.UnsupportedLayerError as e:
-        refused["sparta"] = str(e)
+        refused["microadam"] = str(e)
+    ckpt = tiny_gpt2()
+    ckpt.gradient_checkpointing_enable()
+    ckpt.train()
+    for block in ckpt.transformer.h:
+        fully_shard(block)
+    fully_shard(ckpt)
+    opt = fastdp.DPOptimizer(ckpt, torch.optim.SGD(ckpt.parameters(), lr=0.1), **DP)
+    ids = torch.randint(0, 40, (2, 10))
+    try:
+        ckpt(input_ids=ids, labels=ids).loss.backward()
+        refused["checkpointing"] = "accepted"
+    except fastdp.UnsupportedLayerError as e:
+        refused["checkpointing"] = str(e)
     return {"gpt2": gpt2, "reduce_scatters": len(scatters), "noise_grad": grad, "refused": refused}
 
 

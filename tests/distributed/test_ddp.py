@@ -176,4 +176,5 @@ def test_fsdp2_noise_is_added_once_and_unsupported_methods_are_refused(fsdp_run)
     std, expected = ms[0]["noise_grad"].std().item(), 2.0 * 1.5 / 10
     assert abs(std / expected - 1) < 0.03, (std, expected)
     for m in ms:
-        assert "SPARTA is not supported on an FSDP2" in m["refused"]["sparta"]
+        assert "DPMicroAdam is not supported on an FSDP2" in m["refused"]["microadam"]
+        assert "activation checkpointing on an FSDP2" in m["refused"]["checkpointing"]
