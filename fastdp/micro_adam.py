@@ -57,7 +57,9 @@ class MicroAdam(torch.optim.Optimizer):
         fused: step the tensors of a group together over flat state buffers (module docstring); False: tensor by
             tensor (the reference).
         chunk_elements: the fused step's chunks hold at most max(this, the largest tensor) values, which bounds
-            its scratch (about 21 bytes per chunk value: fp32 working gradient, |a|, window moments, masks).
+            its scratch, one workspace shared by all chunks: ~18 bytes per value of the largest chunk (|a|, the
+            window moments m + iv, a mask; +5 with ``ef_bits=4``: fp32 working gradient, codes) and ~28 bytes per
+            window entry (``density * window`` per value).
 
     Examples:
         >>> w = torch.nn.Parameter(torch.randn(100))

@@ -6,6 +6,10 @@ the scores are Gaussian with separation sqrt(T) / sigma).
 
     python -m fastdp.bench.audit_table                                   # all methods at epsilon 1, 4, 8
     python -m fastdp.bench.audit_table --methods dpsgd --epsilons 8 --batch-size 512 --epochs 2   # Poisson, q < 1
+    python -m fastdp.bench.audit_table --methods dpsgd --ddp 2 --threads 1   # DDP on 2 gloo ranks (CPU processes)
+
+``--ddp N`` starts N rank processes of the same command (torchrun's variables, gloo) and audits the data-parallel
+run (``fastdp.audit``'s ``distributed``); rank 0 prints and writes the files (``..._ddpN``).
 
 Writes ``audit_table_<date>.json`` and ``.md`` (and the report + histogram of the first DP-SGD run) to
 ``--out-dir`` (default ``benchmarks/results/audit`` in a checkout, else ``./fastdp-results/audit``).
@@ -17,6 +21,9 @@ import datetime
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 import time
 import warnings
 from typing import Optional, Sequence
@@ -70,8 +77,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv", help="(default: %(default)s)")
     p.add_argument("--seeds", type=int, default=1, help="runs per cell, seeds seed..seed+N-1 (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--ddp", type=int, default=None, metavar="N",
+                   help="audit DistributedDataParallel training on N gloo ranks (one process each)")
     p.add_argument("--out-dir", default=None)
-    args = p.parse_args(None if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = p.parse_args(argv)
+    if args.ddp and "RANK" not in os.environ:
+        return launch_ranks(args.ddp, argv)
+    rank = 0
+    if args.ddp:
+        import torch.distributed as dist
+        from fastdp.distributed import init_process_group
+        init_process_group(backend="gloo")
+        rank = dist.get_rank()
     if args.threads:
         torch.set_num_threads(args.threads)
     out_dir = args.out_dir or default_out_dir()
@@ -84,17 +102,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             for seed in range(args.seed, args.seed + args.seeds):
                 row, r = run_cell(model_fn, train, method, eps, seed, args)
                 rows.append(row)
+                if rank != 0:
+                    continue
                 print(f"{method:14s} eps {r.epsilon:6.3f}  eps_lower {r.eps_lower:6.3f}"
                       + (f"  ideal {row['ideal_eps_lower']:6.3f}" if row["ideal_eps_lower"] is not None else "")
                       + f"  guessed on {row['guessed_on']}, {row['correct']}/{row['guesses']}  seed {seed}"
                       f"  {row['seconds']:.1f} s", flush=True)
                 if method == "dpsgd" and not saved:
-                    save_report(r, out_dir, stem=f"dpsgd_eps{eps:g}")
+                    save_report(r, out_dir, stem=f"dpsgd_eps{eps:g}" + (f"_ddp{args.ddp}" if args.ddp else ""))
                     saved = True
     stamp = datetime.date.today().isoformat()
     info = {"date": stamp, "torch": torch.__version__, "threads": torch.get_num_threads(), "dataset": "digits",
             "model": f"MLP(64, {args.hidden}, 10)", "args": vars(args), "rows": rows}
-    base = os.path.join(out_dir, f"audit_table_{stamp}" + (f"_b{args.batch_size}" if args.batch_size else ""))
+    if args.ddp:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return info
+    base = os.path.join(out_dir, f"audit_table_{stamp}" + (f"_b{args.batch_size}" if args.batch_size else "")
+                        + (f"_ddp{args.ddp}" if args.ddp else ""))
     with open(base + ".json", "w") as f:
         json.dump(info, f, indent=1)
     with open(base + ".md", "w") as f:
@@ -108,7 +133,7 @@ def run_cell(model_fn, train, method: str, eps: float, seed: int, args):
     command = (f"python -m fastdp.bench.audit_table --methods {method} --epsilons {eps:g} --canaries {args.canaries} "
                f"--epochs {args.epochs} --seed {seed} --accountant {args.accountant}"
                + (f" --batch-size {args.batch_size}" if args.batch_size else "")
-               + (f" --limit {args.limit}" if args.limit else ""))
+               + (f" --limit {args.limit}" if args.limit else "") + (f" --ddp {args.ddp}" if args.ddp else ""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opacus' PRV at sample rate 1 (log 0), RDP order warnings
         start = time.perf_counter()
@@ -123,6 +148,20 @@ def run_cell(model_fn, train, method: str, eps: float, seed: int, args):
            "k": r.bound.k, "correct": r.bound.v, "guesses": r.bound.r, "max_unreleased": r.max_unreleased,
            "seconds": time.perf_counter() - start, "command": command}
     return row, r
+
+
+def launch_ranks(world: int, argv: Sequence[str]) -> dict:
+    """Run this command as ``world`` rank processes (gloo on this machine, a free port); raises if a rank fails."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world)}
+    procs = [subprocess.Popen([sys.executable, "-m", "fastdp.bench.audit_table", *argv], env={**env, "RANK": str(r)})
+             for r in range(world)]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"audit ranks exited with {codes}")
+    return {"world": world}
 
 
 def markdown_table(rows) -> str:

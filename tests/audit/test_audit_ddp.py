@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -20,26 +23,38 @@ import fastdp
 sys.path.insert(0, os.path.dirname(__file__))  # (importlib import mode: the worker module beside this file)
 import audit_ddp_worker  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "distributed"))
-from test_ddp import launch as _launch_dist_worker  # noqa: E402,F401  (its helpers: free port, bounded wait)
-import test_ddp  # noqa: E402
-
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
 WORKER = os.path.join(os.path.dirname(__file__), "audit_ddp_worker.py")
+
+
+def launch(world: int, what: str, out, timeout: float = 180) -> list:
+    """``world`` worker processes with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free
+    port); waits at most ``timeout`` seconds for all; returns [(returncode, stderr)]."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "FASTDP_TEST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, WORKER, str(out), what], env={**env, "RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    deadline, results = time.monotonic() + timeout, []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"the {world} audit ranks did not finish within {timeout} s")
+        results.append((p.returncode, err))
+    return results
 
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """Every scenario, run once on 2 ranks; {scenario: [rank 0's result, rank 1's]}."""
     out = tmp_path_factory.mktemp("audit_ddp")
-    saved = test_ddp.WORKER
-    test_ddp.WORKER = WORKER  # the same launcher (torchrun's variables, a free port, a bounded wait), our worker
-    try:
-        results = test_ddp.launch(2, "+".join(audit_ddp_worker.SCENARIOS), out, timeout=180)
-    finally:
-        test_ddp.WORKER = saved
-    for rc, err in results:
+    for rc, err in launch(2, "+".join(audit_ddp_worker.SCENARIOS), out):
         assert rc == 0, err[-3000:]
     return {name: [torch.load(os.path.join(out, f"{name}.rank{r}.pt")) for r in range(2)]
             for name in audit_ddp_worker.SCENARIOS}
