@@ -13,9 +13,16 @@ opened the region. The handlers' ops in a replay open ``RecomputedUse``s (``fast
 counted: the nodes whose backward runs are the original forward's, their per-sample gradients are computed from the
 recomputed tensors, and each arrives once, with the use the original forward opened.
 
-``use_reentrant=True`` is refused (``REENTRANT_HELP``): its region runs under ``no_grad`` in forward (no use is
-recorded) and its backward runs a nested backward pass inside the outer one, which the engine would finalise as a
-pass of its own (the region's part of each sample's gradient clipped apart from the rest).
+``use_reentrant=True`` (``ReentrantRegion``): the region's forward runs under ``no_grad`` inside checkpoint's
+``CheckpointFunction``, so its ops on taps are constants and record no use; the engine *holds* one pending use per
+parameter the region touched (per-layer fused clipping must not clip such a parameter before the recomputation's
+uses exist) and wraps ``ctx.run_function``. In backward, ``CheckpointFunction.backward`` calls it with grad on: the
+recomputation runs inside ``ModelHooks.replay`` (taps in the slots, the forward's batch size), joins the outer
+backward pass, and opens ``ReentrantUse``s (``fastdp.engine_state``), the region's only uses, counted; then the held
+uses are released. Their gradients arrive in the nested backward pass checkpoint runs on the recomputed outputs, and
+the engine adds them to the outer pass (one clip group per sample: ``GradSampleEngine.submit``). A reentrant region
+inside another reentrant region is refused (``REENTRANT_NESTED_HELP``); inside a non-reentrant one it works (the
+original forward's inner region is the one whose backward runs).
 """
 from __future__ import annotations
 
@@ -25,12 +32,10 @@ import torch
 
 _CHECKPOINT_MODULE = "torch.utils.checkpoint"
 
-REENTRANT_HELP = (
-    "reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True, or HF "
-    "gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': True})), which fastdp does not "
-    "support: the region runs without autograd in forward, and its backward runs a nested backward pass inside the "
-    "outer one, which fastdp would clip as a pass of its own (each sample's gradient clipped in two parts). Use "
-    "use_reentrant=False (HF's default), which fastdp supports exactly.")
+REENTRANT_NESTED_HELP = (
+    "a reentrant activation checkpoint region (torch.utils.checkpoint with use_reentrant=True) nested inside another "
+    "reentrant region, which fastdp does not support (the inner region's recomputation would run in a nested backward "
+    "pass of the outer one's, without fastdp's layers). Use use_reentrant=False for one of the two regions.")
 
 RECOMPUTING = object()  # ``region_frame``: a checkpoint's recomputation (in backward) is under way
 
@@ -83,3 +88,72 @@ def adopt(frame: Any, owner: object, replay: Callable[[], ContextManager]) -> No
 
     recompute_with_taps._fdp_owners = owners + (owner,)
     frame.recompute_fn = recompute_with_taps
+
+
+_CHECKPOINT_FUNCTION = "CheckpointFunction"
+
+
+def reentrant_ctxs() -> list:
+    """The ctx of every reentrant checkpoint region whose forward is running (``CheckpointFunction.forward`` frames on
+    the stack), innermost first. Fails closed if such a frame's ctx cannot be read."""
+    import sys
+
+    cls = getattr(torch.utils.checkpoint, _CHECKPOINT_FUNCTION, None)
+    code = getattr(getattr(cls, "forward", None), "__code__", None)
+    found = []
+    f = sys._getframe(1)
+    while f is not None and code is not None:
+        if f.f_code is code:
+            ctx = f.f_locals.get("ctx")
+            if ctx is None or not callable(getattr(ctx, "run_function", None)):
+                raise CheckpointReplayError(
+                    "fastdp cannot read the reentrant torch.utils.checkpoint region's recomputation with this PyTorch "
+                    "version (CheckpointFunction.forward's ctx.run_function): it could not be replayed with fastdp's "
+                    "layers. Pin the PyTorch version fastdp supports, or use use_reentrant=False.")
+            found.append(ctx)
+        f = f.f_back
+    return found
+
+
+def reentrant_ctx() -> Any:
+    """The ctx of the innermost reentrant checkpoint region whose forward is running, else None."""
+    found = reentrant_ctxs()
+    return found[0] if found else None
+
+
+class ReentrantRegion:
+    """One reentrant region's recomputation under one engine, installed as its ``ctx.run_function``.
+
+    ``held``: {param: pending use} held from the forward (which recorded none) until the recomputation has opened
+    the region's own uses. ``replay(task)``: the engine's replay context for the outer backward pass ``task``."""
+
+    def __init__(self, fn: Callable, replay: Callable[[int], ContextManager], join: Callable[[int], None]):
+        self.fn, self.replay, self.join = fn, replay, join
+        self.held: dict = {}
+
+    def hold(self, param, open_held: Callable) -> None:
+        if param not in self.held:
+            self.held[param] = open_held(param)
+
+    def __call__(self, *args):
+        """``CheckpointFunction.backward``'s recomputation (in the outer backward pass, grad mode on)."""
+        task = torch._C._current_graph_task_id()
+        self.join(task)
+        with self.replay(task):
+            out = self.fn(*args)
+        held, self.held = self.held, {}
+        for use in held.values():  # the recomputation opened the region's uses: the held ones stop counting
+            use.arrive()
+        return out
+
+
+def adopt_reentrant(ctx: Any, owner: object, make: Callable[[Callable], ReentrantRegion]) -> ReentrantRegion:
+    """``ctx``'s region under ``owner`` (the model hooks of one engine): wraps ``ctx.run_function`` once per owner."""
+    regions = getattr(ctx, "_fdp_regions", None)
+    if regions is None:
+        regions = ctx._fdp_regions = {}
+    region = regions.get(id(owner))
+    if region is None:
+        region = regions[id(owner)] = make(ctx.run_function)
+        ctx.run_function = region
+    return region

@@ -29,7 +29,8 @@ from torch import nn
 
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
-from fastdp.engine_state import ForwardPass, PassState, PendingCounts, PendingUse, RecomputedUse, SumState
+from fastdp.engine_state import (ForwardPass, PassState, PendingCounts, PendingUse, RecomputedUse, ReentrantUse,
+                                 SumState)
 from fastdp.grad_buffer import GradBuffer
 from fastdp.grad_sample import DenseGrad, PerSampleGrad, masked, per_sample_dot
 from fastdp.masks import Mask
@@ -123,8 +124,16 @@ class GradSampleEngine:
         if tap is None:
             return None
         if self.hooks.replaying:
+            if self.hooks.reentrant is not None:  # a reentrant region's recomputation: its only uses, counted
+                forward, task = self.hooks.reentrant
+                return ReentrantUse(self._pending, tap._fdp_param, forward, task)
             return RecomputedUse(tap._fdp_param)
         return PendingUse(self._pending, tap._fdp_param, self._forward)
+
+    def hold_use(self, param: nn.Parameter) -> PendingUse:
+        """A pending use of ``param`` held from a reentrant checkpoint region's forward (which records none) until its
+        recomputation in backward opens the region's uses: per-layer fused clipping waits for them."""
+        return PendingUse(self._pending, param, None)
 
     def set_mask(self, param: nn.Parameter, mask: Optional[Mask]) -> None:
         """Train only ``mask``'s coordinates of ``param`` (norms after masking); None removes the mask."""
@@ -171,16 +180,19 @@ class GradSampleEngine:
         ``use``: the ``PendingUse`` opened for it in forward (per-parameter rules then clip the parameter as
         soon as no use of it is pending).
         """
-        if not self.recording():  # a pass that does not compute the parameters' gradients
+        reentrant = isinstance(use, ReentrantUse)
+        if not reentrant and not self.recording():  # a pass that does not compute the parameters' gradients
             grad.release()
             return
         self._check_use(grad, use)
-        task = torch._C._current_graph_task_id()
-        if self._callback_queued != task:
-            # first use of this backward pass (a failed earlier pass may have left stale state: drop it)
-            self._abandon_pass()
-            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
-            self._callback_queued = task
+        if reentrant:  # in the nested backward pass of a reentrant checkpoint: part of the outer pass
+            if self._callback_queued != use.task:
+                raise RuntimeError(
+                    f"parameter '{self.param_names.get(grad.param, '?')}' received a gradient from a reentrant "
+                    "checkpoint region's recomputation after the backward pass that recomputed it ended: fastdp cannot "
+                    "add it to that pass's clipping")
+        else:
+            self.join_pass(torch._C._current_graph_task_id())
         if use is not None and use.forward is not None:
             self.pass_.forwards.add(use.forward)
         if use is None:  # untracked use: its parameter is clipped at the end of backward
@@ -195,6 +207,15 @@ class GradSampleEngine:
         if (self.fused_per_layer and not self.pass_.no_fuse and self._pending.get(grad.param) == 0
                 and not is_small(grad)):
             self._clip_in_backward(grad.param)
+
+    def join_pass(self, task: int) -> None:
+        """Make the backward pass ``task`` (a graph task id: the current one) the pass under way: on its first use, drop
+        what a failed earlier pass may have left and queue ``_finalize`` for its end. A reentrant checkpoint region
+        joins the outer pass when it recomputes (its uses' gradients then arrive in a nested pass: ``submit``)."""
+        if self._callback_queued != task:
+            self._abandon_pass()
+            torch.autograd.Variable._execution_engine.queue_callback(self._finalize)
+            self._callback_queued = task
 
     def _check_use(self, grad: PerSampleGrad, use: Optional[PendingUse]) -> None:
         """Refuse a gradient whose samples were already clipped: a forward backpropagated twice (or the graph of a

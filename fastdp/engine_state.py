@@ -2,7 +2,8 @@
 
 * ``PendingCounts`` / ``PendingUse`` / ``ForwardPass``: the parameter uses a forward recorded and whether their
   gradients have arrived (per-layer rules clip a parameter inside backward once none is pending). ``RecomputedUse``: a
-  use opened by a checkpointed region's recomputation, which does not count.
+  use opened by a non-reentrant checkpointed region's recomputation, which does not count. ``ReentrantUse``: a use
+  opened by a reentrant region's recomputation, which counts and belongs to the outer backward pass.
 * ``PassState``: what the backward pass under way has done so far (its batch size, the parameters it already
   clipped, whether it accumulated into the buffer).
 * ``SumState``: the lifecycle of the flat buffer of clipped sums across the passes of one step (empty, holding
@@ -93,6 +94,19 @@ class RecomputedUse:
     def arrive(self) -> bool:
         """Nothing to uncount (called in forward where a use hands nothing: a shared lookup's own use)."""
         return True
+
+
+class ReentrantUse(PendingUse):
+    """A use opened while a reentrant checkpointed region (``use_reentrant=True``) is recomputed in backward: the
+    region's forward ran without autograd, so these are its only uses. They count like the forward's, and their
+    gradients, which arrive in the nested backward pass that checkpoint runs, belong to the outer pass ``task`` (its
+    graph task id): one clip group per sample over the whole pass."""
+
+    __slots__ = ("task",)
+
+    def __init__(self, counts: PendingCounts, param: nn.Parameter, forward: Optional[ForwardPass], task: int):
+        self.task = task
+        super().__init__(counts, param, forward)
 
 
 @dataclass

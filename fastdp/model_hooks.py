@@ -41,6 +41,7 @@ class ModelHooks:
         self._swapped: Optional[list] = None
         self._excluded: set = set()  # slots another swapper handles (``exclude_slots``)
         self.replaying = False  # a checkpointed region is being recomputed in backward (``replay``)
+        self.reentrant: Optional[tuple] = None  # (forward, outer pass task id) while a reentrant region is replayed
         self._contexts: Dict[nn.Module, TapContext] = {}
         self._taps: Dict[tuple, ParamTap] = {}
         self._handles = []
@@ -92,13 +93,16 @@ class ModelHooks:
 
     def _swap_in(self, module, args, kwargs):
         """Root pre-hook: every trainable parameter slot of the model holds its tap during the forward."""
-        if not torch.is_grad_enabled() or self._swapped is not None:
+        if self._swapped is not None:
             return
+        if not torch.is_grad_enabled() and (self.replaying or checkpointing.reentrant_ctx() is None):
+            return  # (a forward inside a reentrant checkpoint region runs under no_grad: its taps are swapped in)
         if torch._C._current_graph_task_id() != -1:  # (a checkpoint's replay has swapped already: returned above)
             raise UnsupportedLayerError(
-                f"the model's forward ({type(module).__name__}) ran inside a backward pass, as in "
-                f"{checkpointing.REENTRANT_HELP} (A custom autograd.Function that recomputes the model in its backward "
-                "is refused for the same reason.)")
+                f"the model's forward ({type(module).__name__}) ran inside a backward pass, outside a "
+                "torch.utils.checkpoint recomputation (e.g. a custom autograd.Function that recomputes the model in "
+                "its backward): fastdp cannot count its parameter uses as part of the backward pass. Use "
+                "torch.utils.checkpoint instead.")
         batch_first = getattr(self.engine, "batch_first", True)
         self.batch_source = leading_tensor(args, kwargs, batch_first)
         self.batch_size = None if self.batch_source is None else self.batch_source.shape[0 if batch_first else 1]
@@ -151,17 +155,43 @@ class ModelHooks:
         recomputation in backward will be a ``replay`` at this forward's batch size."""
         checkpointing.adopt(frame, self, functools.partial(self.replay, self.batch_size))
 
+    def join_reentrant_region(self, taps) -> None:
+        """Ops on ``taps`` run (under no_grad) in a reentrant checkpoint region's forward: adopt the region (its
+        recomputation will be a reentrant ``replay`` at this forward's batch size) and hold a pending use of each
+        tap's parameter until the recomputation opens the region's uses (``fastdp.checkpointing.ReentrantRegion``)."""
+        if self.replaying and self.reentrant is None:
+            return  # a non-reentrant region's recomputation: the original forward's region is the one that runs
+        ctxs = checkpointing.reentrant_ctxs()
+        if len(ctxs) > 1 or self.replaying:
+            raise UnsupportedLayerError(f"{taps[0].label} is used inside {checkpointing.REENTRANT_NESTED_HELP}")
+        if not ctxs:  # (called only under CheckpointFunction's forward)
+            raise checkpointing.CheckpointReplayError(
+                f"{taps[0].label}: fastdp found no reentrant checkpoint region's forward on the stack")
+        ctx = ctxs[0]
+        engine, batch_size, forward = self.engine, self.batch_size, self.engine._forward
+
+        def make(fn):
+            ctx.register_prehook(_refuse_create_graph)
+            return checkpointing.ReentrantRegion(
+                fn, lambda task: self.replay(batch_size, reentrant=(forward, task)), engine.join_pass)
+
+        region = checkpointing.adopt_reentrant(ctx, self, make)
+        for tap in taps:
+            region.hold(tap._fdp_param, engine.hold_use)
+
     @contextlib.contextmanager
-    def replay(self, batch_size: Optional[int]):
+    def replay(self, batch_size: Optional[int], reentrant: Optional[tuple] = None):
         """Recomputing a checkpointed region in backward: every trainable slot holds its tap again (as in the forward
-        that ran the region), layers check their inputs against that forward's ``batch_size``, and the uses they open
-        are not counted (``GradSampleEngine.open_use``: the original forward's nodes carry the counted ones)."""
+        that ran the region), layers check their inputs against that forward's ``batch_size``. The uses they open
+        are not counted for a non-reentrant region (``GradSampleEngine.open_use``: the original forward's nodes carry
+        the counted ones); for a reentrant one (``reentrant``: (the forward's ``ForwardPass``, the outer backward
+        pass's graph task id)) they are its only uses, counted in that pass."""
         if self._excluded:
             raise UnsupportedLayerError(
                 "activation checkpointing on an FSDP2 (fully_shard) model is not supported by fastdp yet: the "
                 "recomputation in backward would run on FSDP's parameters without the DP layers. Disable it "
                 "(model.gradient_checkpointing_disable()), or use DistributedDataParallel.")
-        saved = self.batch_size, self.batch_source, self.replaying
+        saved = self.batch_size, self.batch_source, self.replaying, self.reentrant
         swapped = None
         if self._swapped is None:  # (else a forward is under way: its taps are in place)
             swapped = []
@@ -171,11 +201,11 @@ class ModelHooks:
                     m._parameters[n] = self._tap(p, m, n)
                     swapped.append((m, n, p))
             self._swapped = swapped
-        self.batch_size, self.batch_source, self.replaying = batch_size, None, True
+        self.batch_size, self.batch_source, self.replaying, self.reentrant = batch_size, None, True, reentrant
         try:
             yield
         finally:
-            self.batch_size, self.batch_source, self.replaying = saved
+            self.batch_size, self.batch_source, self.replaying, self.reentrant = saved
             if swapped is not None:
                 self._swapped = None
                 for m, n, p in swapped:
@@ -304,6 +334,16 @@ def _check_running_stats(name, m):
 
 def _check_running_stats_hook(name, module, args):
     _check_running_stats(name, module)
+
+
+def _refuse_create_graph(grad_outputs):
+    """Pre-hook of a reentrant checkpoint region's node: its backward runs with grad mode on iff create_graph=True
+    (its nested backward pass would then take first-order gradients only, and the engine would not see it)."""
+    if torch.is_grad_enabled():
+        raise UnsupportedLayerError(
+            "backward with create_graph=True (double backward: gradient penalties, higher-order gradients) through a "
+            "reentrant activation checkpoint region is not supported by fastdp: the layers' backward is not "
+            "differentiable with respect to the parameters, so the second-order terms would be silently missing")
 
 
 def _guard_hook(name, p):

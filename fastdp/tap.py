@@ -21,9 +21,9 @@ While a module's forward runs, each of its trainable parameters is replaced (in
 * With grad mode off (``torch.no_grad`` inside the forward) an op on a tap is an op on a constant: it runs on
   the parameter's value and returns a plain tensor, as in PyTorch. Inside the forward of a custom
   ``torch.autograd.Function`` (grad mode is off there too) a tap is refused: the gradient that function's
-  backward returns for the parameter would be dropped. Reentrant activation checkpointing is refused the same way;
-  a non-reentrant checkpointed region (``use_reentrant=False``) is recomputed in backward with the forward's taps
-  (``fastdp.checkpointing``).
+  backward returns for the parameter would be dropped. A reentrant checkpointed region (``use_reentrant=True``, whose
+  forward runs that way) is adopted instead, and a non-reentrant one (``use_reentrant=False``) joins its region: both
+  are recomputed in backward with the forward's taps (``fastdp.checkpointing``).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Any, Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fastdp.checkpointing import RECOMPUTING, REENTRANT_HELP, region_frame
+from fastdp.checkpointing import RECOMPUTING, region_frame
 from fastdp.grad_sample import DenseGrad, PerSampleGrad, pull_back
 from fastdp.kernels._common import upcast
 from fastdp.op_sets import _T, CASTS, ELEMENTWISE, EXPANDERS, METADATA, RANDOM, inactive_dropout
@@ -184,8 +184,10 @@ def _without_grad(func, args, kwargs):
     fn_cls = _autograd_function_class()
     if fn_cls is not None:
         tap = _first_tap(args, kwargs)
-        if getattr(fn_cls, "__module__", "") == "torch.utils.checkpoint":
-            raise UnsupportedLayerError(f"{tap.label} is used inside {REENTRANT_HELP}")
+        if getattr(fn_cls, "__module__", "") == "torch.utils.checkpoint":  # a reentrant checkpoint region's forward
+            taps = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, ParamTap)]
+            tap._fdp_ctx.engine.hooks.join_reentrant_region(taps)
+            return _on_values(func, args, kwargs)
         raise UnsupportedLayerError(
             f"{tap.label} is an input of the custom torch.autograd.Function {fn_cls.__qualname__} (op "
             f"{getattr(func, '__name__', func)} inside its forward): its forward runs without autograd, so fastdp "

@@ -3,9 +3,8 @@ NeurIPS 2023, arXiv:2305.08846): from m canaries, each included independently wi
 score per canary, guess "in" for the k highest scores and "out" for the k lowest (abstain on the rest), count the
 correct guesses, and turn (m, r = 2k guesses, v correct) into the largest epsilon that the run refutes.
 
-The bound (the paper's main theorem, Theorem 3.1, in the form its Section 5 makes exact and its Appendix D
-computes): if the training algorithm is (eps, delta)-DP with respect to the inclusion of each canary, the number W
-of correct guesses satisfies, for every v,
+The bound (the paper's main result, in the exact form its Appendix D computes): if the training algorithm is
+(eps, delta)-DP with respect to the inclusion of each canary, the number W of correct guesses satisfies, for every v,
 
     P[W >= v] <= f(v) + 2 m delta * max_{i = 1..m} (f(v - i) - f(v)) / i,          f(v) = P[Binomial(r, p) >= v],
 
@@ -14,10 +13,13 @@ statement: W is stochastically dominated by Binomial(r, e^eps / (1 + e^eps)). ``
 (clamped to 1); ``eps_lower_bound`` is the largest eps whose p-value at the observed v is below
 ``1 - confidence``: the algorithm is not (eps, delta)-DP for any smaller eps, at that confidence.
 
-Where the numbering comes from: the paper's PDF was not available to this implementation; Theorem 3.1 / the
-Section 5 corollary (Corollary 5.4) / Appendix D are the numbers other published implementations of this bound cite.
-The formula itself was checked against independent computations (``tests/audit/test_audit_bound.py``: scipy's
-binomial tail where scipy is installed, hand-computed cases, delta = 0 as a plain binomial tail).
+Provenance: the paper's stored text could not be retrieved when this was checked, so its theorem numbers are not
+quoted here. What was checked: the formula above is the one its Appendix D code computes (the p-value routine with
+r guesses, v correct, m canaries, accuracy q = 1 / (1 + e^-eps), the binomial tail plus 2 m delta times the largest
+mean of P[v - i <= Binomial(r, q) < v] over i = 1..v), as reproduced by several public implementations that cite
+that appendix of arXiv:2305.08846 (one of them names the statement Corollary 5.4; not verified against the
+paper). The formula was also checked against independent computations (``tests/audit/test_audit_bound.py``:
+scipy's binomial tail where scipy is installed, hand-computed cases, delta = 0 as a plain binomial tail).
 
 Several guess counts: choosing the best of K guess counts after seeing the scores is a multiple test. ``audit_scores``
 tests each at level ``(1 - confidence) / K`` (Bonferroni), so the reported maximum keeps the stated confidence.

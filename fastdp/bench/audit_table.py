@@ -24,7 +24,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from typing import Optional, Sequence
 
@@ -34,6 +33,7 @@ from fastdp.audit import audit
 from fastdp.audit.one_run import audit_scores
 from fastdp.audit.report import save_report
 from fastdp.audit.training import METHODS, derived_generator
+from fastdp.bench.timing import measure
 from fastdp.data import load_dataset
 from fastdp.models import MLP
 
@@ -87,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     rank = 0
     if args.ddp:
         import torch.distributed as dist
+
         from fastdp.distributed import init_process_group
         init_process_group(backend="gloo")
         rank = dist.get_rank()
@@ -136,17 +137,17 @@ def run_cell(model_fn, train, method: str, eps: float, seed: int, args):
                + (f" --limit {args.limit}" if args.limit else "") + (f" --ddp {args.ddp}" if args.ddp else ""))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # opacus' PRV at sample rate 1 (log 0), RDP order warnings
-        start = time.perf_counter()
-        r = audit(model_fn, train, canaries=args.canaries, method=method, epochs=args.epochs,
-                  expected_batch_size=args.batch_size, target_epsilon=eps, delta=args.delta, seed=seed,
-                  accountant=args.accountant, command=command)
+        timed = measure(lambda: audit(model_fn, train, canaries=args.canaries, method=method, epochs=args.epochs,
+                                      expected_batch_size=args.batch_size, target_epsilon=eps, delta=args.delta,
+                                      seed=seed, accountant=args.accountant, command=command), "cpu", 1)
+        r = timed.last
     ideal = ideal_eps_lower(r.noise_multiplier, r.steps, r.canaries, delta=args.delta, confidence=r.confidence,
                             seed=seed, draws=args.ideal_draws, sample_rate=r.sample_rate)
     row = {"method": method, "epsilon_target": eps, "seed": seed, "epsilon": r.epsilon, "eps_lower": r.eps_lower,
            "ideal_eps_lower": ideal, "noise_multiplier": r.noise_multiplier, "steps": r.steps,
            "sample_rate": r.sample_rate, "canaries": r.canaries, "guessed_on": int(r.candidates.sum()),
            "k": r.bound.k, "correct": r.bound.v, "guesses": r.bound.r, "max_unreleased": r.max_unreleased,
-           "seconds": time.perf_counter() - start, "command": command}
+           "seconds": timed.times_ms[0] / 1e3, "command": command}
     return row, r
 
 

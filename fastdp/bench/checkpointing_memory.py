@@ -25,11 +25,11 @@ import datetime
 import json
 import subprocess
 import sys
-import time
 import warnings
 
 import torch
 
+from fastdp.bench import timing
 from fastdp.bench.run_env import torch_threads, write_result
 
 VARIANTS = ("nonprivate", "nonprivate_ckpt", "flat", "flat_ckpt", "per_layer", "per_layer_ckpt")
@@ -98,9 +98,8 @@ def measure(args, variant: str, pin_malloc: bool = True) -> dict:
     torch.manual_seed(4)
     before = _proc_status_kib("VmRSS")
     _reset_peak_rss()
-    t0 = time.perf_counter()
-    loss = step()
-    seconds = time.perf_counter() - t0
+    timed = timing.measure(step, "cpu", 1)  # (the shared harness: one timed call)
+    loss, seconds = timed.last, timed.times_ms[0] / 1e3
     peak = _proc_status_kib("VmHWM")
     checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
     return {"variant": variant, "step_peak_mib": (peak - before) / 1024, "rss_before_mib": before / 1024,

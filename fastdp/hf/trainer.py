@@ -22,6 +22,14 @@ What changes from ``Trainer``, and why:
   (``fastdp_dp_state.pt``): ``resume_from_checkpoint`` continues with the batches, noise and epsilon of the
   uninterrupted run. Both files are as secret as the data: the seed tells which samples formed each batch.
 
+* **Several processes** (torchrun, one process per device; gloo or NCCL). Rank ``r`` Poisson-samples its shard
+  (samples ``r, r + world_size, ...``) at the global rate ``q`` with its own generator, and runs its part of the
+  logical batch as physical batches. DPTrainer wraps the model in ``DistributedDataParallel`` itself (before
+  accelerate would) and builds the ``DPOptimizer`` on that wrapper: DDP's own gradient all-reduce is switched off,
+  fastdp all-reduces the clipped sums once per step and rank 0 adds the noise (``fastdp.distributed``). Every rank
+  takes ``int(1 / q)`` steps per epoch (a rank with an empty local batch still steps), the accountant counts the
+  global rate, so epsilon is the same on every rank.
+
 The loss Trainer logs is the mean of the per-sample losses of the logical batch: computed from the private data and
 not privatised, it is outside the reported epsilon (as in ``fastdp train``).
 """
@@ -37,8 +45,11 @@ from collections.abc import Mapping
 from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.utils.data import IterableDataset
 from transformers import Trainer
+from transformers.training_args import ParallelMode
 from transformers.trainer_utils import has_length
 from transformers.utils import is_datasets_available
 
@@ -54,7 +65,9 @@ OPTIMIZER_NAME = "optimizer.pt"
 DP_STATE_VERSION = 1
 # What a resumed run must share with the checkpoint for its epsilon and its batches to continue the first run's.
 _RESUME_KEYS = ("sample_size", "expected_batch_size", "max_physical_batch_size", "sample_rate", "steps_per_epoch",
-                "noise_multiplier", "max_grad_norm", "clipping", "accountant")
+                "noise_multiplier", "max_grad_norm", "clipping", "accountant", "world_size")
+# A state saved before multi-process support lacks some keys: their value then.
+_RESUME_DEFAULTS = {"world_size": 1}
 
 
 class DPTrainer(Trainer):
@@ -85,8 +98,9 @@ class DPTrainer(Trainer):
     ``ignore_data_skip`` (a resume would replay the epoch's first batches), an ``IterableDataset`` or a dataset
     without ``len``, ``fp16`` (its GradScaler scales the loss that is clipped: use ``bf16``), ``label_smoothing_factor``,
     ``compute_loss_func`` (use ``per_sample_loss``), ``torch_compile``, ``args.max_grad_norm`` other than 1.0 (the
-    default) or 0, a ``DPOptimizer`` in ``optimizers=`` (pass the plain optimizer), several processes or GPUs,
-    DeepSpeed and FSDP. ``gradient_checkpointing=True`` goes through fastdp's engine as any activation checkpointing:
+    default) or 0, a ``DPOptimizer`` in ``optimizers=`` (pass the plain optimizer), several GPUs in one process
+    (``nn.DataParallel``), several processes other than torch.distributed's (TPU / XLA, SageMaker),
+    ``ddp_static_graph``, DeepSpeed and FSDP. Several processes under torchrun are supported (module docstring). ``gradient_checkpointing=True`` goes through fastdp's engine as any activation checkpointing:
     exact where the engine supports it, refused by the engine with its own message where it does not. Evaluation on
     any data is unaffected.
     """
@@ -124,10 +138,13 @@ class DPTrainer(Trainer):
         self.sample_size = len(self.train_dataset)
         self.max_physical_batch_size = int(self.args.per_device_train_batch_size)
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        self.expected_batch_size = self.max_physical_batch_size * gradient_accumulation_steps * max(1, self.args.world_size)
+        self.world_size = max(1, int(self.args.world_size))
+        self.rank = int(self.args.process_index) if self.world_size > 1 else 0
+        self.expected_batch_size = self.max_physical_batch_size * gradient_accumulation_steps * self.world_size
         if self.expected_batch_size > self.sample_size:
-            raise ValueError(f"the expected logical batch (per_device_train_batch_size x gradient_accumulation_steps = "
-                             f"{self.expected_batch_size}) exceeds the training set ({self.sample_size} samples)")
+            raise ValueError(f"the expected logical batch (per_device_train_batch_size x gradient_accumulation_steps x "
+                             f"world_size = {self.expected_batch_size}) exceeds the training set ({self.sample_size} "
+                             "samples)")
         self.sample_rate = self.expected_batch_size / self.sample_size
         self.steps_per_epoch = int(1 / self.sample_rate)  # opacus' UniformWithReplacementSampler
         self.total_steps = (int(self.args.max_steps) if self.args.max_steps > 0
@@ -144,18 +161,32 @@ class DPTrainer(Trainer):
         self.max_grad_norm, self.clipping, self.accountant_name, self.gamma = max_grad_norm, clipping, accountant, gamma
         self.secure_mode = secure_mode
         self.sampling_seed = secrets.randbits(62) if sampling_seed is None else int(sampling_seed)
+        if self.world_size > 1:
+            # One run seed (rank 0's): each rank derives its own shard's generator from it and its rank, so the
+            # ranks' draws differ, and a checkpoint (saved by rank 0) resumes every rank's sampling.
+            box = [self.sampling_seed]
+            dist.broadcast_object_list(box, src=0)
+            self.sampling_seed = int(box[0])
         self.noise_seed = None if secure_mode else (secrets.randbits(62) if noise_seed is None else int(noise_seed))
         self.dp_optimizer: Optional[DPOptimizer] = None
+        self._ddp_model: Optional[nn.parallel.DistributedDataParallel] = None
         self._poisson_sampler: Optional[EpochPoissonSampler] = None
         self._epsilon_cache = (None, None, None)
 
     # ----------------------------------------------------------------- checks
     def _check_setup(self, per_sample_loss) -> None:
         args = self.args
-        if args.world_size > 1 or args.n_gpu > 1:
+        if args.n_gpu > 1:
             raise NotImplementedError(
-                f"DPTrainer runs on one process and one device (world_size={args.world_size}, n_gpu={args.n_gpu}); "
-                "for data-parallel DP training use fastdp.DPOptimizer with torch DDP directly (fastdp.distributed)")
+                f"DPTrainer uses one device per process (n_gpu={args.n_gpu}: Trainer would replicate the model with "
+                "nn.DataParallel, which fastdp does not support): launch one process per GPU with torchrun")
+        if args.world_size > 1 and args.parallel_mode != ParallelMode.DISTRIBUTED:
+            raise NotImplementedError(
+                f"DPTrainer runs several processes only under torch.distributed (torchrun), not {args.parallel_mode} "
+                f"(world_size={args.world_size})")
+        if args.world_size > 1 and getattr(args, "ddp_static_graph", False):
+            raise NotImplementedError("ddp_static_graph=True is not supported by DPTrainer: DDP's static graph "
+                                      "all-reduces the parameters' gradients itself (fastdp reduces the clipped sums)")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise NotImplementedError("DPTrainer does not support DeepSpeed or FSDP")
         if self.train_dataset is None:
@@ -188,7 +219,7 @@ class DPTrainer(Trainer):
         else:
             collate = self._get_collator_with_removed_columns(collate, description="training")
         self._poisson_sampler = EpochPoissonSampler(len(dataset), self.sample_rate, self.steps_per_epoch,
-                                                    self.sampling_seed)
+                                                    self.sampling_seed, rank=self.rank, world_size=self.world_size)
         collator = LogicalCollator(collate, self.max_physical_batch_size,
                                    functools.partial(collate_one, collate, dataset[0]))
         kwargs = {}
@@ -265,12 +296,46 @@ class DPTrainer(Trainer):
         return None  # the gradient is released inside step(): before it there is no .grad to measure
 
     # -------------------------------------------------------------- optimizer
+    def _ddp_wrap(self) -> nn.parallel.DistributedDataParallel:
+        """``self.model`` in ``DistributedDataParallel`` (once; Trainer's DDP settings), for fastdp's DPOptimizer.
+
+        DPTrainer wraps it itself because the DPOptimizer must be built on the DDP wrapper (it switches DDP's
+        gradient all-reduce off and all-reduces the clipped sums), and Trainer builds its optimizer before accelerate
+        wraps the model; ``_wrap_model`` then hands Trainer this wrapper, so accelerate does not wrap it again."""
+        if self._ddp_model is None:
+            kwargs = {}
+            if self.args.ddp_broadcast_buffers is not None:
+                kwargs["broadcast_buffers"] = self.args.ddp_broadcast_buffers
+            if self.args.ddp_bucket_cap_mb is not None:
+                kwargs["bucket_cap_mb"] = self.args.ddp_bucket_cap_mb
+            device = self.args.device
+            if device.type != "cpu":
+                kwargs["device_ids"] = [device.index if device.index is not None else self.args.local_process_index]
+                kwargs["output_device"] = kwargs["device_ids"][0]
+            self._ddp_model = nn.parallel.DistributedDataParallel(self.model, **kwargs)
+        return self._ddp_model
+
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        if training and getattr(self, "world_size", 1) > 1:
+            if self._ddp_model is None:
+                raise RuntimeError("DPTrainer: the model is being wrapped for training before DPTrainer built its "
+                                   "DPOptimizer on the DDP wrapper (create_optimizer); an overridden "
+                                   "create_optimizer must call DPTrainer's")
+            return self._ddp_model  # Trainer then skips accelerator.prepare(model): no second DDP wrapper
+        return super()._wrap_model(model, training, dataloader)
+
     def create_optimizer(self, model=None):
-        """Trainer's optimizer wrapped in ``DPOptimizer`` (once)."""
+        """Trainer's optimizer wrapped in ``DPOptimizer`` (once); on several processes the DPOptimizer is built on
+        the model's ``DistributedDataParallel`` wrapper (``_ddp_wrap``)."""
         if self.dp_optimizer is not None:
             return self.optimizer
         base = super().create_optimizer(model)
         opt_model = self.model if model is None else model
+        if self.world_size > 1:
+            if opt_model is not self.model:
+                raise NotImplementedError(f"DPTrainer on several processes builds its optimizer on self.model, got "
+                                          f"{type(opt_model).__name__}")
+            opt_model = self._ddp_wrap()
         generator = None
         if self.noise_seed is not None:
             devices = {p.device for p in opt_model.parameters() if p.requires_grad}
@@ -323,7 +388,8 @@ class DPTrainer(Trainer):
         if not isinstance(state, dict) or state.get("version") != DP_STATE_VERSION:
             raise ValueError(f"{path}: not a DPTrainer state of version {DP_STATE_VERSION}")
         mine = self._dp_state()
-        differ = [f"{k}: checkpoint {state.get(k)!r}, now {mine[k]!r}" for k in _RESUME_KEYS if state.get(k) != mine[k]]
+        saved = {k: state.get(k, _RESUME_DEFAULTS.get(k)) for k in _RESUME_KEYS}
+        differ = [f"{k}: checkpoint {saved[k]!r}, now {mine[k]!r}" for k in _RESUME_KEYS if saved[k] != mine[k]]
         if differ:
             raise ValueError("resume_from_checkpoint: the checkpoint's DP setting differs from this DPTrainer's ("
                              + "; ".join(differ) + "): its epsilon would not continue the first run's")

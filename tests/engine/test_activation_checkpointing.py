@@ -1,9 +1,10 @@
-"""Activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False``) under the engine: the recomputation
-in backward runs through the layers with the forward's taps, and the clipped sums equal the torch.func reference of
-the same model without checkpointing (flat and per-layer clipping, micro-batches, regions around blocks, nested
-regions, a region around the whole model, selective checkpointing, a shared position lookup inside a region).
-Dropout inside a region sees the forward's masks again. Refused with a clear error: reentrant checkpointing
-(``use_reentrant=True``), a retained graph backpropagated twice, a backward through the recomputed graph."""
+"""Activation checkpointing (``torch.utils.checkpoint``, ``use_reentrant=False`` and ``True``) under the engine: the
+recomputation in backward runs through the layers with the forward's taps, and the clipped sums equal the torch.func
+reference of the same model without checkpointing (flat and per-layer clipping, micro-batches, regions around blocks,
+nested regions, a region around the whole model, selective checkpointing, a shared position lookup inside a region, a
+tied weight used inside and outside a reentrant region). Dropout inside a region sees the forward's masks again.
+Refused with a clear error: a retained graph backpropagated twice, a backward through the recomputed graph, a
+reentrant region nested in another."""
 import functools
 import math
 
@@ -21,6 +22,9 @@ from helpers import assert_close, clipped_sum_reference, dp_sgd, flat_params, lm
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier")
 
 MODES = ("blocks", "outer", "nested", "root", "selective")
+# use_reentrant=True: one region per block, one around the lookup and blocks, that one with non-reentrant block regions
+# inside, one around the token lookup and blocks (the tied head outside), one around the whole model
+REENTRANT_MODES = ("re_blocks", "re_outer", "re_mixed", "re_tied", "re_root")
 
 
 def keep_matmuls(ctx, op, *args, **kwargs):
@@ -75,17 +79,21 @@ class CheckpointedLM(nn.Module):
                 ctx = functools.partial(create_selective_checkpoint_contexts, keep_matmuls)
                 x = checkpoint(b, x, use_reentrant=False, context_fn=ctx)
             else:
-                x = checkpoint(b, x, use_reentrant=False)
+                x = checkpoint(b, x, use_reentrant=self.mode == "re_blocks")
         return x
 
     def forward(self, idx):
+        if self.mode == "re_tied":  # (a reentrant region needs an input that requires grad: a zero added)
+            zero = torch.zeros((), dtype=self.ln.weight.dtype, requires_grad=True)
+            x = checkpoint(lambda z, i: self.body(self.tok(i) + z, False), zero, idx, use_reentrant=True)
+            return self.head(self.ln(x))
         x = self.tok(idx)
-        if self.mode in ("none", "root"):
+        if self.mode in ("none", "root", "re_root"):
             x = self.body(x, False)
-        elif self.mode in ("blocks", "selective"):
+        elif self.mode in ("blocks", "selective", "re_blocks"):
             x = self.body(x, True)
         else:
-            x = checkpoint(self.body, x, self.mode == "nested", use_reentrant=False)
+            x = checkpoint(self.body, x, self.mode in ("nested", "re_mixed"), use_reentrant=self.mode.startswith("re_"))
         return self.head(self.ln(x))
 
 
@@ -102,6 +110,9 @@ def batch(B=4, T=6, vocab=13, seed=1):
 def run(model, idx, mode):
     """The model's output with checkpointing as ``mode`` says."""
     model.mode = mode
+    if mode == "re_root":  # (a reentrant region needs an input that requires grad: a zero added)
+        zero = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        return checkpoint(lambda z: model(idx) + z, zero, use_reentrant=True)
     return checkpoint(model, idx, use_reentrant=False) if mode == "root" else model(idx)
 
 
@@ -119,7 +130,7 @@ def assert_sums(engine, model, ref, rtol=1e-9):
         assert_close(engine.summed[named[n]], v, rtol, 1e-12 * v.abs().max().item(), n)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + REENTRANT_MODES)
 def test_checkpointed_regions_give_the_exact_clipped_sums(mode):
     model, (idx, tgt) = lm(), batch()
     ref, norms = reference(model, idx, tgt, R=0.05)
@@ -155,7 +166,40 @@ def test_each_region_is_recomputed_through_the_layers_with_the_forward_taps(monk
     assert "RecomputedUse" in opened and "PendingUse" in opened
 
 
-def test_per_layer_clipping_fused_in_backward_is_exact():
+@pytest.mark.parametrize("mode, regions", [("re_blocks", 2), ("re_outer", 1), ("re_root", 1)])
+def test_a_reentrant_region_is_recomputed_with_counted_uses_in_the_outer_pass(monkeypatch, mode, regions):
+    """A reentrant region's forward records no use; its recomputation runs inside ``ModelHooks.replay`` (at the
+    forward's batch size) and opens ``ReentrantUse``s, its only uses, counted. Their gradients arrive in the nested
+    backward passes checkpoint runs, and join the outer pass: one pass, finalised once."""
+    replays, opened, tasks = [], [], set()
+    original_replay = ModelHooks.replay
+
+    def counting_replay(self, batch_size, reentrant=None):
+        replays.append(batch_size)
+        return original_replay(self, batch_size, reentrant)
+
+    monkeypatch.setattr(ModelHooks, "replay", counting_replay)
+    model, (idx, tgt) = lm(), batch(B=3)
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(1.0))
+    original_open, original_submit = eng.open_use, eng.submit
+    eng.open_use = lambda tap: opened.append(type(original_open(tap)).__name__) or original_open(tap)
+    eng.submit = lambda g, use=None: tasks.add(torch._C._current_graph_task_id()) or original_submit(g, use)
+    out = run(model, idx, mode)
+    assert "ReentrantUse" not in opened and all(n == 1 for p, n in eng._pending._counts.items()
+                                                 if p is model.blocks[0].fc.weight)  # held until recomputed
+    lm_sum_loss(out, tgt).backward()
+    eng.detach()
+    assert replays == [3] * regions
+    assert "ReentrantUse" in opened and "RecomputedUse" not in opened
+    assert len(tasks) == regions + (mode != "re_root")  # the nested passes (and the outer one)
+    assert eng.num_backward == 1 and eng.num_samples == 3
+    assert all(n == 0 for n in eng._pending._counts.values())
+
+
+@pytest.mark.parametrize("mode", ["blocks", "re_blocks", "re_tied"])
+def test_per_layer_clipping_fused_in_backward_is_exact(mode):
+    """re_tied: the tied head / token weight is used outside a reentrant region (its gradient arrives first) and
+    inside (its use is opened only by the recomputation, later): it is clipped once both have arrived."""
     model, (idx, tgt) = lm(seed=2), batch(seed=3)
     named = [n for n, p in model.named_parameters()]
     R = [0.02 * (1 + i % 3) for i in range(len(named))]
@@ -169,25 +213,27 @@ def test_per_layer_clipping_fused_in_backward_is_exact():
         opt = fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
                                  max_grad_norm=R, expected_batch_size=4, sample_size=400, clipping="per_layer",
                                  fused_per_layer=True)
-    lm_sum_loss(run(model, idx, "blocks"), tgt).backward()
+    lm_sum_loss(run(model, idx, mode), tgt).backward()
     assert opt.engine.last_fused == sum(1 for p in model.parameters() if p.dim() > 1)  # clipped inside backward
     assert_sums(opt.engine, model, ref)
     opt.detach()
 
 
-def test_micro_batches_accumulate_exactly():
+@pytest.mark.parametrize("mode", ["nested", "re_mixed"])
+def test_micro_batches_accumulate_exactly(mode):
     model, (i1, t1), (i2, t2) = lm(seed=4), batch(B=3, seed=5), batch(B=2, seed=6)
     r1, _ = reference(model, i1, t1, R=0.05)
     r2, _ = reference(model, i2, t2, R=0.05)
     eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.05))
     for idx, tgt in ((i1, t1), (i2, t2)):
-        lm_sum_loss(run(model, idx, "nested"), tgt).backward()
+        lm_sum_loss(run(model, idx, mode), tgt).backward()
     eng.detach()
     assert eng.num_backward == 2 and eng.num_samples == 5
     assert_sums(eng, model, {n: r1[n] + r2[n] for n in r1})
 
 
-def test_one_sample_moves_the_model_by_at_most_R():
+@pytest.mark.parametrize("mode", ["blocks", "re_blocks", "re_tied"])
+def test_one_sample_moves_the_model_by_at_most_R(mode):
     """Neighbouring batches (one sample removed) give steps at most R apart (noiseless SGD at lr 1, sum loss)."""
     R = 1e-3
     idx, tgt = batch(B=4, seed=7)
@@ -196,7 +242,7 @@ def test_one_sample_moves_the_model_by_at_most_R():
         model = lm(seed=8)
         before = flat_params(model)
         opt = dp_sgd(model, R, B=4)
-        F.cross_entropy(run(model, idx[rows], "blocks").flatten(0, 1), tgt[rows].flatten(), reduction="sum").backward()
+        F.cross_entropy(run(model, idx[rows], mode).flatten(0, 1), tgt[rows].flatten(), reduction="sum").backward()
         assert (opt.engine.last_norms > R).all()
         opt.step()
         opt.detach()
@@ -205,7 +251,7 @@ def test_one_sample_moves_the_model_by_at_most_R():
     assert steps[1].norm() > 0
 
 
-@pytest.mark.parametrize("mode", ["blocks", "outer"])
+@pytest.mark.parametrize("mode", ["blocks", "outer", "re_blocks", "re_outer"])
 def test_dropout_inside_a_region_sees_the_forward_masks_again(mode):
     """checkpoint restores the RNG state for the recomputation: with dropout, the output and the clipped sums are
     those of the same model run without checkpointing from the same seed."""
@@ -227,10 +273,12 @@ def test_dropout_inside_a_region_sees_the_forward_masks_again(mode):
         assert_close(s1[n], s0[n], 1e-9, 1e-12 * s0[n].abs().max().item(), n)
 
 
-def test_a_retained_graph_backpropagated_twice_is_still_refused():
+@pytest.mark.parametrize("mode", ["blocks", "re_blocks", "re_root"])
+def test_a_retained_graph_backpropagated_twice_is_still_refused(mode):
+    """(A reentrant region recomputes again in the second pass: its new uses come from a forward already clipped.)"""
     model, (idx, tgt) = lm(), batch()
     eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(1.0))
-    loss = lm_sum_loss(run(model, idx, "blocks"), tgt)
+    loss = lm_sum_loss(run(model, idx, mode), tgt)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already clipped|already backpropagated"):
         loss.backward()
@@ -263,31 +311,53 @@ def test_a_backward_through_the_recomputed_graph_is_refused():
     eng.detach()
 
 
-def test_reentrant_checkpointing_around_layers_is_refused_with_the_way_out():
-    class Reentrant(nn.Module):
+def test_nested_reentrant_regions_are_refused_with_the_way_out():
+    class Nested(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 3)
 
         def forward(self, x):
-            return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x, use_reentrant=True))
+            inner = lambda t: torch.tanh(self.a(t))  # noqa: E731
+            return self.b(checkpoint(lambda t: checkpoint(inner, t, use_reentrant=True), x, use_reentrant=True))
 
-    m = Reentrant()
+    m = Nested()
     eng = fastdp.GradSampleEngine(m, fastdp.FlatClip(1.0))
-    with pytest.raises(fastdp.UnsupportedLayerError, match=r"parameter 'a.weight'.*use_reentrant=True.*"
-                                                           r"Use use_reentrant=False"):
-        m(torch.randn(5, 4, requires_grad=True)).sum().backward()
+    with pytest.raises(fastdp.UnsupportedLayerError, match=r"parameter 'a.weight'.*nested inside another reentrant "
+                                                           r"region.*Use use_reentrant=False"):
+        m(torch.randn(5, 4, requires_grad=True))
     eng.detach()
 
 
-def test_reentrant_checkpointing_around_the_whole_model_is_refused():
-    """The region runs under no_grad in forward (no tap is swapped in); its recomputation runs the model's forward
-    inside backward, where it is refused before any gradient is taken."""
-    model, (idx, _) = lm(), batch()
+def test_create_graph_through_a_reentrant_region_is_refused():
+    """With every parameter inside the region, the outer pass runs no layer of fastdp: the region's node refuses it."""
+    model, (idx, tgt) = lm(), batch()
     eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(1.0))
-    h = torch.randn(4, 6, 13, dtype=torch.float64, requires_grad=True)  # (a reentrant region needs such an input)
-    with pytest.raises(fastdp.UnsupportedLayerError, match="inside a backward pass.*use_reentrant=False"):
-        checkpoint(lambda t: model(idx) + t, h, use_reentrant=True).sum().backward()
+    with pytest.raises(fastdp.UnsupportedLayerError, match="create_graph=True.*reentrant activation checkpoint"):
+        lm_sum_loss(run(model, idx, "re_root"), tgt).backward(create_graph=True)
+    assert eng.num_backward == 0
+    eng.detach()
+
+
+def test_a_custom_function_that_recomputes_the_model_in_backward_is_refused():
+    """Outside torch.utils.checkpoint, a forward of the model inside backward is refused before any gradient."""
+    model, (idx, _) = lm(), batch()
+
+    class RecomputeInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h):
+            return h.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            with torch.enable_grad():
+                model(idx).sum().backward()
+            return g
+
+    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(1.0))
+    h = torch.randn(4, 6, 13, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(fastdp.UnsupportedLayerError, match="inside a backward pass.*torch.utils.checkpoint"):
+        RecomputeInBackward.apply(h).sum().backward()
     assert eng.num_backward == 0 and eng.summed == {}
     eng.detach()
 

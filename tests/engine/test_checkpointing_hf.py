@@ -1,10 +1,9 @@
-"""HF ``gradient_checkpointing_enable()`` (non-reentrant ``torch.utils.checkpoint`` around each GPT-2 block) under the
-engine: the clipped sums equal the torch.func reference of the same model without checkpointing (flat and per-layer
-clipping, tied embedding / head, shared position lookups); dropout inside the checkpointed blocks sees the forward's
-masks again; ``use_reentrant=True`` is refused with the way out."""
+"""HF ``gradient_checkpointing_enable()`` (``torch.utils.checkpoint`` around each GPT-2 block, non-reentrant by default,
+and with ``gradient_checkpointing_kwargs={"use_reentrant": True}``) under the engine: the clipped sums equal the
+torch.func reference of the same model without checkpointing (flat and per-layer clipping, tied embedding / head,
+shared position lookups); dropout inside the checkpointed blocks sees the forward's masks again."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastdp
@@ -53,19 +52,25 @@ def assert_sums(engine, model, ref):
         assert_close(engine.summed[named[n]], v, 1e-9, 1e-12 * v.abs().max().item(), n)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_gradient_checkpointing_enable_is_exact(monkeypatch, attn):
+def checkpointing_kwargs(reentrant):
+    return {"use_reentrant": True} if reentrant else None
+
+
+@pytest.mark.parametrize("attn, reentrant", [("eager", False), ("sdpa", False), ("eager", True), ("sdpa", True)])
+def test_gradient_checkpointing_enable_is_exact(monkeypatch, attn, reentrant):
     replays = []  # each block's recomputation runs as a replay of the forward's taps
     original_replay = ModelHooks.replay
-    monkeypatch.setattr(ModelHooks, "replay", lambda self, b: replays.append(b) or original_replay(self, b))
+    monkeypatch.setattr(ModelHooks, "replay",
+                        lambda self, b, reentrant=None: replays.append(b) or original_replay(self, b, reentrant))
     model, (idx, tgt) = gpt2(attn=attn), batch()
     ref, norms = clipped_sum_reference(Logits(model), lm_sum_loss, idx, tgt, max_grad_norm=0.5)
     ref = {n[len("lm."):]: v for n, v in ref.items()}
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(reentrant))
     assert model.transformer.h[0].gradient_checkpointing and model.is_gradient_checkpointing
     eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.5))
     lm_sum_loss(logits(model, idx), tgt).backward()
     eng.detach()
+    assert eng.num_backward == 1
     assert (norms > 0.5).any()
     assert_close(eng.last_norms, norms, 1e-9, 1e-12 * norms.max().item(), "per-sample norms")
     assert_sums(eng, model, ref)
@@ -73,7 +78,8 @@ def test_gradient_checkpointing_enable_is_exact(monkeypatch, attn):
     assert replays == [3, 3]  # (batch size 3, two blocks)
 
 
-def test_per_layer_clipping_with_gradient_checkpointing_is_exact():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_per_layer_clipping_with_gradient_checkpointing_is_exact(reentrant):
     model, (idx, tgt) = gpt2(seed=2), batch(seed=3)
     names = [n for n, _ in model.named_parameters()]
     R = [0.05 * (1 + i % 3) for i in range(len(names))]
@@ -82,24 +88,25 @@ def test_per_layer_clipping_with_gradient_checkpointing_is_exact():
     for (n, v), r in zip(g.items(), R):
         c = (r / (v.flatten(1).norm(dim=1) + 1e-6)).clamp(max=1.0)
         ref[n[len("lm."):]] = torch.einsum("b,b...->...", c, v)
-    model.activation_checkpointing_enable()
+    model.activation_checkpointing_enable(checkpointing_kwargs(reentrant))
     with pytest.warns(UserWarning):  # noise_multiplier=0
         opt = fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0,
                                  max_grad_norm=R, expected_batch_size=3, sample_size=300, clipping="per_layer",
                                  fused_per_layer=True)
     lm_sum_loss(logits(model, idx), tgt).backward()
-    assert opt.engine.last_fused > 0
+    assert opt.engine.last_fused == sum(1 for p in model.parameters() if p.dim() > 1)  # clipped inside backward
     assert_sums(opt.engine, model, ref)
     opt.detach()
 
 
-def test_dropout_in_checkpointed_blocks_matches_the_run_without_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_dropout_in_checkpointed_blocks_matches_the_run_without_checkpointing(reentrant):
     idx, tgt = batch(seed=4)
     runs = []
     for enable in (False, True):
         model = gpt2(seed=5, pdrop=0.3)
         if enable:
-            model.gradient_checkpointing_enable()
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs(reentrant))
         eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.5))
         torch.manual_seed(6)
         out = logits(model, idx)
@@ -111,12 +118,3 @@ def test_dropout_in_checkpointed_blocks_matches_the_run_without_checkpointing():
     assert_close(n1, n0, 1e-9, 1e-12 * n0.max().item(), "per-sample norms")
     for n in s0:
         assert_close(s1[n], s0[n], 1e-9, 1e-12 * s0[n].abs().max().item(), n)
-
-
-def test_reentrant_gradient_checkpointing_is_refused_with_the_way_out():
-    model, (idx, tgt) = gpt2(), batch()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    eng = fastdp.GradSampleEngine(model, fastdp.FlatClip(0.5))
-    with pytest.raises(fastdp.UnsupportedLayerError, match="transformer.h.0.*use_reentrant=True.*use_reentrant=False"):
-        F.cross_entropy(logits(model, idx).flatten(0, 1), tgt.flatten()).backward()
-    eng.detach()
