@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+import fastdp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="gloo is needed")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -24,23 +26,27 @@ def _value(out: str, key: str) -> str:
     return m.group(1)
 
 
-def test_fastdp_train_on_two_ranks_accounts_as_one_process():
-    common = ["train", "--epochs", "1", "--limit", "400", "--no-progress", "--reproducible", "--model", "mlp"]
-    two = _run(["-m", "fastdp", *common, "--nproc", "2"])
+def test_fastdp_train_on_two_ranks_accounts_the_global_rate():
+    two = _run(["-m", "fastdp", "train", "--epochs", "1", "--limit", "400", "--no-progress", "--reproducible",
+                "--model", "mlp", "--nproc", "2"])
     assert two.returncode == 0, two.stderr[-3000:]
-    one = _run(["-m", "fastdp", *common])
-    assert one.returncode == 0, one.stderr[-3000:]
-    # the same global sample rate, noise and steps: the same epsilon and noise multiplier
-    assert _value(two.stdout, "epsilon") == _value(one.stdout, "epsilon")
-    assert _value(two.stdout, "noise_multiplier") == _value(one.stdout, "noise_multiplier")
+    # 400 samples, batch size 128: 4 steps at the global rate 1/4 (not a rank's shard), calibrated to epsilon 3
+    assert "sample_rate 0.25, expected batch size 100, 4 steps per epoch" in two.stdout, two.stdout
+    sigma = fastdp.get_noise_multiplier(target_epsilon=3.0, target_delta=1e-5, sample_rate=0.25, steps=4)
+    assert _value(two.stdout, "noise_multiplier") == f"{sigma:.4f}"
+    assert float(_value(two.stdout, "epsilon")) == pytest.approx(3.0, abs=0.011)
     assert float(_value(two.stdout, "test_accuracy")) > 0.15  # it learns something in 4 steps (chance: 0.1)
     assert two.stdout.count("test_accuracy:") == 1  # rank 0 prints, rank 1 is silent
 
 
-def test_checkpoints_are_refused_on_several_ranks(tmp_path):
-    r = _run(["-m", "fastdp", "train", "--nproc", "2", "--epochs", "1", "--limit", "200", "--no-progress",
-              "--checkpoint-dir", str(tmp_path)])
-    assert r.returncode != 0 and "--checkpoint-dir is not supported with --nproc" in r.stderr
+def test_checkpoints_are_refused_on_several_ranks(monkeypatch, tmp_path, capsys):
+    from fastdp.cli import build_parser
+    from fastdp.train_distributed import start_ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun starts each rank
+    args = build_parser().parse_args(["train", "--checkpoint-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        start_ranks(args, torch.device("cpu"), args.error)  # the parser's error(): before any process group
+    assert "--checkpoint-dir is not supported with --nproc" in capsys.readouterr().err
 
 
 def test_ddp_example_trains_on_two_ranks():

@@ -59,8 +59,9 @@ def trainer(out_dir, model, sizes, dp, **kw):
     from transformers import TrainingArguments
 
     from fastdp.hf import DPTrainer
+    kw = {"save_strategy": "no", **kw}
     args = TrainingArguments(output_dir=str(out_dir), learning_rate=1.0, lr_scheduler_type="constant", report_to=[],
-                             save_strategy="no", use_cpu=True, disable_tqdm=True, optim="sgd", **sizes, **kw)
+                             use_cpu=True, disable_tqdm=True, optim="sgd", **sizes, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return DPTrainer(model=model, args=args, train_dataset=texts(), data_collator=pad_collate,
