@@ -49,8 +49,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import IterableDataset
 from transformers import Trainer
-from transformers.training_args import ParallelMode
 from transformers.trainer_utils import has_length
+from transformers.training_args import ParallelMode
 from transformers.utils import is_datasets_available
 
 from fastdp.accounting import get_noise_multiplier
@@ -100,7 +100,8 @@ class DPTrainer(Trainer):
     ``compute_loss_func`` (use ``per_sample_loss``), ``torch_compile``, ``args.max_grad_norm`` other than 1.0 (the
     default) or 0, a ``DPOptimizer`` in ``optimizers=`` (pass the plain optimizer), several GPUs in one process
     (``nn.DataParallel``), several processes other than torch.distributed's (TPU / XLA, SageMaker),
-    ``ddp_static_graph``, DeepSpeed and FSDP. Several processes under torchrun are supported (module docstring). ``gradient_checkpointing=True`` goes through fastdp's engine as any activation checkpointing:
+    ``ddp_static_graph``, DeepSpeed and FSDP. Several processes under torchrun are supported (module docstring).
+    ``gradient_checkpointing=True`` goes through fastdp's engine as any activation checkpointing:
     exact where the engine supports it, refused by the engine with its own message where it does not. Evaluation on
     any data is unaffected.
     """
