@@ -22,10 +22,12 @@ backward pass, and opens ``ReentrantUse``s (``fastdp.engine_state``), the region
 uses are released. Their gradients arrive in the nested backward pass checkpoint runs on the recomputed outputs, and
 the engine adds them to the outer pass (one clip group per sample: ``GradSampleEngine.submit``). A reentrant region
 inside another reentrant region is refused (``REENTRANT_NESTED_HELP``); inside a non-reentrant one it works (the
-original forward's inner region is the one whose backward runs).
+original forward's inner region is the one whose backward runs). ``create_graph=True`` through a reentrant region is
+refused by a pre-hook on its node (``ModelHooks.join_reentrant_region``).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, ContextManager
 
 import torch
@@ -96,8 +98,6 @@ _CHECKPOINT_FUNCTION = "CheckpointFunction"
 def reentrant_ctxs() -> list:
     """The ctx of every reentrant checkpoint region whose forward is running (``CheckpointFunction.forward`` frames on
     the stack), innermost first. Fails closed if such a frame's ctx cannot be read."""
-    import sys
-
     cls = getattr(torch.utils.checkpoint, _CHECKPOINT_FUNCTION, None)
     code = getattr(getattr(cls, "forward", None), "__code__", None)
     found = []

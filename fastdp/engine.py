@@ -29,8 +29,7 @@ from torch import nn
 
 import fastdp.layers  # noqa: F401  (registers the layer handlers)
 from fastdp.clipping import ClipRule
-from fastdp.engine_state import (ForwardPass, PassState, PendingCounts, PendingUse, RecomputedUse, ReentrantUse,
-                                 SumState)
+from fastdp.engine_state import ForwardPass, PassState, PendingCounts, PendingUse, RecomputedUse, ReentrantUse, SumState
 from fastdp.grad_buffer import GradBuffer
 from fastdp.grad_sample import DenseGrad, PerSampleGrad, masked, per_sample_dot
 from fastdp.masks import Mask
