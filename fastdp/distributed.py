@@ -81,6 +81,10 @@ class DataParallel:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
 
+    def reduce_release_(self, grads, full: bool = True) -> None:
+        """The step's reduction of the (noised) clipped sums: one all-reduce per flat buffer (DDP's bytes)."""
+        self.all_reduce_(grads.flats)
+
     def check_sync_off(self) -> None:
         if self.ddp.require_backward_grad_sync:
             raise RuntimeError("DistributedDataParallel's gradient synchronisation was switched back on "

@@ -7,8 +7,9 @@ module's forward runs, each of its managed slots holds a ``ParamTap`` whose valu
 whose identity (the engine's key: buffer view, masks, names) is the registered shard. So every rank computes the
 exact per-sample gradients of its own samples over the full parameters, as DDP does; no norm crosses ranks.
 FSDP itself never sees a gradient (the layer handlers keep the parameters out of autograd), so its reduce-scatter
-never runs; the step then adds rank 0's noise, all-reduces the flat buffer of clipped sums and gives each rank its
-shard of the result as the DTensor ``.grad`` (``ShardedDataParallel.set_grads``).
+never runs; the step then adds rank 0's noise, reduce-scatters the flat buffer of clipped sums in FSDP2's shard
+layout (all-reduces it for optimizers that read the whole release: ``reduce_release_``) and gives each rank its shard
+of the result as the DTensor ``.grad`` (``ShardedDataParallel.set_grads``).
 
 Every method works on it (masks and scores are full-shape, like the buffer) but DP-MicroAdam (refused).
 Memory: parameters and optimizer state are sharded as in FSDP; the flat buffer of clipped sums is full-size on every
@@ -130,10 +131,8 @@ class ShardedDataParallel:
     shards_grads = True  # ``.grad`` is this rank's shard (``DPOptimizer.released`` reads the full gradient)
 
     def supports(self, optimizer_class: type) -> bool:
-        """Every method but DP-MicroAdam (its state is laid out over the flattened parameters: a DTensor shard of an
-        unevenly sharded parameter cannot be flattened)."""
-        from fastdp.micro_adam import DPMicroAdam
-        return not issubclass(optimizer_class, DPMicroAdam)
+        """Every method (DP-MicroAdam steps full-shape replicas of the parameters: ``fastdp.DPMicroAdam``)."""
+        return True
 
     @property
     def adds_noise(self) -> bool:
@@ -142,6 +141,31 @@ class ShardedDataParallel:
     def all_reduce_(self, tensors) -> None:
         for t in tensors:
             dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+
+    def reduce_release_(self, grads, full: bool) -> None:
+        """The step's reduction of the (noised) clipped sums ``grads`` (a ``GradBuffer``).
+
+        ``full``: the optimizer post-processes the whole released gradient (``DPOptimizer.needs_full_release``): one
+        all-reduce per flat buffer, twice the bytes of FSDP's reduce-scatter. Otherwise one reduce-scatter per flat
+        buffer in FSDP2's shard layout (dim 0 cut in ``torch.chunk`` pieces, one per rank): the bytes of non-private
+        FSDP; each rank's reduced rows are written back into its views, the other rows are stale (``released`` then
+        refuses to read them)."""
+        self.scattered = not full and all(_shard0(p, self.world_size) for p in grads.params)
+        if not self.scattered:
+            self.all_reduce_(grads.flats)
+            return
+        for flat, params in zip(grads.flats, grads.groups):
+            send, pieces = _shard_major(flat, params, self.world_size)
+            out = torch.empty(send.numel() // self.world_size, dtype=flat.dtype, device=flat.device)
+            dist.reduce_scatter_tensor(out, send, group=self.group)
+            offset = 0
+            for p, (rows, row_numel) in zip(params, pieces):
+                lo, hi = min(self.rank * rows, p.shape[0]), min((self.rank + 1) * rows, p.shape[0])
+                mine = grads.views[p].reshape(p.shape[0], row_numel)[lo:hi]
+                mine.copy_(out[offset:offset + (hi - lo) * row_numel].view(hi - lo, row_numel))
+                offset += rows * row_numel
+
+    scattered = False  # the last release was reduce-scattered (only this rank's rows of the buffer are reduced)
 
     def check_same_config(self, config: dict) -> None:
         from fastdp.distributed import compare_configs
@@ -153,3 +177,29 @@ class ShardedDataParallel:
         for p, g in views.items():
             local = g if g.dtype == p.dtype else g.to(p.dtype)
             p.grad = distribute_tensor(local, p.device_mesh, p.placements, src_data_rank=None)
+
+
+def _shard0(p: torch.Tensor, world_size: int) -> bool:
+    """``p`` is an FSDP2 shard along dim 0 over a 1-D mesh of ``world_size`` ranks (the layout ``_shard_major``
+    writes)."""
+    placements = getattr(p, "placements", None)
+    mesh = getattr(p, "device_mesh", None)
+    return (p.dim() >= 1 and placements is not None and len(placements) == 1 and mesh is not None
+            and mesh.ndim == 1 and mesh.size() == world_size and type(placements[0]).__name__ == "Shard"
+            and placements[0].dim == 0)
+
+
+def _shard_major(flat: torch.Tensor, params, world_size: int):
+    """``flat`` (the parameters' gradients, one after the other) rearranged rank by rank: rank r's block holds, for
+    each parameter, its rows ``[r * rows, (r + 1) * rows)`` (``rows = ceil(dim0 / world_size)``, zero-padded), as
+    FSDP2's ``torch.chunk`` shards. Returns ([world_size * block] tensor, [(rows, row_numel) per parameter])."""
+    parts, pieces, offset = [], [], 0
+    for p in params:
+        dim0 = p.shape[0]
+        rows, row_numel = -(-dim0 // world_size), p.numel() // max(dim0, 1)
+        padded = flat.new_zeros(world_size * rows, row_numel)
+        padded[:dim0] = flat[offset:offset + p.numel()].view(dim0, row_numel)
+        parts.append(padded.view(world_size, rows * row_numel))
+        pieces.append((rows, row_numel))
+        offset += p.numel()
+    return torch.cat(parts, dim=1).reshape(-1), pieces

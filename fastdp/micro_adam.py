@@ -37,6 +37,7 @@ from fastdp.kernels.microadam_update import microadam_update
 from fastdp.kernels.rows_topk import rows_topk, rows_topk_ref
 from fastdp.kernels.topk_gather import gather_zero
 from fastdp.optimizer import DPOptimizer
+from fastdp.tap import UnsupportedLayerError
 
 TOPK_MODES = ("tensor", "block")
 
@@ -555,6 +556,17 @@ class DPMicroAdam(DPOptimizer):
     Defaults follow the DP-MicroAdam paper: fp32 error feedback, per-tensor top-k, density 0.01, window 10.
     ``**dp``: ``DPOptimizer``'s arguments (``noise_multiplier`` or ``target_epsilon``..., ``max_grad_norm``,
     ``expected_batch_size``, ``sample_size``, ``accountant``, ``generator``...).
+
+    On an FSDP2 (``fully_shard``) model MicroAdam's top-k and state are per whole tensor, so it cannot step on the
+    shards: each rank keeps a full-shape plain replica of every trainable parameter (all-gathered at construction,
+    identical on every rank), and the wrapped ``MicroAdam``'s param groups hold these replicas. A step runs MicroAdam
+    on the replicas with the full released gradient (``released(p)``, the same on every rank after the all-reduce),
+    then copies each rank's rows of the updated replica into its shard (no communication): the result equals one
+    process's DP-MicroAdam bit for bit, and the state (and ``state_dict()``) is the full-tensor state, the same on
+    every rank and interchangeable with a single-process checkpoint. Before each step every rank compares its shard
+    with its rows of the replica and one scalar all-reduce says whether any differs (the model was changed or loaded
+    outside the optimizer): then every replica is all-gathered again from the model. Memory: a full copy of the
+    trainable parameters per rank (as DDP's replicas) and MicroAdam's state for the full tensors, not sharded.
     """
 
     def __init__(self, model: torch.nn.Module, *, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -566,3 +578,41 @@ class DPMicroAdam(DPOptimizer):
                          window=window, ef_bits=ef_bits, topk=topk, quant_block_size=quant_block_size,
                          topk_block_size=topk_block_size, fused=fused, chunk_elements=chunk_elements)
         super().__init__(model, base, **dp)
+        self._replicas = {}  # FSDP2: sharded parameter -> its full-shape replica (what MicroAdam steps)
+        if self.comm is not None and getattr(self.comm, "shards_grads", False):
+            with torch.no_grad():
+                for group in base.param_groups:
+                    replicas = []
+                    for p in group["params"]:
+                        if type(p.data).__name__ != "DTensor":
+                            raise UnsupportedLayerError(
+                                f"DPMicroAdam on an FSDP2 model: a parameter of shape {tuple(p.shape)} is not a "
+                                "sharded DTensor (every parameter MicroAdam steps must be managed by fully_shard)")
+                        self._replicas[p] = p.full_tensor().detach().clone()
+                        replicas.append(self._replicas[p])
+                    group["params"] = replicas
+
+    def _rows(self, p: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of ``p``'s replica, laid out as ``p``'s shard (a view or a copy; no communication)."""
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(self._replicas[p], p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+    @torch.no_grad()
+    def update(self, released) -> None:
+        """MicroAdam's step; on FSDP2 on the replicas, with the full released gradients, then each rank's rows of the
+        replicas copied into its shards (class docstring)."""
+        if not self._replicas:
+            return super().update(released)
+        stale = torch.tensor([float(any(not torch.equal(p.to_local(), self._rows(p)) for p in self._replicas))],
+                             device=next(iter(self._replicas.values())).device)
+        self.comm.all_reduce_([stale])
+        if stale.item() > 0:  # the model changed outside the optimizer (e.g. loaded): every rank re-gathers
+            for p, rep in self._replicas.items():
+                rep.copy_(p.full_tensor())
+        views = self.engine.buffer.views
+        for p, rep in self._replicas.items():
+            g = self.released(p) if p in views else None
+            rep.grad = None if g is None else (g if g.dtype == rep.dtype else g.to(rep.dtype))
+        super().update(released)
+        for p in self._replicas:
+            p.to_local().copy_(self._rows(p))

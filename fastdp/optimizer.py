@@ -330,8 +330,8 @@ class DPOptimizer(torch.optim.Optimizer):
         if plan is None:
             if self.comm is None or self.comm.adds_noise:
                 self.add_noise(grads)  # under DDP rank 0's noise only, before the sum over ranks: exactly once
-            if self.comm is not None:
-                self.comm.all_reduce_(grads.flats)
+            if self.comm is not None:  # DDP: all-reduce; FSDP2: reduce-scatter unless the whole release is needed
+                self.comm.reduce_release_(grads, full=self.needs_full_release)
             self.scale_grad(grads)
         else:
             self._fused_sgd.run(self.original_optimizer, plan, self.noise_std(), 1.0 / self.expected_batch_size,
@@ -345,10 +345,20 @@ class DPOptimizer(torch.optim.Optimizer):
         self.engine.sums.released = True
         return Released.GRADIENT if plan is None else Released.FUSED_UPDATE
 
+    @property
+    def needs_full_release(self) -> bool:
+        """Whether this optimizer reads the whole released gradient after the reduction (``scale_grad`` overridden, or
+        ``released``): on an FSDP2 model the step then all-reduces instead of reduce-scattering (``fastdp.fsdp``)."""
+        return type(self).scale_grad is not DPOptimizer.scale_grad
+
     def released(self, p: nn.Parameter) -> torch.Tensor:
         """The whole gradient of ``p`` released by the last step (its ``.grad``; on an FSDP2 model, where ``.grad`` is
-        this rank's shard, the full reduced gradient, read from the buffer before the next backward reuses it)."""
+        this rank's shard, the full reduced gradient, read from the buffer before the next backward reuses it: the
+        optimizer must say so with ``needs_full_release``)."""
         if self.comm is not None and getattr(self.comm, "shards_grads", False):
+            if self.comm.scattered:
+                raise RuntimeError(f"{type(self).__name__}.released: the last step reduce-scattered the gradient (each "
+                                   "rank holds its shard only); set needs_full_release to read the whole of it")
             return self.engine.buffer.views[p]
         return p.grad
 

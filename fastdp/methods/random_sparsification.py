@@ -92,6 +92,10 @@ class RandomSparsification(PhasedDPOptimizer):
                 z += self.released(p).float() + fresh * (~self.engine.masks[p].dense)
         self._install()
 
+    @property
+    def needs_full_release(self) -> bool:
+        return self.ranked or super().needs_full_release  # ranked RS ranks by the whole released gradient
+
     def _shared_generator(self) -> torch.Generator:
         """Under DDP: the generator of the off-mask ranking noise, the same stream on every rank (seeded from the
         public ``seed`` and the step). That noise is independent of the data (it is added where nothing was

@@ -156,13 +156,14 @@ def fsdp_misc(rank, world):
         fully_shard(block)
     fully_shard(model)
     opt = fastdp.DPOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), **DP)
-    scatters = []
-    real = dist.reduce_scatter_tensor
-    dist.reduce_scatter_tensor = lambda *a, **k: (scatters.append(1), real(*a, **k))[1]
+    scatters, reduces = [], []
+    real_scatter, real_reduce = dist.reduce_scatter_tensor, dist.all_reduce
+    dist.reduce_scatter_tensor = lambda *a, **k: (scatters.append(a[1].numel()), real_scatter(*a, **k))[1]
+    dist.all_reduce = lambda *a, **k: (reduces.append(a[0].numel()), real_reduce(*a, **k))[1]
     try:
         gpt2_steps(model, opt, [rank], world)
     finally:
-        dist.reduce_scatter_tensor = real
+        dist.reduce_scatter_tensor, dist.all_reduce = real_scatter, real_reduce
     gpt2 = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     lin = nn.Linear(200, 100, bias=False)
@@ -194,7 +195,8 @@ def fsdp_misc(rank, world):
         refused["checkpointing"] = "accepted"
     except fastdp.UnsupportedLayerError as e:
         refused["checkpointing"] = str(e)
-    return {"gpt2": gpt2, "reduce_scatters": len(scatters), "noise_grad": grad, "refused": refused}
+    return {"gpt2": gpt2, "reduce_scatters": scatters, "all_reduces": reduces, "noise_grad": grad, "refused": refused,
+            "numel": sum(p.numel() for p in model.parameters())}
 
 
 def reference(name):
