@@ -585,12 +585,18 @@ class DPMicroAdam(DPOptimizer):
                     replicas = []
                     for p in group["params"]:
                         if type(p.data).__name__ != "DTensor":
+                            self.engine.detach()
                             raise UnsupportedLayerError(
                                 f"DPMicroAdam on an FSDP2 model: a parameter of shape {tuple(p.shape)} is not a "
                                 "sharded DTensor (every parameter MicroAdam steps must be managed by fully_shard)")
                         self._replicas[p] = p.full_tensor().detach().clone()
                         replicas.append(self._replicas[p])
                     group["params"] = replicas
+
+    @property
+    def needs_full_release(self) -> bool:
+        """On FSDP2 MicroAdam steps on the whole released gradient: the step all-reduces (``fastdp.fsdp``)."""
+        return bool(getattr(self, "_replicas", None)) or super().needs_full_release
 
     def _rows(self, p: torch.Tensor) -> torch.Tensor:
         """This rank's piece of ``p``'s replica, laid out as ``p``'s shard (a view or a copy; no communication)."""
