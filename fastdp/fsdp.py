@@ -11,7 +11,8 @@ never runs; the step then adds rank 0's noise, reduce-scatters the flat buffer o
 layout (all-reduces it for optimizers that read the whole release: ``reduce_release_``) and gives each rank its shard
 of the result as the DTensor ``.grad`` (``ShardedDataParallel.set_grads``).
 
-Every method works on it (masks and scores are full-shape, like the buffer) but DP-MicroAdam (refused).
+Every method works on it (masks and scores are full-shape, like the buffer); DP-MicroAdam steps full-shape replicas
+of the parameters (``fastdp.DPMicroAdam``).
 Memory: parameters and optimizer state are sharded as in FSDP; the flat buffer of clipped sums is full-size on every
 rank (as DDP's gradients), where non-private FSDP holds sharded gradients.
 """

@@ -560,7 +560,8 @@ class DPMicroAdam(DPOptimizer):
     On an FSDP2 (``fully_shard``) model MicroAdam's top-k and state are per whole tensor, so it cannot step on the
     shards: each rank keeps a full-shape plain replica of every trainable parameter (all-gathered at construction,
     identical on every rank), and the wrapped ``MicroAdam``'s param groups hold these replicas. A step runs MicroAdam
-    on the replicas with the full released gradient (``released(p)``, the same on every rank after the all-reduce),
+    on the replicas with the full released gradient (``released(p)``, the same on every rank: ``needs_full_release``
+    makes the step all-reduce the clipped sums instead of reduce-scattering them),
     then copies each rank's rows of the updated replica into its shard (no communication): the result equals one
     process's DP-MicroAdam bit for bit, and the state (and ``state_dict()``) is the full-tensor state, the same on
     every rank and interchangeable with a single-process checkpoint. Before each step every rank compares its shard
