@@ -85,6 +85,11 @@ class DataParallel:
         """The step's reduction of the (noised) clipped sums: one all-reduce per flat buffer (DDP's bytes)."""
         self.all_reduce_(grads.flats)
 
+    def restore(self) -> None:
+        """``DPOptimizer.detach``: DDP synchronises its gradients again (a plain DDP model from now on)."""
+        self.ddp.require_backward_grad_sync = True
+        self.ddp.require_forward_param_sync = True
+
     def check_sync_off(self) -> None:
         if self.ddp.require_backward_grad_sync:
             raise RuntimeError("DistributedDataParallel's gradient synchronisation was switched back on "

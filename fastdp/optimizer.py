@@ -429,8 +429,11 @@ class DPOptimizer(torch.optim.Optimizer):
     register_load_state_dict_pre_hook = register_load_state_dict_post_hook = _no_hooks
 
     def detach(self) -> torch.optim.Optimizer:
-        """Remove the engine's hooks; returns the wrapped optimizer."""
+        """Remove the engine's hooks (and give a DDP model its own gradient synchronisation back); returns the wrapped
+        optimizer."""
         self.engine.detach()
+        if self.comm is not None and hasattr(self.comm, "restore"):
+            self.comm.restore()
         return self.original_optimizer
 
     def __deepcopy__(self, memo):

@@ -241,7 +241,10 @@ def noise_std_run(rank, world):
     opt.step()
     grad = net.weight.grad.clone()
     opt.zero_grad()
-    return {"grad": grad, "ddp_comm_calls": len(calls), "weight": net.weight.detach().clone(),
+    sync_off = model.require_backward_grad_sync
+    opt.detach()
+    return {"grad": grad, "ddp_comm_calls": len(calls), "sync_while_attached": sync_off,
+            "sync_after_detach": model.require_backward_grad_sync, "weight": net.weight.detach().clone(),
             "epsilon": opt.epsilon(1e-5), "steps": opt.steps_taken}
 
 

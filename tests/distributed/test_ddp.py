@@ -105,6 +105,8 @@ def test_noise_is_added_once_per_step_and_the_replicas_stay_identical(misc_run):
 
 def test_ddp_own_gradient_all_reduce_never_runs(misc_run):
     assert [m["noise"]["ddp_comm_calls"] for m in misc_run] == [0, 0]
+    # switched off while fastdp is attached, back on after optimizer.detach()
+    assert [(m["noise"]["sync_while_attached"], m["noise"]["sync_after_detach"]) for m in misc_run] == [(False, True)] * 2
 
 
 def test_unsupported_distributed_setups_are_refused(misc_run):
