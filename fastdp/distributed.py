@@ -137,7 +137,7 @@ def data_parallel(model: nn.Module, distributed: Optional[bool] = None, engine=N
                                         "is not supported by fastdp")
         if distributed is False:
             raise ValueError("distributed=False with an FSDP2 (fully_shard) model: its parameters are sharded")
-        taps = ShardedTaps(engine, model, engine.hooks.module_names)
+        taps = ShardedTaps(engine, model)
         engine.hooks.exclude_slots(taps.slots, taps.detach)
         _refuse_unmanaged_dtensors(model, taps)
         return ShardedDataParallel(model)

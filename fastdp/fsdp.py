@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastdp.tap import ParamTap, TapContext, UnsupportedLayerError
+from fastdp.tap import ParamTap, UnsupportedLayerError
 
 
 def fsdp_module_type():
@@ -53,11 +53,11 @@ class ShardedTaps:
     """The hooks that put taps in an FSDP2 model's managed slots (module docstring). ``slots``: the (module, name)
     slots FSDP manages, which the engine's root hook leaves alone."""
 
-    def __init__(self, engine, model: nn.Module, module_names: dict):
-        self.engine, self.module_names = engine, module_names
+    def __init__(self, engine, model: nn.Module):
+        self.engine = engine
         self.slots = set()
         self._handles = []
-        self._contexts = {}
+        self._unsharded = {}  # (module, name) -> the unsharded parameter its slot held before the tap
         for name, m in fsdp_modules(model):
             group = _param_group(m)
             if group is None:
@@ -82,16 +82,6 @@ class ShardedTaps:
             self._handles.append(m.register_forward_hook(
                 lambda mod, args, out, managed=managed: self._swap_out(managed), prepend=True, always_call=True))
 
-    def _context(self, owner: nn.Module) -> TapContext:
-        ctx = self._contexts.get(owner)
-        if ctx is None:
-            from fastdp.model_hooks import SAMPLE_MAJOR_FLATTENERS, _qualname
-            kind = type(owner)
-            ctx = TapContext(self.engine, self.module_names.get(owner, kind.__name__), kind.__name__,
-                             rows_sample_major=_qualname(kind) in SAMPLE_MAJOR_FLATTENERS)
-            self._contexts[owner] = ctx
-        return ctx
-
     def _swap_in(self, managed) -> None:
         """After FSDP's all-gather: each managed slot's unsharded parameter becomes a tap keyed by its shard."""
         if not torch.is_grad_enabled():
@@ -102,16 +92,15 @@ class ShardedTaps:
                 continue
             if type(getattr(value, "data", value)).__name__ == "DTensor":
                 raise RuntimeError(f"FSDP2 did not all-gather parameter '{pname}' of module "
-                                   f"'{self.module_names.get(owner, type(owner).__name__)}' before its forward")
-            owner._parameters[pname] = ParamTap(sharded, value, None, self._context(owner), pname)
-            owner._fdp_unsharded = getattr(owner, "_fdp_unsharded", {})
-            owner._fdp_unsharded[pname] = value
+                                   f"'{self.engine.hooks.module_names.get(owner, type(owner).__name__)}' before its forward")
+            owner._parameters[pname] = ParamTap(sharded, value, None, self.engine.hooks.context(owner), pname)
+            self._unsharded[owner, pname] = value
 
     def _swap_out(self, managed) -> None:
         """Before FSDP reshards: the unsharded parameters back in their slots."""
         for owner, pname, _ in managed:
             if isinstance(owner._parameters.get(pname), ParamTap):
-                owner._parameters[pname] = owner._fdp_unsharded.pop(pname)
+                owner._parameters[pname] = self._unsharded.pop((owner, pname))
 
     def detach(self) -> None:
         for h in self._handles:

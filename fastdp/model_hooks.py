@@ -218,6 +218,16 @@ class ModelHooks:
         self._excluded = set(slots)
         self._handles.append(_Callback(on_detach))
 
+    def context(self, module: nn.Module) -> TapContext:
+        """The ``TapContext`` of the taps in ``module``'s slots (one per module: its name and type for errors)."""
+        ctx = self._contexts.get(module)
+        if ctx is None:
+            owner_type = type(module)
+            ctx = TapContext(self.engine, self.module_names.get(module, owner_type.__name__), owner_type.__name__,
+                             rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
+            self._contexts[module] = ctx
+        return ctx
+
     def _tap(self, p: nn.Parameter, module: nn.Module, name: str) -> ParamTap:
         """The parameter's tap in ``module``, reused across calls while it still aliases the parameter's storage."""
         key = (id(p), id(module))
@@ -226,13 +236,7 @@ class ModelHooks:
         if v is None or v.data_ptr() != p.data_ptr() or v.dtype != p.dtype or v.shape != p.shape or v.device != p.device:
             if p not in self._guarded:  # unfrozen or replaced after attach
                 self._guard(p)
-            ctx = self._contexts.get(module)
-            if ctx is None:
-                owner_type = type(module)
-                ctx = TapContext(self.engine, self.module_names.get(module, owner_type.__name__), owner_type.__name__,
-                                 rows_sample_major=_qualname(owner_type) in SAMPLE_MAJOR_FLATTENERS)
-                self._contexts[module] = ctx
-            tap = ParamTap(p, p, None, ctx, name)
+            tap = ParamTap(p, p, None, self.context(module), name)
             self._taps[key] = tap
         return tap
 

@@ -195,3 +195,34 @@ def clip_reference(per_sample, max_grad_norm):
     norms = flat.norm(dim=1)
     c = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     return {n: torch.einsum("b,b...->...", c, v) for n, v in per_sample.items()}, norms
+
+
+def launch_ranks(script: str, args, world: int, timeout: float, env=None) -> list:
+    """Start ``world`` processes of ``python script *args`` the way torchrun starts ranks (RANK, LOCAL_RANK,
+    WORLD_SIZE, MASTER_ADDR and a free MASTER_PORT in the environment, one OpenMP thread each, plus ``env``); wait at
+    most ``timeout`` seconds for all of them (then kill them and fail). Returns [(returncode, stderr)] by rank."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+            "OMP_NUM_THREADS": "1", **(env or {})}
+    procs = [subprocess.Popen([sys.executable, script, *map(str, args)],
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    results, deadline = [], time.monotonic() + timeout
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"the {world} ranks of {os.path.basename(script)} {' '.join(map(str, args))} did "
+                                 f"not finish within {timeout} s") from None
+        results.append((p.returncode, err))
+    return results

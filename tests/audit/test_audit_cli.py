@@ -6,7 +6,6 @@ import shlex
 import warnings
 
 import pytest
-import torch
 
 import fastdp
 from fastdp.cli import main
@@ -15,15 +14,6 @@ from fastdp.models import MLP
 
 ARGS = ["audit", "--limit", "300", "--hidden", "32", "--canaries", "800", "--epochs", "3", "--noise-multiplier", "1.5",
         "--accountant", "rdp"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_fastdp_audit_writes_the_report_and_reproduces(tmp_path, capsys):

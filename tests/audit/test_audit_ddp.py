@@ -11,10 +11,7 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 import warnings
 
 import pytest
@@ -26,31 +23,16 @@ from fastdp.audit.training import METHODS
 sys.path.insert(0, os.path.dirname(__file__))  # (importlib import mode: the worker module beside this file)
 import audit_ddp_worker  # noqa: E402
 
+from helpers import launch_ranks  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
 WORKER = os.path.join(os.path.dirname(__file__), "audit_ddp_worker.py")
 
 
 def launch(world: int, what: str, out, timeout: float = 180) -> list:
-    """``world`` worker processes with torchrun's variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT on a free
-    port); waits at most ``timeout`` seconds for all; returns [(returncode, stderr)]."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-           "FASTDP_TEST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(out), what], env={**env, "RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    deadline, results = time.monotonic() + timeout, []
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"the {world} audit ranks did not finish within {timeout} s")
-        results.append((p.returncode, err))
-    return results
+    """``world`` worker processes started torchrun's way; returns [(returncode, stderr)]."""
+    return launch_ranks(WORKER, [out, what], world, timeout, env={"FASTDP_TEST_TIMEOUT": "60"})
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +46,10 @@ def two_ranks(tmp_path_factory):
 
 
 def single_process(name):
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # (one torch thread: tests/audit/conftest.py)
         warnings.simplefilter("ignore")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return fastdp.audit(audit_ddp_worker.mlp, audit_ddp_worker.digits(),
-                                **{"method": "dpsgd", **audit_ddp_worker.SCENARIOS[name]})
-        finally:
-            torch.set_num_threads(threads)
+        return fastdp.audit(audit_ddp_worker.mlp, audit_ddp_worker.digits(),
+                            **{"method": "dpsgd", **audit_ddp_worker.SCENARIOS[name]})
 
 
 @pytest.mark.parametrize("name", list(audit_ddp_worker.SCENARIOS))

@@ -1,19 +1,7 @@
 """`python -m fastdp.bench.audit_table` at toy size: the code path and its result files, not the numbers."""
 import json
 
-import pytest
-import torch
-
 from fastdp.bench import audit_table
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_audit_table_writes_rows_and_the_markdown(tmp_path):

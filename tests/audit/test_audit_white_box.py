@@ -20,15 +20,6 @@ def digits():
     return load_dataset("digits", limit=500)[0]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one intra-op thread is faster than two (and much faster on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def mlp():
     return MLP(64, 10, hidden=(64,))  # 4810 trainable coordinates
 

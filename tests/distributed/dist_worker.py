@@ -83,36 +83,26 @@ EXACT = ("flat", "automatic", "per_layer", "adam", "sparta", "sparta_aggregate",
          "bitfit", "last_layer", "random_groups", "microadam")
 
 
-def train(name, rank=0, world=1):
-    """Three steps of scenario ``name``; returns the final state dict of the inner model."""
+def train(name, rank=0, world=1, fsdp=False):
+    """Three steps of scenario ``name`` on this rank's samples; returns the final (full) state dict of the model.
+
+    ``world`` > 1: the model is wrapped in DDP, or with ``fsdp`` sharded with FSDP2 (fc1, fc2 and the root)."""
     torch.manual_seed(0)
     net = Net().double()
-    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    model = net
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for module in (net.fc1, net.fc2, net):
+            fully_shard(module)
+    elif world > 1:
+        model = nn.parallel.DistributedDataParallel(net)
     opt = build(name, model)
     for x, y in batches():
         x, y = x.double()[rank::world], y[rank::world]
         F.cross_entropy(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
-
-
-@functools.lru_cache(maxsize=None)
-def train_fsdp(name, rank, world):
-    """Scenario ``name`` on an FSDP2 model (fc1, fc2 and the root sharded); returns the full parameters."""
-    from torch.distributed.fsdp import fully_shard
-    torch.manual_seed(0)
-    net = Net().double()
-    fully_shard(net.fc1)
-    fully_shard(net.fc2)
-    fully_shard(net)
-    opt = build(name, net)
-    for x, y in batches():
-        x, y = x.double()[rank::world], y[rank::world]
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-    return {k: v.full_tensor().detach().clone() for k, v in net.state_dict().items()}
+    return {k: (v.full_tensor() if fsdp else v).detach().clone() for k, v in net.state_dict().items()}
 
 
 FSDP_EXACT = EXACT
@@ -222,6 +212,7 @@ def fsdp_misc(rank, world):
             "numel": sum(p.numel() for p in model.parameters())}
 
 
+@functools.lru_cache(maxsize=None)
 def reference(name):
     return train(name)
 
@@ -362,7 +353,7 @@ def main():
                 torch.save(train(name, rank, world), os.path.join(out, f"{name}.rank{rank}.pt"))
         if "fsdp" in parts:
             for name in FSDP_EXACT:
-                torch.save(train_fsdp(name, rank, world), os.path.join(out, f"fsdp_{name}.rank{rank}.pt"))
+                torch.save(train(name, rank, world, fsdp=True), os.path.join(out, f"fsdp_{name}.rank{rank}.pt"))
             torch.save(fsdp_misc(rank, world), os.path.join(out, f"fsdp_misc.rank{rank}.pt"))
         if "misc" in parts:
             misc = {"noise": noise_std_run(rank, world), "refusals": refusals(rank, world),

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -22,33 +20,16 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))  # (importlib import mode: the worker module beside this file)
 import dist_worker  # noqa: E402
 
+from helpers import launch_ranks  # noqa: E402
+
 WORKER = os.path.join(os.path.dirname(__file__), "dist_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is needed")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, what: str, out, timeout: float = 240, pg_timeout: float = 60):
-    """Start ``world`` rank processes (torchrun's environment variables); returns [(returncode, stderr)]."""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(world),
-           "FASTDP_TEST_TIMEOUT": str(pg_timeout), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, WORKER, str(out), what], env={**env, "RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(world)]
-    results, deadline = [], time.monotonic() + timeout
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"the {world} ranks did not finish {what!r} within {timeout} s")
-        results.append((p.returncode, err))
-    return results
+    """Start ``world`` rank processes of the worker (torchrun's environment variables); returns [(returncode, stderr)]."""
+    return launch_ranks(WORKER, [out, what], world, timeout, env={"FASTDP_TEST_TIMEOUT": str(pg_timeout)})
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +55,17 @@ def exact_run(request, tmp_path_factory):
 def test_ranks_on_a_split_batch_equal_one_process_on_the_whole_batch(exact_run, name):
     world, out = exact_run
     ref = dist_worker.reference(name)
+    _assert_every_rank_equals(ref, out, name, world)
+    moved = sum((ref[k] - v).abs().sum() for k, v in _initial().items())
+    assert moved > 0  # the scenario trains something
+
+
+def _assert_every_rank_equals(ref: dict, out, name: str, world: int) -> None:
+    """Each rank's saved parameters (``<out>/<name>.rank<r>.pt``) equal the one-process ``ref`` to fp64 rounding."""
     for r in range(world):
         got = torch.load(os.path.join(out, f"{name}.rank{r}.pt"))
         for k, v in ref.items():
             torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} rank {r} {k}: {m}")
-    moved = sum((ref[k] - v).abs().sum() for k, v in _initial().items())
-    assert moved > 0  # the scenario trains something
 
 
 def _initial():
@@ -154,11 +140,7 @@ def fsdp_run(two_ranks):
 @pytest.mark.parametrize("name", dist_worker.FSDP_EXACT)
 def test_fsdp2_ranks_on_a_split_batch_equal_one_process_on_the_whole_batch(fsdp_run, name):
     world, out = fsdp_run
-    ref = dist_worker.reference(name)
-    for r in range(world):
-        got = torch.load(os.path.join(out, f"fsdp_{name}.rank{r}.pt"))
-        for k, v in ref.items():
-            torch.testing.assert_close(got[k], v, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name} rank {r} {k}: {m}")
+    _assert_every_rank_equals(dist_worker.reference(name), out, f"fsdp_{name}", world)
 
 
 def test_fsdp2_gpt2_is_exact_with_one_reduce_scatter_per_step(fsdp_run):

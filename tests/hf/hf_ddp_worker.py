@@ -19,40 +19,19 @@ import warnings
 
 import torch
 
-VOCAB, R, N, DELTA = 50, 0.05, 240, 1e-5
+sys.path.insert(0, os.path.dirname(__file__))  # (also when pytest imports this file for its doctests)
+from hf_data import gpt2 as _gpt2  # noqa: E402
+from hf_data import pad_collate, texts  # noqa: E402
+
+R, N, DELTA = 0.05, 240, 1e-5
 EXACT = dict(per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=1)
 NOISY = dict(per_device_train_batch_size=1, gradient_accumulation_steps=1, max_steps=3)
 NOISY_SIGMA, EXACT_SEED = 1.0, 11
 
 
 def gpt2(seed=0):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).to(torch.float64)
-
-
-def texts(n=N, seed=1):
-    """n samples of 3..9 tokens; labels = input ids (the causal LM target)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
-def pad_collate(features):
-    """Right padding: input id 0, attention mask 0, label -100."""
-    T = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), T, dtype=torch.long)
-    labels = torch.full((len(features), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(features), T, dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = f["input_ids"], f["labels"], 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    """The shared tiny GPT-2 at width 32."""
+    return _gpt2(seed, n_embd=32)
 
 
 def trainer(out_dir, model, sizes, dp, **kw):
@@ -64,7 +43,7 @@ def trainer(out_dir, model, sizes, dp, **kw):
                              use_cpu=True, disable_tqdm=True, optim="sgd", **sizes, **kw)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return DPTrainer(model=model, args=args, train_dataset=texts(), data_collator=pad_collate,
+        return DPTrainer(model=model, args=args, train_dataset=texts(N), data_collator=pad_collate,
                          target_delta=DELTA, max_grad_norm=R, accountant="rdp", **dp)
 
 

@@ -7,6 +7,7 @@ binomial law of Poisson batch sizes; an uninterrupted run for resume.
 import copy
 import math
 import os
+import sys
 import warnings
 
 import pytest
@@ -14,42 +15,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
 import fastdp  # noqa: E402
 from fastdp.hf import DPTrainer  # noqa: E402
 from fastdp.hf.sampling import EpochPoissonSampler, LogicalBatch  # noqa: E402
 
-VOCAB, R, N = 50, 0.05, 240  # expected logical batch 2 x 3 = 6 of 240: rate 0.025 (cheap to account)
+sys.path.insert(0, os.path.dirname(__file__))  # (importlib import mode: the shared data module beside this file)
+from hf_data import gpt2, pad_collate, texts  # noqa: E402
 
-
-def gpt2(seed=0, dtype=torch.float64):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(cfg).to(dtype)
-
-
-def texts(n, seed=1):
-    """n samples of 3..9 tokens; labels = input ids (the causal LM target)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(1, VOCAB, (int(torch.randint(3, 10, (1,), generator=g)),), generator=g)
-        out.append({"input_ids": ids, "labels": ids.clone()})
-    return out
-
-
-def pad_collate(features):
-    """Right padding: input id 0, attention mask 0, label -100."""
-    T = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), T, dtype=torch.long)
-    labels = torch.full((len(features), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(features), T, dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        ids[i, :n], labels[i, :n], mask[i, :n] = f["input_ids"], f["labels"], 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+R, N = 0.05, 240  # expected logical batch 2 x 3 = 6 of 240: rate 0.025 (cheap to account)
 
 
 def args(tmp_path, **kw):

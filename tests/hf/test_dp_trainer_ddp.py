@@ -8,10 +8,7 @@ uninterrupted 2-rank run for a 2-rank resume.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -27,34 +24,17 @@ import hf_ddp_worker as worker  # noqa: E402
 import fastdp  # noqa: E402
 import fastdp.hf.trainer as trainer_module  # noqa: E402
 from fastdp.hf.sampling import EpochPoissonSampler  # noqa: E402
+from helpers import launch_ranks  # noqa: E402
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the worker on WORLD ranks once; returns {run: [rank 0's record, rank 1's, ...]}."""
     out = tmp_path_factory.mktemp("hf_ddp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(WORLD),
-           "OMP_NUM_THREADS": "1"}
-    path = os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py")
-    procs = [subprocess.Popen([sys.executable, path, str(out)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(WORLD)]
-    deadline = time.monotonic() + 240
-    for p in procs:
-        try:
-            _, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("the DPTrainer ranks did not finish within 240 s")
-        assert p.returncode == 0, err[-3000:]
+    for rc, err in launch_ranks(os.path.join(os.path.dirname(__file__), "hf_ddp_worker.py"), [out], WORLD, 240):
+        assert rc == 0, err[-3000:]
     return {run: [torch.load(os.path.join(out, f"{run}.rank{r}.pt")) for r in range(WORLD)] for run in ("exact", "noisy")}
 
 
