@@ -28,10 +28,12 @@ import math
 import sys
 from typing import List, Optional
 
+import numpy as np
 import torch
 
 from fastdp.accounting import is_int
-from fastdp.kernels._backend import backend_for
+from fastdp.kernels import microadam_cpu
+from fastdp.kernels._backend import backend_for, requested_backend
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_quant, quant_affine
 from fastdp.kernels.microadam_update import microadam_update
 from fastdp.kernels.rows_topk import rows_topk, rows_topk_ref
@@ -102,7 +104,7 @@ class MicroAdam(torch.optim.Optimizer):
     def __repr__(self):
         dev = next((p for g in self.param_groups for p in g["params"]), torch.zeros(()))
         return (f"MicroAdam(density={self.density}, window={self.window}, ef_bits={self.ef_bits}, topk={self.topk!r}, "
-                f"fused={self.fused}, backend={backend_for(dev) if not self.fused else 'torch'!r})")
+                f"fused={self.fused}, backend={backend_for(dev) if not self.fused else fused_backend(dev.device)!r})")
 
     # ------------------------------------------------------------------ state
     def _layout(self, d: int):
@@ -199,8 +201,8 @@ class MicroAdam(torch.optim.Optimizer):
 
     def scratch_bytes(self) -> int:
         """Bytes of scratch: the shared workspace and the fused chunks' working buffers (not state)."""
-        shared = sum(t.numel() * t.element_size() for ws in self._workspace.values()
-                     for t in (ws.values() if isinstance(ws, dict) else ws))
+        shared = sum(t.nbytes if isinstance(t, np.ndarray) else t.numel() * t.element_size()
+                     for ws in self._workspace.values() for t in (ws.values() if isinstance(ws, dict) else ws))
         return shared + sum(c.scratch_bytes() for cs in self._chunks.values() for c in cs)
 
     # ------------------------------------------------------------------- step
@@ -273,6 +275,30 @@ class MicroAdam(torch.optim.Optimizer):
             if self.ef_bits == 4:
                 ws.update(work=torch.zeros(n, **f32), q=torch.zeros(n, dtype=torch.uint8, device=device))
             self._workspace[("fused", device)] = ws
+        return ws
+
+    def _compiled_scratch(self, chunk) -> dict:
+        """The compiled CPU step's scratch (numpy), shared by every chunk and grown to the largest: the 4-bit
+        path's fp32 working gradient, the top-k candidates, sample, picks and radix histogram, and the update's
+        segment moments (``fastdp.kernels.microadam_cpu``)."""
+        need = dict(chunk.scratch_rows, work=chunk.max_padded if self.ef_bits == 4 else 0,
+                    coord=self.window * chunk.ncols, starts=len(chunk.params) + 1)
+        ws = self._workspace.get("compiled")
+        if ws is None or any(ws[k].size < v for k, v in need.items()):
+            old = ws or {}
+            size = {k: max(v, old[k].size if k in old else 0) for k, v in need.items()}
+            seg = microadam_cpu.SEGMENT
+            ws = dict(work=np.zeros(size["work"], np.float32), cand=np.zeros(size["cand"], np.int64),
+                      ckeys=np.zeros(size["cand"], np.int32), sample=np.zeros(size["sample"], np.int32),
+                      picks=np.zeros(size["picks"], np.int64), hist=np.zeros(65536, np.int64),
+                      mseg=np.zeros(seg, np.float32), vseg=np.zeros(seg, np.float32), seen=np.zeros(seg // 64, np.uint64),
+                      lo=np.zeros(self.window, np.int64), hi=np.zeros(self.window, np.int64),
+                      coord=np.zeros(size["coord"], np.int64), mc=np.zeros(size["coord"], np.float32),
+                      vc=np.zeros(size["coord"], np.float32), starts=np.zeros(size["starts"], np.int64),
+                      empty_f32=np.zeros(0, np.float32), empty_u8=np.zeros(0, np.uint8),
+                      empty_f32_2d=np.zeros((self.window, 0), np.float32),
+                      empty_i16_2d=np.zeros((self.window, 0), np.int16))
+            self._workspace["compiled"] = ws
         return ws
 
     def _step_param(self, p: torch.Tensor, st: dict, group: dict) -> None:
@@ -404,6 +430,18 @@ class _Chunk:
             st.update(step=self.step_count, **v)
             self.views.append(dict(v, shape=p.shape))
         self.quant = opt.quant_block_size
+        self.meta = np.zeros((len(self.params), len(microadam_cpu.META)), dtype=np.int64)  # the compiled step's
+        rows = []
+        for i, (p, o, c, b, qo) in enumerate(zip(self.params, self.offsets, self.cols, self.cbytes, self.qblocks)):
+            d = p.numel()
+            n, per_block, bs, P = opt._layout(d)
+            K, L = (per_block, bs) if per_block else (n, d)
+            s = microadam_cpu.sample_stride(L, K)
+            self.meta[i, microadam_cpu.D:] = (d, o, c, n, K, L, P // L, b, qo, s)
+            self.meta[i, microadam_cpu.P_BF16] = p.dtype == torch.bfloat16
+            rows.append((L, K, s))
+        self.scratch_rows = microadam_cpu.scratch_sizes(rows)
+        self.max_padded = max(opt._layout(p.numel())[3] for p in self.params)
 
     def _bind(self, ws: dict) -> None:
         """Take this step's scratch from the shared workspace (views made again only when it was reallocated)."""
@@ -491,7 +529,61 @@ class _Chunk:
             self.codes.as_strided((r["count"], nbytes), (nbytes, 1), r["cbyte"]).copy_(
                 t.as_strided((r["count"], nbytes), (r["S"] // 2, 1), t.storage_offset() + r["offset"] // 2))
 
+    def compiled(self) -> bool:
+        """The compiled CPU step applies: the ``numba`` fused backend, fp32 or bf16 parameters and gradients."""
+        ok = (torch.float32, torch.bfloat16)
+        return fused_backend(self.device) == "numba" and self.dtype in ok and all(
+            p.grad.dtype in ok and p.grad.device == p.device for p in self.params)
+
+    def _step_compiled(self, opt: MicroAdam, group: dict) -> None:
+        """``fastdp.kernels.microadam_cpu`` over this chunk (the same results as ``step``'s ops). The kernel reads
+        gradients and writes parameters through their addresses: a strided gradient is read from a contiguous
+        copy, a strided parameter is updated in a contiguous copy written back after the step."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        t = self.step_count + 1
+        row, rows = (t - 1) % opt.window, min(t, opt.window)
+        meta, keep, strided = self.meta, [], []
+        for i, p in enumerate(self.params):
+            g = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
+            q = p.data
+            if not q.is_contiguous():
+                q = q.contiguous()
+                strided.append((p, q))
+            keep.append(g)
+            meta[i, microadam_cpu.G_ADDR] = g.data_ptr()
+            meta[i, microadam_cpu.G_BF16] = g.dtype == torch.bfloat16
+            meta[i, microadam_cpu.P_ADDR] = q.data_ptr()
+        ws = opt._compiled_scratch(self)
+        w1, w2 = opt._window_weights(rows, row, beta1, beta2, self.device)
+        hp = np.array([lr, eps, (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t), 1.0 - lr * wd],
+                      dtype=np.float32)  # each rounded to fp32 once, as torch does with a Python scalar operand
+        f32 = ws["empty_f32"]
+        if self.frugal:
+            ef, codes, lo, hi = f32, self.codes.numpy(), self.ef_min.numpy(), self.ef_max.numpy()
+        else:
+            ef, codes, lo, hi = self.ef.numpy(), ws["empty_u8"], f32, f32
+        if self.ring_val.dtype == torch.bfloat16:
+            rv32, rv16 = ws["empty_f32_2d"], self.ring_val.view(torch.int16).numpy()
+        else:
+            rv32, rv16 = self.ring_val.numpy(), ws["empty_i16_2d"]
+        count = microadam_cpu.chunk_select(
+            meta, ef, codes, lo, hi, self.ring_idx.numpy(), rv32, rv16, row, rows, w1.numpy(), w2.numpy(), hp,
+            self.frugal, self.quant, ws["work"], ws["cand"], ws["ckeys"], ws["sample"], ws["hist"], ws["picks"],
+            ws["mseg"], ws["vseg"], ws["seen"], ws["lo"], ws["hi"], ws["coord"], ws["mc"], ws["vc"], ws["starts"])
+        torch.from_numpy(ws["vc"][:count]).sqrt_()  # torch's sqrt, as the reference (not always correctly rounded)
+        microadam_cpu.chunk_apply(meta, hp, ws["coord"], ws["mc"], ws["vc"], ws["starts"])
+        for p, q in strided:
+            p.data.copy_(q)
+        self.last_impl = "numba"
+        self.step_count = t
+        for p in self.params:
+            opt.state[p]["step"] = t
+
     def step(self, opt: MicroAdam, group: dict) -> None:
+        if self.compiled():
+            return self._step_compiled(opt, group)
+        self.last_impl = "torch"
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
         t = self.step_count + 1
@@ -547,6 +639,14 @@ class _Chunk:
         self.step_count = t
         for p in self.params:
             opt.state[p]["step"] = t
+
+
+def fused_backend(device: torch.device) -> str:
+    """The fused step's implementation on ``device``: "numba" (``fastdp.kernels.microadam_cpu``, CPU, numba
+    importable, ``FASTDP_BACKEND`` not "reference") or "torch" (vectorised PyTorch ops; the same results)."""
+    if device.type == "cpu" and microadam_cpu.HAS_NUMBA and requested_backend() != "reference":
+        return "numba"
+    return "torch"
 
 
 class DPMicroAdam(DPOptimizer):

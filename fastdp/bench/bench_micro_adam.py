@@ -17,6 +17,8 @@ Floor: the bytes one step must move (``step_bytes``: Adam reads p, g, m, v and w
 MicroAdam reads g and the error feedback, writes the error feedback, reads and writes p, reads the window's
 density x window sparse entries and writes one row) over the bandwidth of a large ``copy_`` measured in the same
 run (read + write bytes / time): ``floor_ms``, and ``time_over_floor`` = median / floor.
+On the CPU each MicroAdam is timed twice: its fused step compiled (``fastdp.kernels.microadam_cpu``, numba; the
+default) and as vectorised PyTorch ops (``*_torch``, ``FASTDP_BACKEND=reference``); ``impl`` says which ran.
 State bytes: the optimizer's state tensors after the first step (Adam: exp_avg, exp_avg_sq; MicroAdam: ring
 indices and values, error feedback); scratch (MicroAdam's working buffers) is reported separately.
 Results: ``benchmarks/results/micro_adam_<device>_<date>.json`` and ``.md`` (machine, date, commit), or ``--out``.
@@ -63,17 +65,39 @@ FRUGAL = dict(ef_bits=4, topk="block", density=0.01, window=10)
 
 
 def optimizers(device, unfused: bool = False):
-    """name -> (constructor over a parameter list, MicroAdam settings for the floor or None for Adam)."""
+    """name -> (constructor over a parameter list, MicroAdam settings for the floor or None for Adam,
+    ``FASTDP_BACKEND`` while it steps or None). On the CPU each MicroAdam runs twice: its fused step compiled
+    (numba, the default when numba is installed) and as vectorised PyTorch ops (``_torch``)."""
     cuda = device.type == "cuda"
-    out = {"adam_foreach": (lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), None)}
+    out = {"adam_foreach": (lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True), None, None)}
     if cuda:
-        out["adam_fused"] = (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), None)
+        out["adam_fused"] = (lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True), None, None)
     variants = {"microadam_dp_default": {}, "microadam_frugal": FRUGAL}  # DP-MicroAdam's defaults; the 0.9 B layout
     for name, kw in variants.items():
-        out[name] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, **kw), kw)
+        out[name] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, **kw), kw, None)
+        if not cuda:
+            out[name + "_torch"] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, **kw), kw, "reference")
         if unfused:
-            out[name + "_unfused"] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, fused=False, **kw), kw)
+            out[name + "_unfused"] = (lambda ps, kw=kw: MicroAdam(ps, lr=1e-3, fused=False, **kw), kw, None)
     return out
+
+
+def _with_backend(fn, backend):
+    """``fn`` run with ``FASTDP_BACKEND=backend`` (None: as it is)."""
+    if backend is None:
+        return fn
+
+    def run():
+        old = os.environ.get("FASTDP_BACKEND")
+        os.environ["FASTDP_BACKEND"] = backend
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("FASTDP_BACKEND", None)
+            else:
+                os.environ["FASTDP_BACKEND"] = old
+    return run
 
 
 def step_bytes(shapes, micro: dict = None) -> float:
@@ -103,23 +127,24 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
     """Every optimizer on its own copy of the parameters, stepped round-robin (module docstring)."""
     rows, live = [], {}
     n_params = sum(math.prod(s) for s in shapes)
-    for name, (make, micro) in optimizers(device, unfused).items():
+    for name, (make, micro, backend) in optimizers(device, unfused).items():
         torch.manual_seed(0)
         params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
         try:
             opt = make(params)
-            opt.step()
-            live[name] = (opt, micro)
+            step = _with_backend(opt.step, backend)
+            step()
+            live[name] = (opt, micro, step)
         except Exception as err:  # a failure is a row
             rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
     times, cpu = {name: [] for name in live}, {name: [] for name in live}
     for i in range(warmup + steps):
-        for name, (opt, _) in live.items():
+        for name, (opt, _, step) in live.items():
             try:
                 c0 = time.thread_time()
-                t = measure(opt.step, device, 1).times_ms[0]
+                t = measure(step, device, 1).times_ms[0]
                 c = 1e3 * (time.thread_time() - c0)
             except Exception as err:
                 rows.append({"optimizer": name, "error": f"{type(err).__name__}: {err}"[:300]})
@@ -127,7 +152,7 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
             if i >= warmup:
                 times[name].append(t)
                 cpu[name].append(c)
-    for name, (opt, micro) in live.items():
+    for name, (opt, micro, _) in live.items():
         ts = sorted(times[name])
         if not ts:
             continue
@@ -137,7 +162,9 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
                "min_ms": ts[0], "state_bytes_per_param": state / n_params,
                "scratch_bytes": opt.scratch_bytes() if hasattr(opt, "scratch_bytes") else 0, "params": n_params,
                "tensors": len(shapes), "step_bytes": step_bytes(shapes, micro),
-               "cpu_median_ms": percentile(cpu[name], 0.5) if device.type == "cpu" else None}
+               "cpu_median_ms": percentile(cpu[name], 0.5) if device.type == "cpu" else None,
+               "impl": ",".join(sorted({getattr(c, "last_impl", "?") for cs in getattr(opt, "_chunks", {}).values()
+                                        for c in cs})) or None}
         if bandwidth:
             row["floor_ms"] = row["step_bytes"] / bandwidth / 1e6
             row["time_over_floor"] = row["step_ms"] / row["floor_ms"]
@@ -208,13 +235,13 @@ def markdown(result: dict) -> str:
              f"{result['steps']} interleaved rounds; machine: {m.get('cpu')}, {m.get('platform')}, torch "
              f"{result['torch']}, commit {result.get('commit')}; copy bandwidth {result.get('bandwidth_GBps', 0):.1f} "
              f"GB/s (read + write); load average at start {result.get('loadavg')}.", "",
-             "| optimizer | median ms | min ms | x Adam foreach (median / min / CPU time) | floor ms | x floor | "
-             "state B/param |", "|---|---|---|---|---|---|---|"]
+             "| optimizer | fused step | median ms | min ms | x Adam foreach (median / min / CPU time) | floor ms | "
+             "x floor | state B/param |", "|---|---|---|---|---|---|---|---|"]
     for r in result["optimizers"]:
         if "error" in r:
-            lines.append(f"| {r['optimizer']} | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['optimizer']} | error: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['optimizer']} | {r['step_ms']:.1f} | {r['min_ms']:.1f} | "
+        lines.append(f"| {r['optimizer']} | {r.get('impl') or '-'} | {r['step_ms']:.1f} | {r['min_ms']:.1f} | "
                      f"{r.get('ratio_vs_adam_foreach', float('nan')):.2f} / "
                      f"{r.get('min_ratio_vs_adam_foreach', float('nan')):.2f} / "
                      f"{r.get('cpu_ratio_vs_adam_foreach') or float('nan'):.2f} | {r.get('floor_ms', float('nan')):.1f} | "
@@ -251,7 +278,7 @@ def main(argv=None):
             result["kernels"] = bench_kernels(device, n, args.steps, args.warmup)
     for r in result["optimizers"]:
         ratio = r.get("ratio_vs_adam_foreach")
-        print(f"{r['optimizer']:28s} " + (f"error {r['error']}" if "error" in r else
+        print(f"{r['optimizer']:28s} {r.get('impl') or '-':6s} " + (f"error {r['error']}" if "error" in r else
               f"median {r['step_ms']:8.2f} ms  min {r['min_ms']:8.2f} ms  x Adam foreach {ratio:5.2f} "
               f"(min {r['min_ratio_vs_adam_foreach']:.2f}, CPU time {r.get('cpu_ratio_vs_adam_foreach') or float('nan'):.2f})"
               f"  x floor {r.get('time_over_floor', float('nan')):5.2f}  "

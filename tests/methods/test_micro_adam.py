@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fastdp
-from fastdp.micro_adam import DPMicroAdam, MicroAdam
+from fastdp.kernels.microadam_cpu import HAS_NUMBA
+from fastdp.micro_adam import DPMicroAdam, MicroAdam, fused_backend
 from fastdp.models import SmallCNN
 
 # the models here live on the CPU: the Triton path runs there only through the interpreter
@@ -22,6 +23,19 @@ BACKENDS = ["reference", pytest.param("triton", marks=[
 @pytest.fixture(params=BACKENDS)
 def backend(request, monkeypatch):
     monkeypatch.setenv("FASTDP_BACKEND", request.param)
+    return request.param
+
+
+# the fused step's two CPU implementations: the compiled one (numba, the default) and vectorised PyTorch ops
+FUSED_IMPLS = [pytest.param("numba", marks=pytest.mark.skipif(not HAS_NUMBA, reason="numba not installed")), "torch"]
+
+
+@pytest.fixture(params=FUSED_IMPLS)
+def fused_impl(request, monkeypatch):
+    """FASTDP_BACKEND "auto" selects the compiled fused step on the CPU, "reference" the PyTorch one; the unfused
+    step runs the PyTorch references under both."""
+    monkeypatch.setenv("FASTDP_BACKEND", "auto" if request.param == "numba" else "reference")
+    assert fused_backend(torch.device("cpu")) == request.param
     return request.param
 
 
@@ -89,7 +103,8 @@ def test_untouched_coordinates_only_decay():
 
 # sizes that exercise every fused layout case: rows >= 4096 (rows_topk's threshold path), odd sizes (padding to
 # even), equal sizes (one [count, S] view), several quantisation blocks with a tail, a non-contiguous parameter
-FUSED_SHAPES = [(5000,), (9, 13), (4100,), (13,), (9, 13), (64, 130), (1,), (3, 5, 7), (20001,), (7, 9)]
+# (70001 values: three update segments of the compiled step's whole-tensor rows)
+FUSED_SHAPES = [(5000,), (9, 13), (4100,), (13,), (9, 13), (64, 130), (1,), (3, 5, 7), (20001,), (70001,), (7, 9)]
 
 
 def _param_list(dtype, gen):
@@ -98,9 +113,10 @@ def _param_list(dtype, gen):
     return ps
 
 
-def _run_fused_unfused(steps, kw, dtype=torch.float32, skip=lambda t, i: False):
+def _run_fused_unfused(steps, kw, dtype=torch.float32, skip=lambda t, i: False, impl=None):
     """Both paths on identical parameters and gradients (``skip(t, i)``: parameter i gets no gradient at step
-    t); returns [(params, optimizer)] for fused and unfused."""
+    t); returns [(params, optimizer)] for fused and unfused. ``impl``: every chunk of the fused optimizer must
+    have stepped with that implementation."""
     out = []
     for fused in (True, False):
         gen = torch.Generator().manual_seed(0)
@@ -109,8 +125,12 @@ def _run_fused_unfused(steps, kw, dtype=torch.float32, skip=lambda t, i: False):
         for t in range(steps):
             for i, p in enumerate(ps):
                 g = torch.randn(p.shape, generator=gen).to(dtype)
+                if i == 1:  # a strided gradient
+                    g = torch.randn(p.shape[::-1], generator=gen).to(dtype).t()
                 p.grad = None if skip(t, i) else g
             opt.step()
+            if fused and impl is not None:
+                assert {c.last_impl for cs in opt._chunks.values() for c in cs} == {impl}
         out.append((ps, opt))
     return out
 
@@ -132,32 +152,30 @@ LAYOUTS = [dict(), dict(ef_bits=4), dict(topk="block", topk_block_size=4200),
 
 
 @pytest.mark.parametrize("kw", LAYOUTS, ids=["default", "ef4", "block", "frugal", "frugal-small-blocks"])
-@pytest.mark.parametrize("dtype,wd", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.1)])
-def test_fused_step_equals_unfused_bit_for_bit(monkeypatch, kw, dtype, wd):
+@pytest.mark.parametrize("dtype,wd", [(torch.float32, 0.0), (torch.float32, 0.1), (torch.bfloat16, 0.0),
+                                      (torch.bfloat16, 0.1)])
+def test_fused_step_equals_unfused_bit_for_bit(fused_impl, kw, dtype, wd):
     """The fused step (flat buffers, rows_topk, quantisation over 2-D views, one scatter of the window) computes
     the unfused reference's maths with the same float ops: parameters and every state tensor are bit-identical,
     across the ring's wrap-around."""
-    monkeypatch.setenv("FASTDP_BACKEND", "reference")
     kw = dict(dict(lr=0.01, density=0.01, window=4), **kw, weight_decay=wd)
-    _assert_same(*_run_fused_unfused(6, kw, dtype))
+    _assert_same(*_run_fused_unfused(6, kw, dtype, impl=fused_impl))
 
 
-def test_fused_chunks_and_missing_gradients(monkeypatch):
+def test_fused_chunks_and_missing_gradients(fused_impl):
     """Small chunks (chunk_elements) and parameters without a gradient at some steps (their step count falls
     behind: they are stepped in their own cohort) give the unfused result."""
-    monkeypatch.setenv("FASTDP_BACKEND", "reference")
     kw = dict(lr=0.01, density=0.05, window=3, ef_bits=4, topk="block", topk_block_size=300, quant_block_size=77,
               chunk_elements=200)
-    fused, unfused = _run_fused_unfused(5, kw, skip=lambda t, i: (t, i) in {(1, 2), (2, 2), (3, 0)})
+    fused, unfused = _run_fused_unfused(5, kw, skip=lambda t, i: (t, i) in {(1, 2), (2, 2), (3, 0)}, impl=fused_impl)
     assert len(fused[1]._chunks[0]) > 2
     _assert_same(fused, unfused)
 
 
 @pytest.mark.parametrize("kw", LAYOUTS[:4], ids=["default", "ef4", "block", "frugal"])
-def test_checkpoints_move_between_fused_and_unfused(monkeypatch, kw):
+def test_checkpoints_move_between_fused_and_unfused(fused_impl, kw):
     """optimizer.state holds views of the fused buffers with the per-tensor shapes and dtypes: a checkpoint of
     either path resumes in the other bit-identically, and a resumed fused optimizer owns fresh flat buffers."""
-    monkeypatch.setenv("FASTDP_BACKEND", "reference")
     kw = dict(lr=0.01, density=0.05, window=3, **kw)
     gen = torch.Generator().manual_seed(0)
     shapes = [p.shape for p in _param_list(torch.float32, torch.Generator().manual_seed(0))]
