@@ -14,9 +14,12 @@ With ``density=1`` and ``window >= steps`` this is exactly Adam (AdamW with deco
 The step is horizontally fused (``fused=True``, the default): the tensors of a parameter group that share device,
 dtype and step count are stepped together as one flat "chunk" (``_Chunk``) whose state lives in a few flat buffers;
 each tensor's ``optimizer.state[p]`` entries are views into them, with the shapes and dtypes of the per-tensor layout
-(checkpoints are interchangeable with ``fused=False``). A step is then a fixed number of vectorised ops per chunk
+(checkpoints are interchangeable with ``fused=False``). On the CPU with numba installed a chunk's step is one
+compiled call (``fastdp.kernels.microadam_cpu``), a torch ``sqrt`` and a second call (``fused_backend``: "numba");
+elsewhere, or with ``FASTDP_BACKEND=reference`` ("torch"), it is a fixed number of vectorised PyTorch ops per chunk
 (one ``foreach`` add of the gradients, one abs, the top-k of ``rows_topk`` per block geometry, one gather, the
 quantisation over 2-D views per tensor size, two scatters of the window and a dense update), not per tensor.
+Both compute the same float ops and give the same bits.
 ``fused=False`` steps tensor by tensor through the kernels of ``fastdp.kernels`` (Triton on CUDA): the reference
 the fused step equals bit for bit (``tests/methods/test_micro_adam.py``).
 State per parameter (``ef_bits=4``, ``density=0.01``, ``window=10``, ``topk="block"``): int16 indices

@@ -1,29 +1,34 @@
 """MicroAdam's fused step on the CPU: every tensor of a chunk in one compiled call (numba), a few passes over
 cache-resident data per tensor instead of one full pass per PyTorch op.
 
-``chunk_step(meta, ...)`` runs, per tensor (``meta`` row: gradient and parameter addresses and dtypes, sizes and
+``chunk_select(meta, ...)`` runs, per tensor (``meta`` row: gradient and parameter addresses and dtypes, sizes and
 offsets into the chunk's flat state, see ``META``):
 
 1. ``a = g + EF`` (EF fp32, or 4-bit codes dequantised as ``code * u + min``) into ``a`` (the fp32 EF itself, or
    ``work``); one streaming pass over the gradient.
 2. per top-k row (a block of ``L`` values, or the whole tensor): the canonical top-``K`` of ``|a|`` (values
    compared as int32 bit patterns, ties to the lowest index, indices ascending: ``rows_topk_ref``'s order). A
-   sample of the row gives a threshold; one pass collects the candidates at or above it; a partition of the
-   candidates gives the exact ``K``-th value. Exact whatever the sample: a row with fewer than ``K`` or more than
-   ``4 K + 64`` candidates takes a two-pass radix select (16 + 15 bits of the key) instead.
+   sample of the row (about 16 L / K values, whole cache lines) gives a threshold; one pass collects the candidates
+   at or above it; a partition of the candidates gives the exact ``K``-th value. Exact whatever the sample: a row
+   with fewer than ``K`` or more than ``4 K + 64`` candidates, or with ``8 K > L``, takes a two-pass radix select
+   (16 + 15 bits of the key) instead; rows under 4096 values partition all their keys.
 3. ring row ``t mod window`` <- (indices, ``a`` there as fp32 or bf16), ``a`` there <- 0; 4-bit EF: block
    min / max, then codes ``trunc(clamp(a * s + o, 0, 15))`` packed two per byte.
-4. window moments by segment (a top-k block, or 32768 coordinates of a whole-tensor row, cache-resident):
-   ``m += w1[r] * val``, ``v += (w2[r] * val) * val`` over ring rows in ring order, then
-   ``p <- p * decay - lr * ((m * c1) / (sqrt(v * c2) + eps))`` where ``m`` was touched (every coordinate when
-   ``decay != 1``), rounded once to ``p``'s dtype.
+4. window moments by segment (a top-k block, or 32768 coordinates of a whole-tensor row: cache-resident scratch):
+   ``m += w1[r] * val``, ``v += (w2[r] * val) * val`` over ring rows in ring order; each touched coordinate once,
+   ascending (a bitmap of the segment), into a list with ``m * c1`` and ``v * c2``.
+
+Then the caller takes ``sqrt`` of the ``v * c2`` list with torch (torch's CPU sqrt is not always correctly rounded —
+15% of random fp32 inputs differ by one ulp from IEEE sqrt on this machine's torch build — and the reference uses
+it), and ``chunk_apply`` updates ``p <- p * decay - lr * (mc / (sqrt + eps))`` at the listed coordinates (every
+coordinate multiplied by ``decay`` when ``decay != 1``), rounded once to ``p``'s dtype.
 
 Every float op is the reference's (``MicroAdam(fused=False)``, ``fastdp.kernels.ef_quant``,
 ``microadam_update_ref``), in fp32, in the same order, no FMA (numba contracts nothing without fastmath): the
-result equals the reference bit for bit (``tests/methods/test_micro_adam.py``). The reference of this kernel is
-the PyTorch fused step (``MicroAdam`` with ``FASTDP_BACKEND=reference``) and the unfused one.
+result equals the reference bit for bit (``tests/methods/test_micro_adam.py``, ``fused_impl``). The reference of
+this kernel is the PyTorch fused step (``MicroAdam`` with ``FASTDP_BACKEND=reference``) and the unfused one.
 Gradients and parameters are read in place through their addresses (fp32 or bf16, contiguous); the caller keeps
-them alive during the call.
+them alive during the call. One thread (torch's other threads stay idle during the call).
 """
 from __future__ import annotations
 
