@@ -296,6 +296,7 @@ class MicroAdam(torch.optim.Optimizer):
                       picks=np.zeros(size["picks"], np.int64), hist=np.zeros(65536, np.int64),
                       mseg=np.zeros(seg, np.float32), vseg=np.zeros(seg, np.float32), seen=np.zeros(seg // 64, np.uint64),
                       lo=np.zeros(self.window, np.int64), hi=np.zeros(self.window, np.int64),
+                      mask=np.zeros(microadam_cpu.MASK_PIECE, np.uint8),
                       coord=np.zeros(size["coord"], np.int64), mc=np.zeros(size["coord"], np.float32),
                       vc=np.zeros(size["coord"], np.float32), starts=np.zeros(size["starts"], np.int64),
                       empty_f32=np.zeros(0, np.float32), empty_u8=np.zeros(0, np.uint8),
@@ -573,7 +574,8 @@ class _Chunk:
         count = microadam_cpu.chunk_select(
             meta, ef, codes, lo, hi, self.ring_idx.numpy(), rv32, rv16, row, rows, w1.numpy(), w2.numpy(), hp,
             self.frugal, self.quant, ws["work"], ws["cand"], ws["ckeys"], ws["sample"], ws["hist"], ws["picks"],
-            ws["mseg"], ws["vseg"], ws["seen"], ws["lo"], ws["hi"], ws["coord"], ws["mc"], ws["vc"], ws["starts"])
+            ws["mseg"], ws["vseg"], ws["seen"], ws["lo"], ws["hi"], ws["coord"], ws["mc"], ws["vc"], ws["starts"],
+            ws["mask"])
         torch.from_numpy(ws["vc"][:count]).sqrt_()  # torch's sqrt, as the reference (not always correctly rounded)
         microadam_cpu.chunk_apply(meta, hp, ws["coord"], ws["mc"], ws["vc"], ws["starts"])
         for p, q in strided:

@@ -53,6 +53,8 @@ SEGMENT = 32768  # coordinates per update segment of a whole-tensor top-k row
 MIN_ROW = 4096  # shorter rows: keys copied and partitioned whole
 LINE = 16  # fp32 per 64-byte line: the sample reads whole lines
 SAMPLE_EXPECT = 16  # sampled entries expected among a row's top K
+MASK_PIECE = 4096  # values per byte-mask piece of the candidate scan
+ABS = np.int32(0x7FFFFFFF)  # the int32 bits of |x|: x's bits & ABS
 
 
 def sample_stride(L: int, K: int) -> int:
@@ -109,10 +111,6 @@ if HAS_NUMBA:
         return types.uint64(types.uint64), codegen
 
     @_jit
-    def _key(x):
-        return _bits(x) & np.int32(0x7FFFFFFF)
-
-    @_jit
     def _bf16_to_f32(h):
         return _from_bits(np.int32(np.int32(h) << 16))
 
@@ -126,10 +124,10 @@ if HAS_NUMBA:
 
     @_jit
     def _radix_kth(a, K, hist):
-        """(K-th largest key of row ``a``, number of keys above it): two histogram passes (16 + 15 bits)."""
+        """(K-th largest key of row ``a`` (int32 view), number of keys above it): two histogram passes (16 + 15 bits)."""
         hist[:] = 0
         for j in range(a.shape[0]):
-            hist[_key(a[j]) >> 15] += 1
+            hist[(a[j] & ABS) >> 15] += 1
         above, b = 0, 65535
         while above + hist[b] < K:
             above += hist[b]
@@ -137,7 +135,7 @@ if HAS_NUMBA:
         need = K - above
         hist[:32768] = 0
         for j in range(a.shape[0]):
-            k = _key(a[j])
+            k = a[j] & ABS
             if (k >> 15) == b:
                 hist[k & 0x7FFF] += 1
         above2, lo = 0, 32767
@@ -148,11 +146,12 @@ if HAS_NUMBA:
 
     @_jit
     def _take_row(a, K, kth, above, out):
-        """Ascending indices of the canonical top-K of row ``a`` given its K-th key and the count above it."""
+        """Ascending indices of the canonical top-K of row ``a`` (int32 view) given its K-th key and the count
+        above it."""
         quota = K - above
         n = 0
         for j in range(a.shape[0]):
-            k = _key(a[j])
+            k = a[j] & ABS
             if k > kth:
                 out[n] = j
                 n += 1
@@ -162,12 +161,14 @@ if HAS_NUMBA:
                 n += 1
 
     @_jit
-    def _row_topk(a, K, stride, out, cand, ckeys, samp, hist):
-        """``out[:K]`` <- the canonical top-K indices of ``|a|`` (module docstring, step 2)."""
+    def _row_topk(a, K, stride, out, cand, ckeys, samp, hist, mask):
+        """``out[:K]`` <- the canonical top-K indices of a row's keys: ``a`` is the int32 view of the fp32 row
+        (``& ABS``: |x|'s bits; keys compared as int32 vectorise, a bitcast per element does not). Module docstring,
+        step 2. ``mask``: uint8 scratch [MASK_PIECE]."""
         L = a.shape[0]
         if L < MIN_ROW:  # small row: every key is a candidate
             for j in range(L):
-                ckeys[j] = _key(a[j])
+                ckeys[j] = a[j] & ABS
             kth = np.partition(ckeys[:L], L - K)[L - K]
             above = 0
             for j in range(L):
@@ -183,17 +184,27 @@ if HAS_NUMBA:
             for i in range(n_lines):
                 base = i * LINE * stride
                 for u in range(LINE):
-                    samp[i * LINE + u] = _key(a[base + u])
+                    samp[i * LINE + u] = a[base + u] & ABS
             tau = np.partition(samp[:m], m - kk)[m - kk]
             cap = 4 * K + 64
             nc = 0
-            for j in range(L):  # (a scalar loop: a vectorised max per line first measured slower)
-                k = _key(a[j])
-                if k >= tau:
-                    if nc < cap:
-                        cand[nc] = j
-                        ckeys[nc] = k
-                    nc += 1
+            words = mask.view(np.uint64)
+            for j0 in range(0, L, MASK_PIECE):  # a byte mask per piece (vectorised), then its nonzero 8-byte words
+                piece = min(MASK_PIECE, L - j0)
+                row = a[j0:j0 + piece]
+                for u in range(piece):
+                    mask[u] = (row[u] & ABS) >= tau
+                for u in range(piece, (piece + 7) & ~7):
+                    mask[u] = 0
+                for w in range((piece + 7) >> 3):
+                    x = words[w]
+                    while x != 0:
+                        j = j0 + (w << 3) + np.int64(_cttz(x) >> np.uint64(3))
+                        x &= x - np.uint64(1)  # bytes are 0 or 1: the lowest set bit is one byte's
+                        if nc < cap:
+                            cand[nc] = j
+                            ckeys[nc] = a[j] & ABS
+                        nc += 1
             if K <= nc <= cap:
                 kth = np.partition(ckeys[:nc], nc - K)[nc - K]
                 above = 0
@@ -229,17 +240,21 @@ if HAS_NUMBA:
             gj = _bf16_to_f32(g16[j]) if gbf else g32[j]
             a[j] = gj + (np.float32(np.int32(codes[cb + (j >> 1)]) >> 4) * u + mn)
             j += 1
-        k0, npairs = j >> 1, (s1 - j) >> 1
+        npairs = (s1 - j) >> 1
+        src = codes[cb + (j >> 1):cb + (j >> 1) + npairs]
+        dst = a[j:j + 2 * npairs]
         if gbf:
-            for k in range(k0, k0 + npairs):
-                b = np.int32(codes[cb + k])
-                a[2 * k] = _bf16_to_f32(g16[2 * k]) + (np.float32(b & 15) * u + mn)
-                a[2 * k + 1] = _bf16_to_f32(g16[2 * k + 1]) + (np.float32(b >> 4) * u + mn)
+            gb = g16[j:j + 2 * npairs]
+            for k in range(npairs):
+                b = np.int32(src[k])
+                dst[2 * k] = _bf16_to_f32(gb[2 * k]) + (np.float32(b & 15) * u + mn)
+                dst[2 * k + 1] = _bf16_to_f32(gb[2 * k + 1]) + (np.float32(b >> 4) * u + mn)
         else:
-            for k in range(k0, k0 + npairs):
-                b = np.int32(codes[cb + k])
-                a[2 * k] = g32[2 * k] + (np.float32(b & 15) * u + mn)
-                a[2 * k + 1] = g32[2 * k + 1] + (np.float32(b >> 4) * u + mn)
+            gf = g32[j:j + 2 * npairs]
+            for k in range(npairs):
+                b = np.int32(src[k])
+                dst[2 * k] = gf[2 * k] + (np.float32(b & 15) * u + mn)
+                dst[2 * k + 1] = gf[2 * k + 1] + (np.float32(b >> 4) * u + mn)
         j += 2 * npairs
         if j < s1:
             gj = _bf16_to_f32(g16[j]) if gbf else g32[j]
@@ -254,9 +269,11 @@ if HAS_NUMBA:
         if j & 1 and j < s1:
             codes[cb + (j >> 1)] |= np.uint8(_code(a[j], s, o) << 4)
             j += 1
-        k0, npairs = j >> 1, (s1 - j) >> 1
-        for k in range(k0, k0 + npairs):
-            codes[cb + k] = np.uint8(_code(a[2 * k], s, o) | (_code(a[2 * k + 1], s, o) << 4))
+        npairs = (s1 - j) >> 1
+        src = a[j:j + 2 * npairs]
+        dst = codes[cb + (j >> 1):cb + (j >> 1) + npairs]
+        for k in range(npairs):
+            dst[k] = np.uint8(_code(src[2 * k], s, o) | (_code(src[2 * k + 1], s, o) << 4))
         j += 2 * npairs
         if j < s1:
             codes[cb + (j >> 1)] = np.uint8(_code(a[j], s, o))
@@ -338,7 +355,7 @@ if HAS_NUMBA:
 
     @_jit
     def chunk_select(meta, ef, codes, ef_min, ef_max, ring_idx, rv32, rv16, row, rows, w1, w2, hp, frugal, q, work,
-                     cand, ckeys, samp, hist, picks, mseg, vseg, seen, lo, hi, coord, mc, vc, starts):
+                     cand, ckeys, samp, hist, picks, mseg, vseg, seen, lo, hi, coord, mc, vc, starts, mask):
         """Steps 1-3 of every tensor in ``meta`` and step 4's window moments (module docstring): the touched
         coordinates of tensor i in ``coord[starts[i]:starts[i + 1]]`` with ``mc`` = m * c1, ``vc`` = v * c2
         (``chunk_apply`` finishes the update). ``ring_idx`` [W, ncols] int16 (block-relative) or int32; ring
@@ -373,7 +390,7 @@ if HAS_NUMBA:
             # 2-3. top-k per row into ring row `row`; a there <- 0
             for blk in range(nb):
                 ra = a[blk * L:(blk + 1) * L]
-                _row_topk(ra, K, meta[i, SSTRIDE], picks, cand, ckeys, samp, hist)
+                _row_topk(ra.view(np.int32), K, meta[i, SSTRIDE], picks, cand, ckeys, samp, hist, mask)
                 for e in range(K):
                     j = picks[e]
                     c = col + blk * K + e

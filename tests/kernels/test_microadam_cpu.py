@@ -22,8 +22,8 @@ def row_topk(a: np.ndarray, k: int) -> np.ndarray:
     s = M.sample_stride(L, k)
     size = M.scratch_sizes([(L, k, s)])
     out = np.full(size["picks"], -1, np.int64)
-    M._row_topk(a, k, s, out, np.zeros(size["cand"], np.int64), np.zeros(size["cand"], np.int32),
-                np.zeros(size["sample"], np.int32), np.zeros(65536, np.int64), )
+    M._row_topk(a.view(np.int32), k, s, out, np.zeros(size["cand"], np.int64), np.zeros(size["cand"], np.int32),
+                np.zeros(size["sample"], np.int32), np.zeros(65536, np.int64), np.zeros(M.MASK_PIECE, np.uint8))
     return out[:k]
 
 
