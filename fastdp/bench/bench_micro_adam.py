@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -249,6 +250,65 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repeat_in_processes(args, argv: list) -> dict:
+    """``--processes N``: the benchmark in N fresh processes, one after the other; per optimizer the median step
+    time over runs and the median, min and max of the runs' ratios to Adam foreach."""
+    import subprocess
+    import tempfile
+    rest, skip = [], False
+    for a in argv:  # the same arguments without --processes / --out
+        if skip:
+            skip = False
+        elif a in ("--processes", "--out"):
+            skip = True
+        elif not a.startswith(("--processes=", "--out=")):
+            rest.append(a)
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.processes):
+            out = os.path.join(tmp, f"run{k}.json")
+            subprocess.run([sys.executable, "-m", "fastdp.bench.bench_micro_adam", *rest, "--out", out], check=True)
+            with open(out) as f:
+                runs.append(json.load(f))
+    result = {k: v for k, v in runs[0].items() if k != "optimizers"}
+    result["argv"], result["processes"] = argv, args.processes
+    result["runs"] = [r["optimizers"] for r in runs]
+    rows = []
+    for name in [r["optimizer"] for r in runs[0]["optimizers"] if "step_ms" in r]:
+        per = [next((r for r in run["optimizers"] if r["optimizer"] == name and "step_ms" in r), None) for run in runs]
+        per = [r for r in per if r is not None]
+        ratios = sorted(r["ratio_vs_adam_foreach"] for r in per if "ratio_vs_adam_foreach" in r)
+        rows.append({"optimizer": name, "impl": per[0].get("impl"), "runs": len(per),
+                     "step_ms_median": percentile(sorted(r["step_ms"] for r in per), 0.5),
+                     "step_ms_runs": [r["step_ms"] for r in per], "ratio_runs": [r.get("ratio_vs_adam_foreach")
+                                                                                  for r in per],
+                     "ratio_median": percentile(ratios, 0.5) if ratios else None,
+                     "ratio_min": ratios[0] if ratios else None, "ratio_max": ratios[-1] if ratios else None,
+                     "time_over_floor_median": percentile(sorted(r["time_over_floor"] for r in per
+                                                                 if "time_over_floor" in r), 0.5),
+                     "state_bytes_per_param": per[0]["state_bytes_per_param"]})
+    result["summary"] = rows
+    lines = [f"# MicroAdam step vs Adam over {args.processes} processes ({result['device']}, {result['date']})", "",
+             f"`python -m fastdp.bench.bench_micro_adam {' '.join(argv)}`: each process runs the interleaved "
+             f"benchmark ({result['steps']} rounds, {result['threads']} thread(s), shapes `{result['shapes']}`); "
+             f"machine: {result.get('machine', {}).get('cpu')}, torch {result['torch']}, commit "
+             f"{result.get('commit')}.", "",
+             "| optimizer | fused step | median ms over runs | x Adam foreach: median (min - max) over runs | "
+             "per run | x floor (median) | state B/param |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        runs_txt = ", ".join(f"{x:.2f}" for x in r["ratio_runs"] if x is not None)
+        lines.append(f"| {r['optimizer']} | {r['impl'] or '-'} | {r['step_ms_median']:.1f} | "
+                     f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f} - {r['ratio_max']:.2f}) | {runs_txt} | "
+                     f"{r['time_over_floor_median']:.2f} | {r['state_bytes_per_param']:.3f} |")
+        print(f"{r['optimizer']:28s} {r['impl'] or '-':6s} median {r['step_ms_median']:8.2f} ms  x Adam foreach "
+              f"{r['ratio_median']:.2f} ({r['ratio_min']:.2f} - {r['ratio_max']:.2f}) over {r['runs']} processes")
+    out = args.out or results_dir(f"micro_adam_{'cpu' if result['device'] == 'cpu' else 'cuda'}_{result['date']}"
+                                  f"_x{args.processes}.json")
+    write_result(result, out)
+    write_text("\n".join(lines) + "\n", os.path.splitext(out)[0] + ".md")
+    return result
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -261,7 +321,12 @@ def main(argv=None):
     ap.add_argument("--unfused", action="store_true", help="also time MicroAdam(fused=False)")
     ap.add_argument("--kernel-n", type=int, default=None, help="elements for the kernel benchmarks")
     ap.add_argument("--out", default=None, help="JSON path (a .md beside it); default benchmarks/results/...")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="repeat the whole measurement in this many fresh processes and report every run's ratios "
+                         "(a process's memory layout moves Adam foreach's step time by up to 2x on a small VM)")
     args = ap.parse_args(argv)
+    if args.processes > 1:
+        return repeat_in_processes(args, list(sys.argv[1:] if argv is None else argv))
     device = torch.device(args.device)
     shapes_name = args.shapes or ("tiny" if args.tiny else "gpt2" if device.type == "cuda" else "quarter")
     shapes = SHAPES[shapes_name]()

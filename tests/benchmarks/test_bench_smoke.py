@@ -55,3 +55,21 @@ def test_micro_adam_bench_smoke(tmp_path):
     assert rows["adam_foreach"]["state_bytes_per_param"] == 8
     assert 0.85 < rows["microadam_frugal"]["state_bytes_per_param"] < 0.95
     assert all("triton_ms" in k and "reference_ms" in k for k in res["kernels"]), res["kernels"]
+
+
+def test_micro_adam_bench_repeats_in_processes(tmp_path):
+    """``--processes 2``: two fresh runs, every optimizer's ratio per run and their median; on the CPU the compiled
+    and the PyTorch fused steps are both timed and say which ran."""
+    from fastdp.bench import bench_micro_adam
+    from fastdp.kernels.microadam_cpu import HAS_NUMBA
+
+    out = tmp_path / "r.json"
+    res = bench_micro_adam.main(["--device", "cpu", "--shapes", "tiny", "--steps", "2", "--warmup", "0",
+                                 "--processes", "2", "--out", str(out)])
+    assert out.exists() and (tmp_path / "r.md").exists() and len(res["runs"]) == 2
+    rows = {r["optimizer"]: r for r in res["summary"]}
+    assert rows["adam_foreach"]["ratio_runs"] == [1.0, 1.0]
+    for name in ("microadam_dp_default", "microadam_frugal"):
+        assert len(rows[name]["ratio_runs"]) == 2 and rows[name]["ratio_min"] <= rows[name]["ratio_median"]
+        assert rows[name]["impl"] == ("numba" if HAS_NUMBA else "torch")
+        assert rows[name + "_torch"]["impl"] == "torch"
