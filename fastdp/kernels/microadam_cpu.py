@@ -116,7 +116,8 @@ if HAS_NUMBA:
 
     @_jit
     def _f32_to_bf16(x):
-        """Round to nearest even, NaN -> 0x7FC0 (torch's conversion); returns the 16 bits as int64."""
+        """Round to nearest even (torch's conversion), NaN -> 0x7FC0 (torch's scalar conversion; its vectorised one
+        gives 0xFFFF: NaN payloads are not part of the bit-for-bit contract); returns the 16 bits as int64."""
         b = np.int64(_bits(x)) & 0xFFFFFFFF
         if (b & 0x7FFFFFFF) > 0x7F800000:
             return np.int64(0x7FC0)

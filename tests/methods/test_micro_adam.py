@@ -162,6 +162,43 @@ def test_fused_step_equals_unfused_bit_for_bit(fused_impl, kw, dtype, wd):
     _assert_same(*_run_fused_unfused(6, kw, dtype, impl=fused_impl))
 
 
+def _same_nan_as_nan(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Bit-identical, except that NaN payloads are not compared (torch's own fp32 -> bf16 conversion gives 0x7FC0 or
+    0xFFFF for a NaN depending on the code path)."""
+    if not x.is_floating_point():
+        return torch.equal(x, y)
+    nx, ny = torch.isnan(x), torch.isnan(y)
+    iview = torch.int16 if x.element_size() == 2 else torch.int32
+    return torch.equal(nx, ny) and torch.equal(x.masked_fill(nx, 0).view(iview), y.masked_fill(ny, 0).view(iview))
+
+
+@pytest.mark.parametrize("kw", LAYOUTS, ids=["default", "ef4", "block", "frugal", "frugal-small-blocks"])
+def test_nonfinite_gradients_match_the_reference(fused_impl, kw):
+    """NaN and +-inf in a gradient (fewer than a row's picks): top-k ranks them first (NaN above inf), the window
+    carries them, and every path gives the same parameters and state (NaN where the reference has NaN)."""
+    kw = dict(dict(lr=0.01, density=0.01, window=4), **kw)
+    out = []
+    for fused in (True, False):
+        gen = torch.Generator().manual_seed(0)
+        ps = _param_list(torch.float32, gen)
+        opt = MicroAdam(ps, fused=fused, **kw)
+        for t in range(4):
+            for p in ps:
+                g = torch.randn(p.shape, generator=gen)
+                if t == 1 and p.numel() > 1000:
+                    g.view(-1)[[7, 500, 900]] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+                p.grad = g
+            opt.step()
+        out.append((ps, opt))
+    (pa, oa), (pb, ob) = out
+    assert sum(int(torch.isnan(p).sum()) for p in pa) > 0
+    for x, y in zip(pa, pb):
+        assert _same_nan_as_nan(x.detach(), y.detach())
+        for k, v in ob.state[y].items():
+            if torch.is_tensor(v):
+                assert _same_nan_as_nan(oa.state[x][k], v), k
+
+
 def test_fused_chunks_and_missing_gradients(fused_impl):
     """Small chunks (chunk_elements) and parameters without a gradient at some steps (their step count falls
     behind: they are stepped in their own cohort) give the unfused result."""
