@@ -11,6 +11,8 @@
 #                                                            # 32-wide tiles only, which lower to mma.sync; the
 #                                                            # triton stage will pick wgmma tiles: run this to trust it)
 #   STAGES="micro" bash benchmarks/device_check.sh           # optional, <= 240 s: kernel microbenchmarks
+#   STAGES="microadam" bash benchmarks/device_check.sh       # <= 200 s: MicroAdam's fused step on CUDA (parity,
+#                                                            # then step time vs fused Adam on GPT-2 small)
 # The test stage runs the default tiles (FASTDP_AUTOTUNE=0: no candidate timing per test shape); the triton e2e
 # run autotunes (fastdp/kernels/_tuning.py) and records the tiles it picked in its JSON ("autotuned_tiles").
 set -o pipefail
@@ -64,4 +66,13 @@ if [[ $STAGES == *micro* ]]; then
   # result checked before it is timed; copy micro.json to benchmarks/results/<device>_<date>_micro.json
   timeout 240 python3 -m pytest -q -rs -p no:cacheprovider -o addopts="" benchmarks/micro --benchmark-only \
     --benchmark-json "$OUT/micro.json" --benchmark-columns=median,mean,rounds 2>&1 | tail -60 | tee "$OUT/micro.txt"
+fi
+if [[ $STAGES == *microadam* ]]; then
+  # MicroAdam's fused step on CUDA: bit-identical to the unfused step (tests/test_gpu.py), then its step time against
+  # Adam (foreach and fused) on GPT-2 small's 148 tensors and each kernel vs its reference (issue 20's GPU goal:
+  # <= 2x fused Adam); copy micro_adam_cuda.* to benchmarks/results/
+  timeout 80 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py -k microadam 2>&1 | tail -5 \
+    | tee "$OUT/tests_microadam.txt"
+  timeout 120 python3 -m fastdp.bench.bench_micro_adam --device cuda --steps 20 --unfused \
+    --out "$OUT/micro_adam_cuda.json" 2>&1 | tail -15 | tee "$OUT/micro_adam_cuda.txt"
 fi
