@@ -68,7 +68,7 @@ def sample_stride(L: int, K: int) -> int:
 
 
 def scratch_sizes(rows) -> dict:
-    """Element counts of ``chunk_step``'s scratch for rows [(L, K, stride)]: candidates, sample, picks."""
+    """Element counts of ``chunk_select``'s scratch for rows [(L, K, stride)]: candidates, sample, picks."""
     cand = max(max(4 * K + 64, L if L < MIN_ROW else 0) for L, K, _ in rows)
     samp = max((L - LINE) // (LINE * s) * LINE + LINE if L >= LINE else L for L, _, s in rows)
     return dict(cand=cand, sample=samp, picks=max(K for _, K, _ in rows))
