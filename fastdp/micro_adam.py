@@ -335,9 +335,9 @@ class MicroAdam(torch.optim.Optimizer):
             st["ef_codes"].copy_(ef_quant(a, lo, hi, self.quant_block_size))
         rows = min(t, self.window)  # 4. window moments over the rows written so far (rows 0..t-1 until full)
         w1, w2 = self._window_weights(rows, row, beta1, beta2, p.device)
+        c1, c2 = bias_scales(group["betas"], t)
         flat = p.data.view(-1) if p.data.is_contiguous() else p.data.reshape(-1).clone()
-        microadam_update(flat, st["ring_idx"][:rows], st["ring_val"][:rows], w1, w2, lr=lr, eps=eps,
-                         c1=(1 - beta1) / (1 - beta1 ** t), c2=(1 - beta2) / (1 - beta2 ** t),
+        microadam_update(flat, st["ring_idx"][:rows], st["ring_val"][:rows], w1, w2, lr=lr, eps=eps, c1=c1, c2=c2,
                          decay=1.0 - lr * wd, per_block=per_block, block_size=bs, workspace=scratch[:, :d])
         if not p.data.is_contiguous():
             p.data.copy_(flat.view_as(p))
@@ -539,13 +539,26 @@ class _Chunk:
         return fused_backend(self.device) == "numba" and self.dtype in ok and all(
             p.grad.dtype in ok and p.grad.device == p.device for p in self.params)
 
-    def _step_compiled(self, opt: MicroAdam, group: dict) -> None:
-        """``fastdp.kernels.microadam_cpu`` over this chunk (the same results as ``step``'s ops). The kernel reads
+    def step(self, opt: MicroAdam, group: dict) -> None:
+        """Step ``t = step_count + 1`` of every tensor: compiled (``_step_compiled``) where it applies, else
+        vectorised PyTorch ops (``_step_torch``); both give the same bits."""
+        t = self.step_count + 1
+        if self.compiled():
+            self._step_compiled(opt, group, t)
+            self.last_impl = "numba"
+        else:
+            self._step_torch(opt, group, t)
+            self.last_impl = "torch"
+        self.step_count = t
+        for p in self.params:
+            opt.state[p]["step"] = t
+
+    def _step_compiled(self, opt: MicroAdam, group: dict, t: int) -> None:
+        """``fastdp.kernels.microadam_cpu`` over this chunk (the same results as ``_step_torch``). The kernel reads
         gradients and writes parameters through their addresses: a strided gradient is read from a contiguous
         copy, a strided parameter is updated in a contiguous copy written back after the step."""
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        t = self.step_count + 1
         row, rows = (t - 1) % opt.window, min(t, opt.window)
         meta, keep, strided = self.meta, [], []
         for i, p in enumerate(self.params):
@@ -560,7 +573,7 @@ class _Chunk:
             meta[i, microadam_cpu.P_ADDR] = q.data_ptr()
         ws = opt._compiled_scratch(self)
         w1, w2 = opt._window_weights(rows, row, beta1, beta2, self.device)
-        hp = np.array([lr, eps, (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t), 1.0 - lr * wd],
+        hp = np.array([lr, eps, *bias_scales(group["betas"], t), 1.0 - lr * wd],
                       dtype=np.float32)  # each rounded to fp32 once, as torch does with a Python scalar operand
         f32 = ws["empty_f32"]
         if self.frugal:
@@ -580,18 +593,11 @@ class _Chunk:
         microadam_cpu.chunk_apply(meta, hp, ws["coord"], ws["mc"], ws["vc"], ws["starts"])
         for p, q in strided:
             p.data.copy_(q)
-        self.last_impl = "numba"
-        self.step_count = t
-        for p in self.params:
-            opt.state[p]["step"] = t
 
-    def step(self, opt: MicroAdam, group: dict) -> None:
-        if self.compiled():
-            return self._step_compiled(opt, group)
-        self.last_impl = "torch"
+    def _step_torch(self, opt: MicroAdam, group: dict, t: int) -> None:
+        """The step as a fixed number of vectorised PyTorch ops over this chunk (module docstring)."""
         beta1, beta2 = group["betas"]
         lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        t = self.step_count + 1
         row, rows = (t - 1) % opt.window, min(t, opt.window)
         grads = [p.grad.reshape(-1) for p in self.params]
         ws = opt._shared(self.device, self.numel, opt.window * self.ncols)
@@ -621,7 +627,7 @@ class _Chunk:
         torch.mul(w1[:, None], vals, out=pairs[..., 0])
         torch.mul(w2[:, None], vals, out=pairs[..., 1]).mul_(vals)
         mv.scatter_add_(0, G, torch.view_as_complex(pairs).view(-1))
-        c1, c2 = (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t)
+        c1, c2 = bias_scales(group["betas"], t)
         # -(lr * m / (sqrt(v) + eps)) at the window's coordinates only (elsewhere m = 0: the delta is 0); a
         # coordinate listed twice gets the same value twice. (A dense sqrt of the mostly-zero v costs ~10x a copy.)
         got = torch.view_as_real(torch.index_select(mv, 0, G, out=ws["got"][:n_win]))
@@ -641,9 +647,12 @@ class _Chunk:
         else:  # a low-precision p * decay, or fp64 (which the reference updates in fp32): tensor by tensor
             for p, dlt in zip(self.params, deltas):
                 p.copy_(p.float().mul_(decay).add_(dlt))
-        self.step_count = t
-        for p in self.params:
-            opt.state[p]["step"] = t
+
+
+def bias_scales(betas, t: int):
+    """(c1, c2): the window sums' bias corrections at step t, ``(1 - beta) / (1 - beta ** t)`` (Python floats)."""
+    beta1, beta2 = betas
+    return (1 - beta1) / (1 - beta1 ** t), (1 - beta2) / (1 - beta2 ** t)
 
 
 def fused_backend(device: torch.device) -> str:

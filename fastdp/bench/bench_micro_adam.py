@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from fastdp.bench.run_env import results_dir, torch_threads, write_result, write_text
+from fastdp.bench.run_env import kernel_backend, results_dir, torch_threads, write_result, write_text
 from fastdp.bench.timing import measure, percentile, time_calls
 from fastdp.kernels.ef_quant import block_minmax, ef_dequant_add, ef_dequant_add_ref, ef_quant, ef_quant_ref
 from fastdp.kernels.microadam_update import microadam_update, microadam_update_ref
@@ -89,15 +89,8 @@ def _with_backend(fn, backend):
         return fn
 
     def run():
-        old = os.environ.get("FASTDP_BACKEND")
-        os.environ["FASTDP_BACKEND"] = backend
-        try:
+        with kernel_backend(backend):
             return fn()
-        finally:
-            if old is None:
-                os.environ.pop("FASTDP_BACKEND", None)
-            else:
-                os.environ["FASTDP_BACKEND"] = old
     return run
 
 
@@ -182,7 +175,6 @@ def bench_optimizers(shapes, device, steps, warmup, unfused=False, bandwidth=Non
 
 def bench_kernels(device, n, steps, warmup):
     """Each kernel on an n-element tensor: Triton vs reference, and GB/s moved by the Triton kernel."""
-    import os
     rows = []
     x = torch.randn(n, device=device)
     lo, hi = block_minmax(x, 100_000)
@@ -206,24 +198,17 @@ def bench_kernels(device, n, steps, warmup):
             lambda: microadam_update_ref(p, ring_idx, ring_val, w, w, lr=1e-9, eps=1e-8, c1=1., c2=1., decay=1.),
             10 * k * 16 + 8 * n + 8 * n),
     }
-    old = os.environ.get("FASTDP_BACKEND")
-    try:
-        for name, (tri, ref, nbytes) in cases.items():
-            row = {"kernel": name, "n": n}
-            for label, fn, backend in (("triton_ms", tri, "triton"), ("reference_ms", ref, "reference")):
-                os.environ["FASTDP_BACKEND"] = backend
-                try:
+    for name, (tri, ref, nbytes) in cases.items():
+        row = {"kernel": name, "n": n}
+        for label, fn, backend in (("triton_ms", tri, "triton"), ("reference_ms", ref, "reference")):
+            try:
+                with kernel_backend(backend):
                     row[label] = timer(fn, device, steps, warmup)
-                except Exception as err:
-                    row[label + "_error"] = f"{type(err).__name__}: {err}"[:200]
-            if "triton_ms" in row:
-                row["triton_GBps"] = nbytes / row["triton_ms"] / 1e6
-            rows.append(row)
-    finally:
-        if old is None:
-            os.environ.pop("FASTDP_BACKEND", None)
-        else:
-            os.environ["FASTDP_BACKEND"] = old
+            except Exception as err:
+                row[label + "_error"] = f"{type(err).__name__}: {err}"[:200]
+        if "triton_ms" in row:
+            row["triton_GBps"] = nbytes / row["triton_ms"] / 1e6
+        rows.append(row)
     return rows
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from fastdp.bench.run_env import write_result
+from fastdp.bench.run_env import kernel_backend, write_result
 
 SHARED_LIMIT = {90: 232448, 80: 166912, 89: 101376}  # bytes of shared memory per block (opt-in maximum)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -46,22 +46,18 @@ def _intercept():
     from triton.runtime.jit import JITFunction
 
     from fastdp.kernels import _backend
-    saved = JITFunction.run, _backend.backend_for, os.environ.get("FASTDP_BACKEND")
+    saved = JITFunction.run, _backend.backend_for
 
     def run(self, *args, grid, warmup, **kwargs):
         raise _Launch(self, args, kwargs)
 
     JITFunction.run = run
     _backend.backend_for = lambda t: "triton"
-    os.environ["FASTDP_BACKEND"] = "triton"
     try:
-        yield
+        with kernel_backend("triton"):
+            yield
     finally:
-        JITFunction.run, _backend.backend_for = saved[0], saved[1]
-        if saved[2] is None:
-            os.environ.pop("FASTDP_BACKEND", None)
-        else:
-            os.environ["FASTDP_BACKEND"] = saved[2]
+        JITFunction.run, _backend.backend_for = saved
 
 
 def captured_launch(call: Callable[[], object]) -> _Launch:

@@ -65,6 +65,21 @@ def torch_threads(n: Optional[int]) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def kernel_backend(name: Optional[str]) -> Iterator[None]:
+    """Run with ``FASTDP_BACKEND=name`` (unchanged if ``name`` is None), restoring the previous value afterwards."""
+    before = os.environ.get("FASTDP_BACKEND")
+    if name is not None:
+        os.environ["FASTDP_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("FASTDP_BACKEND", None)
+        else:
+            os.environ["FASTDP_BACKEND"] = before
+
+
 def write_json(obj, path: str) -> None:
     """``obj`` as indented JSON (what JSON cannot hold as ``str``), atomically."""
     with atomic_write(path) as f:

@@ -162,6 +162,28 @@ if HAS_NUMBA:
                 n += 1
 
     @_jit
+    def _take_candidates(cand, ckeys, nc, K, out):
+        """The canonical top-K of a row from its candidates (ascending indices ``cand[:nc]``, keys ``ckeys[:nc]``,
+        holding every entry at or above the row's K-th key): the K-th key by a partition, then every key above it
+        and the lowest-indexed ties."""
+        kth = np.partition(ckeys[:nc], nc - K)[nc - K]
+        above = 0
+        for c in range(nc):
+            if ckeys[c] > kth:
+                above += 1
+        quota = K - above
+        n = 0
+        for c in range(nc):
+            k = ckeys[c]
+            if k > kth:
+                out[n] = cand[c]
+                n += 1
+            elif k == kth and quota > 0:
+                quota -= 1
+                out[n] = cand[c]
+                n += 1
+
+    @_jit
     def _row_topk(a, K, stride, out, cand, ckeys, samp, hist, mask):
         """``out[:K]`` <- the canonical top-K indices of a row's keys: ``a`` is the int32 view of the fp32 row
         (``& ABS``: |x|'s bits; keys compared as int32 vectorise, a bitcast per element does not). Module docstring,
@@ -169,13 +191,9 @@ if HAS_NUMBA:
         L = a.shape[0]
         if L < MIN_ROW:  # small row: every key is a candidate
             for j in range(L):
+                cand[j] = j
                 ckeys[j] = a[j] & ABS
-            kth = np.partition(ckeys[:L], L - K)[L - K]
-            above = 0
-            for j in range(L):
-                if ckeys[j] > kth:
-                    above += 1
-            _take_row(a, K, kth, above, out)
+            _take_candidates(cand, ckeys, L, K, out)
             return
         n_lines = (L - LINE) // (LINE * stride) + 1
         m = n_lines * LINE
@@ -207,22 +225,7 @@ if HAS_NUMBA:
                             ckeys[nc] = a[j] & ABS
                         nc += 1
             if K <= nc <= cap:
-                kth = np.partition(ckeys[:nc], nc - K)[nc - K]
-                above = 0
-                for c in range(nc):
-                    if ckeys[c] > kth:
-                        above += 1
-                quota = K - above
-                n = 0
-                for c in range(nc):
-                    k = ckeys[c]
-                    if k > kth:
-                        out[n] = cand[c]
-                        n += 1
-                    elif k == kth and quota > 0:
-                        quota -= 1
-                        out[n] = cand[c]
-                        n += 1
+                _take_candidates(cand, ckeys, nc, K, out)
                 return
         kth, above = _radix_kth(a, K, hist)
         _take_row(a, K, kth, above, out)
