@@ -124,8 +124,24 @@ def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol,
 
 # ------------------------------------------------------- shared by the engine invariants (tests/engine/)
 def sq_loss(out, *_):
-    """Sum of squares of the output, averaged over the batch."""
-    return out.pow(2).sum() / out.shape[0]
+    """Sum of squares of the output, averaged over the batch (a 0-dim output: itself)."""
+    return out.pow(2).sum() / out.shape[0] if out.dim() else out
+
+
+# (rtol, atol) per dtype of the layer checks; atol is relative to the largest reference value
+LAYER_TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6)}
+
+
+def check_layer(model, x, *extra, dtype=torch.float64, R=None, loss=sq_loss, every_param=False):
+    """Engine vs reference (``assert_engine_matches_reference`` at ``LAYER_TOLERANCES[dtype]``), with clipping
+    active (R below most norms) and inactive (R huge), or at ``R`` alone; autograd never writes ``.grad``."""
+    model = model.to(dtype)
+    x = x.to(dtype) if x.is_floating_point() else x
+    rtol, atol = LAYER_TOLERANCES[dtype]
+    for max_norm in ([R] if R else [1e-2, 1e6]):
+        assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=max_norm, rtol=rtol, atol=atol,
+                                        every_param=every_param)
+        assert all(p.grad is None for p in model.parameters()), "autograd must not write .grad"
 
 
 def lm_sum_loss(out, y):

@@ -9,16 +9,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastdp
-from helpers import assert_close, assert_engine_matches_reference, check_exact, dp_sgd, flat_params
+from helpers import assert_close, assert_engine_matches_reference, check_exact, dp_sgd, flat_params, sq_loss
 
 V, D = 13, 4
 
 # torch.func's reference runs embedding_bag through its (slow, exact) batching fallback and says so
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
-
-
-def sq_loss(out, *_):
-    return out.pow(2).sum() / out.shape[0]
 
 
 class Bag2d(nn.Module):

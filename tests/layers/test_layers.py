@@ -8,24 +8,12 @@ import torch.nn.functional as F
 
 import fastdp
 from fastdp.grad_sample import NormRule
-from helpers import assert_close, assert_engine_matches_reference
-
-# (dtype, rtol, atol) as data; atol is relative to the largest reference value
-TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6)}
-
-
-def sq_loss(out, *_):
-    return out.pow(2).sum() / out.shape[0] if out.dim() else out
+from helpers import assert_close, check_layer, sq_loss
 
 
 def check(model, x, *, dtype=torch.float64, R=None, loss=sq_loss, extra=()):
     """Engine vs reference, with clipping active (R below most norms) and inactive (R huge)."""
-    model = model.to(dtype)
-    x = x.to(dtype) if x.is_floating_point() else x
-    rtol, atol = TOLERANCES[dtype]
-    for max_norm in ([R] if R else [1e-2, 1e6]):
-        assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm=max_norm, rtol=rtol, atol=atol)
-        assert all(p.grad is None for p in model.parameters()), "autograd must not write .grad"
+    check_layer(model, x, *extra, dtype=dtype, R=R, loss=loss)
 
 
 @pytest.fixture(params=["auto", "ghost", "direct"])

@@ -14,12 +14,11 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastdp
 from fastdp.grad_sample import NormRule
 from fastdp.tap import BatchSizeError, UnsupportedLayerError
-from helpers import assert_close, clip_reference, dp_sgd, flat_params, per_sample_grads_loop
+from helpers import LAYER_TOLERANCES, assert_close, clip_reference, dp_sgd, flat_params, per_sample_grads_loop
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier")
 
 MODULES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN}
-TOLERANCES = {torch.float64: (1e-9, 1e-11), torch.float32: (2e-5, 2e-6)}
 
 
 def make_rnn(kind, d_in=3, hidden=4, **kw):
@@ -78,7 +77,7 @@ def check_rnn(model, x, lengths=None, *, given_hx=False, dtype=torch.float64, Rs
     """Engine vs native and vs the per-sample oracle: outputs, gradients of x and of the initial states, per-sample
     norms, clipped sums (clipping active and inactive); autograd never writes .grad."""
     model, x = model.to(dtype), x.to(dtype)
-    rtol, atol = TOLERANCES[dtype]
+    rtol, atol = LAYER_TOLERANCES[dtype]
     extra = [lengths]
     if given_hx:
         extra += initial_states(model, x.shape[0 if model.rnn.batch_first else 1], dtype)
