@@ -122,6 +122,20 @@ def assert_engine_matches_reference(model, loss, x, *extra, max_grad_norm, rtol,
         assert_close(eng.summed[named[n]], v, rtol, atol * max(v.abs().max().item(), 1e-30), n)
 
 
+def engine_run(out, eng, model) -> tuple:
+    """(output, per-sample norms, clipped sum per parameter name) of one detached engine's backward."""
+    return out.detach(), eng.last_norms, {n: eng.summed[p] for n, p in model.named_parameters()}
+
+
+def assert_runs_match(run0: tuple, run1: tuple, what: str = "output"):
+    """Two ``engine_run`` results agree: outputs to 1e-12, norms and clipped sums to 1e-9 (fp64 runs)."""
+    (o0, n0, s0), (o1, n1, s1) = run0, run1
+    assert_close(o1, o0, 1e-12, 1e-14, what)
+    assert_close(n1, n0, 1e-9, 1e-12 * n0.max().item(), "per-sample norms")
+    for n in s0:
+        assert_close(s1[n], s0[n], 1e-9, 1e-12 * s0[n].abs().max().item(), n)
+
+
 # ------------------------------------------------------- shared by the engine invariants (tests/engine/)
 def sq_loss(out, *_):
     """Sum of squares of the output, averaged over the batch (a 0-dim output: itself)."""

@@ -17,7 +17,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 import fastdp
 from fastdp.checkpointing import CheckpointReplayError
 from fastdp.model_hooks import ModelHooks
-from helpers import assert_close, clipped_sum_reference, dp_sgd, flat_params, lm_sum_loss, per_sample_grads
+from helpers import assert_close, assert_runs_match, clipped_sum_reference, dp_sgd, engine_run, flat_params, lm_sum_loss, per_sample_grads
 
 pytestmark = pytest.mark.filterwarnings("ignore:noise_multiplier")
 
@@ -266,13 +266,8 @@ def test_dropout_inside_a_region_sees_the_forward_masks_again(mode):
         out = run(model, idx, m)
         lm_sum_loss(out, tgt).backward()
         eng.detach()
-        named = dict(model.named_parameters())
-        results.append((out.detach(), eng.last_norms, {n: eng.summed[p] for n, p in named.items()}))
-    (o0, n0, s0), (o1, n1, s1) = results
-    assert_close(o1, o0, 1e-12, 1e-14, "output")
-    assert_close(n1, n0, 1e-9, 1e-12 * n0.max().item(), "per-sample norms")
-    for n in s0:
-        assert_close(s1[n], s0[n], 1e-9, 1e-12 * s0[n].abs().max().item(), n)
+        results.append(engine_run(out, eng, model))
+    assert_runs_match(*results)
 
 
 @pytest.mark.parametrize("mode", ["blocks", "re_blocks", "re_root"])
