@@ -19,7 +19,7 @@ import torch
 
 import fastdp
 from fastdp.bench.run_env import write_result
-from fastdp.bench.timing import Timing, time_calls
+from fastdp.bench.timing import Timing, add_cpu_step_args, time_calls
 from fastdp.cpu_memory import retain_freed_memory
 from fastdp.models import TinyTransformer, lm_loss
 
@@ -73,10 +73,7 @@ def time_variant(build, idx, tgt, steps, warmup) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    add_cpu_step_args(ap)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--variants", default="nonprivate,fastdp,opacus_hooks,opacus_ghost")
     ap.add_argument("--out", default=None)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastdp
-from fastdp.bench.timing import time_calls
+from fastdp.bench.timing import add_cpu_step_args, time_calls
 
 
 class AttentionBlock(nn.Module):
@@ -87,10 +87,7 @@ def run(steps: int, warmup: int, batch: int, seq: int, d: int = 128, heads: int 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    add_cpu_step_args(ap)
     ap.add_argument("--seq", type=int, default=32)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -23,7 +23,7 @@ from torch import nn
 
 import fastdp
 from fastdp.bench.run_env import write_result
-from fastdp.bench.timing import Timing, time_calls
+from fastdp.bench.timing import Timing, add_cpu_step_args, time_calls
 
 
 class Packed(nn.Module):
@@ -91,10 +91,7 @@ def time_variant(model, private: bool, inputs, steps: int, warmup: int):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    add_cpu_step_args(ap)
     ap.add_argument("--workloads", default=None, help="comma-separated names (default: all)")
     ap.add_argument("--tiny", action="store_true", help="smoke-test sizes: the code path, not the numbers")
     ap.add_argument("--out", default=None)

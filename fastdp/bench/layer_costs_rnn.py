@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastdp
 from fastdp.bench.run_env import write_result
-from fastdp.bench.timing import Timing, time_calls
+from fastdp.bench.timing import Timing, add_cpu_step_args, time_calls
 from fastdp.grad_sample import prefer_ghost
 
 GATES = {"lstm": 4, "gru": 3}
@@ -89,10 +89,7 @@ def time_variant(model, private: bool, idx, tgt, lengths, steps: int, warmup: in
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    add_cpu_step_args(ap)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--workloads", default="lstm,gru,lstm_packed")

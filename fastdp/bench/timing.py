@@ -96,3 +96,12 @@ def time_calls(fn: Callable[[], Any], device: Device, steps: int, warmup: int) -
     warm = warm_up(fn, device, warmup)
     timed = measure(fn, device, steps)
     return Timing(timed.times_ms, warm.first_ms, warm.first, timed.last)
+
+
+def add_cpu_step_args(ap) -> None:
+    """The CPU step benchmarks' common options on argparse parser ``ap``: --steps (timed), --warmup, --threads
+    (torch CPU threads), --batch."""
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=32)
